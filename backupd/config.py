@@ -1,0 +1,238 @@
+"""Configuration: a TOML file, every key overridable by ``BACKUPD_SECTION__KEY`` env variables.
+
+Validated once at start-up. Unknown keys and wrong types are errors that name the key. Secrets
+(S3 keys, the database password, tokens) are read from files or env, held as ``SecretStr`` and
+never printed: error messages show the offending *key*, and the value only for non-secret keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from backupd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/backupd/config.toml")
+
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?)?\s*$")
+
+
+def parse_size(value: int | str) -> int:
+    """A byte count: an integer, or a Kubernetes quantity such as ``50Gi`` or ``500M``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 512Mi or 50Gi, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative, got {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 512Mi or 50Gi, got {value!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2) or ""]
+
+
+Size = Annotated[int, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:////var/lib/backupd/catalog.db"
+    #: a file holding the password, substituted into ``url`` (keeps it out of the config file)
+    password_file: Path | None = None
+
+    def resolved_url(self) -> str:
+        """The URL to connect with; contains the password, so never log it (see ``safe_url``)."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        if self.password_file is not None:
+            url = url.set(password=_read_secret_file(self.password_file, "database.password_file"))
+        return url.render_as_string(hide_password=False)
+
+    def safe_url(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+class KubeletConfig(_Section):
+    url: str = "https://127.0.0.1:10250"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    token_file: Path | None = None
+    checkpoint_dir: Path = Path("/var/lib/kubelet/checkpoints")
+    timeout_seconds: int = Field(default=120, ge=1, le=4 * 3600)
+    node_name: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _https_only(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError(f"the kubelet API is served over HTTPS; got {v!r}")
+        return v.rstrip("/")
+
+    def node(self) -> str:
+        return self.node_name or os.environ.get("NODE_NAME") or os.uname().nodename
+
+
+class DaemonConfig(_Section):
+    max_concurrent_checkpoints: int = Field(default=2, ge=1, le=64)
+    http_listen: str = "127.0.0.1:9790"
+    #: how long SIGTERM waits for in-flight uploads before giving up on them
+    shutdown_grace_seconds: int = Field(default=60, ge=0)
+    #: skip checkpoints when the node checkpoint directory has less free space than this
+    min_free_space: Size = 1 << 30
+    #: node-local tars never committed (left by a crash) are removed after this many hours
+    stale_tar_hours: int = Field(default=24, ge=1)
+
+    _parse_size = field_validator("min_free_space", mode="before")(lambda cls, v: parse_size(v))
+
+
+class FilesystemBackendConfig(_Section):
+    name: str
+    type: Literal["filesystem"]
+    path: Path
+
+
+class S3BackendConfig(_Section):
+    name: str
+    type: Literal["s3"]
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    ca_bundle: Path | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    access_key_id_file: Path | None = None
+    secret_access_key_file: Path | None = None
+    storage_class: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: str | None = None
+    part_size: Size = 8 << 20
+    max_concurrency: int = Field(default=4, ge=1, le=32)
+    encryption_recipients: list[str] = Field(default_factory=list)
+
+    _parse_size = field_validator("part_size", mode="before")(lambda cls, v: parse_size(v))
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://", v):
+            raise ValueError(f"expected an http(s) URL, got {v!r}")
+        return v
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        key_id = self.access_key_id.get_secret_value() if self.access_key_id else None
+        secret = self.secret_access_key.get_secret_value() if self.secret_access_key else None
+        if self.access_key_id_file:
+            key_id = _read_secret_file(self.access_key_id_file, f"backends[{self.name}].access_key_id_file")
+        if self.secret_access_key_file:
+            secret = _read_secret_file(self.secret_access_key_file, f"backends[{self.name}].secret_access_key_file")
+        return key_id, secret
+
+
+BackendConfig = Annotated[FilesystemBackendConfig | S3BackendConfig, Field(discriminator="type")]
+
+
+def _read_secret_file(path: Path, key: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+
+
+class Config(BaseSettings):
+    """The whole configuration. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BACKUPD_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    kubelet: KubeletConfig = Field(default_factory=KubeletConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    backends: list[BackendConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Env overrides the file: the file arrives as init kwargs, so env must come first.
+        return (env_settings, init_settings)
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_names(cls, v: list[Any]) -> list[Any]:
+        names = [b.name for b in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    def backend(self, name: str) -> FilesystemBackendConfig | S3BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        known = ", ".join(b.name for b in self.backends) or "none configured"
+        raise ConfigError(f"unknown backend {name!r} (configured: {known})")
+
+
+_SECRET_HINT = re.compile(r"secret|password|token|access_key", re.IGNORECASE)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: the dotted key path, what is wrong, the value unless secret."""
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and not _SECRET_HINT.search(path) and not isinstance(err["input"], dict | list):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, required: bool = False) -> Config:
+    """Read ``path`` (or ``$BACKUPD_CONFIG``, or the default path if it exists) plus env overrides.
+
+    Raises :class:`ConfigError` naming the key for any invalid or unknown setting.
+    """
+    explicit = path or os.environ.get("BACKUPD_CONFIG")
+    file = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    source = "defaults and BACKUPD_* environment"
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+        source = f"{file} and BACKUPD_* environment"
+    elif explicit or required:
+        raise ConfigError(f"config file {str(file)!r} does not exist")
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None

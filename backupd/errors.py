@@ -1,0 +1,179 @@
+"""backupd's error hierarchy.
+
+Foreign exceptions (httpx, botocore, OSError, SQLAlchemy) are translated into these classes
+once, at the edge of the module that talks to the foreign library. Everything above that edge
+only sees `BackupdError`s. Each class says two things:
+
+* ``retryable`` -- whether trying the same operation again can help (a retry wrapper looks only
+  at this flag);
+* ``exit_code`` -- what the CLI exits with. Codes are public, documented in the README and never
+  reused for another meaning.
+
+Messages are written for an operator: what failed, the offending value, and what to do. They
+must never contain a secret.
+"""
+
+from __future__ import annotations
+
+# Exit codes: public contract (README "Exit codes"). Never renumber, never reuse.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_INVALID_INPUT = 2
+EXIT_NOT_FOUND = 3
+EXIT_CATALOG = 4
+EXIT_KUBELET = 5
+EXIT_STORAGE = 6
+EXIT_INTEGRITY = 7
+EXIT_RUNS_FAILED = 8
+EXIT_BUSY = 9
+
+
+class BackupdError(Exception):
+    exit_code = EXIT_INTERNAL
+    retryable = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+
+    @property
+    def kind(self) -> str:
+        """Stable short name used in run records, logs and metrics."""
+        return type(self).__name__
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- input -------------------------------------------------------------------------------
+
+
+class InvalidInput(BackupdError):
+    exit_code = EXIT_INVALID_INPUT
+
+
+class ConfigError(InvalidInput):
+    pass
+
+
+class PolicyError(InvalidInput):
+    pass
+
+
+class NotFound(BackupdError):
+    exit_code = EXIT_NOT_FOUND
+
+
+# -- catalog -----------------------------------------------------------------------------
+
+
+class CatalogError(BackupdError):
+    exit_code = EXIT_CATALOG
+
+
+class CatalogUnavailable(CatalogError):
+    retryable = True
+
+
+class SchemaOutdated(CatalogError):
+    pass
+
+
+class LeaseHeld(BackupdError):
+    exit_code = EXIT_BUSY
+    retryable = True
+
+
+# -- kubelet -----------------------------------------------------------------------------
+
+
+class KubeletError(BackupdError):
+    exit_code = EXIT_KUBELET
+
+
+class KubeletUnreachable(KubeletError):
+    retryable = True
+
+
+class KubeletTLSError(KubeletError):
+    """The TLS handshake failed: wrong CA, expired or refused client certificate."""
+
+
+class KubeletTimeout(KubeletError):
+    retryable = True
+
+
+class KubeletUnauthorized(KubeletError):
+    """401: no or invalid credentials."""
+
+
+class KubeletForbidden(KubeletError):
+    """403: authenticated but RBAC does not allow the verb/subresource."""
+
+
+class CheckpointApiDisabled(KubeletError):
+    """Plain ``404 page not found``: the ContainerCheckpoint gate or debugging handlers are off."""
+
+
+class TargetGone(KubeletError):
+    """``pod does not exist`` / ``container X does not exist``: the target vanished."""
+
+
+class CheckpointFailed(KubeletError):
+    """500 ``checkpointing of ns/pod/ctr failed (...)``: the runtime or CRIU failed."""
+
+
+class CheckpointUnsupported(CheckpointFailed):
+    """The runtime cannot checkpoint at all (RPC unimplemented, C/R support disabled)."""
+
+
+class UnsafeCheckpointPath(KubeletError):
+    """The kubelet returned a path outside the checkpoint directory, or not a regular file."""
+
+
+class KubeletProtocolError(KubeletError):
+    """The kubelet answered something this client does not understand."""
+
+
+# -- storage -----------------------------------------------------------------------------
+
+
+class StorageError(BackupdError):
+    exit_code = EXIT_STORAGE
+
+
+class StorageUnavailable(StorageError):
+    retryable = True
+
+
+class StorageAuthError(StorageError):
+    pass
+
+
+class StorageNotFound(StorageError):
+    """The bucket, directory or object does not exist."""
+
+
+class ObjectExists(StorageError):
+    """A create-only put found the key already taken."""
+
+
+class NoSpace(StorageError):
+    """ENOSPC, or a free-space floor would be crossed."""
+
+
+# -- integrity ---------------------------------------------------------------------------
+
+
+class IntegrityError(BackupdError):
+    exit_code = EXIT_INTEGRITY
+
+
+class UnsafeArchive(IntegrityError):
+    """An archive with path traversal, links, device files or absurd sizes."""
+
+
+class RunsFailed(BackupdError):
+    exit_code = EXIT_RUNS_FAILED
