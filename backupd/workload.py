@@ -1,0 +1,118 @@
+"""Pods, containers and the workload identity retention groups by. Pure: JSON in, values out.
+
+Retention groups archives by *workload* (namespace + owning controller + container), not by pod
+name: otherwise every Deployment rollout would start a new group that ``keepLast`` protects
+forever. A ReplicaSet owned by a Deployment is named ``<deployment>-<pod-template-hash>`` and
+its pods carry the ``pod-template-hash`` label, so the Deployment is recovered from the pod
+alone, without reading ReplicaSets from the API server (backupd has no RBAC for that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from backupd.errors import KubeletProtocolError
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str  # lower-case controller kind: deployment, statefulset, daemonset, job, replicaset, pod
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    @property
+    def segment(self) -> str:
+        """The storage-layout path segment, e.g. ``deployment-web``.
+
+        Kinds contain no ``-``, so the first ``-`` always splits kind from name.
+        """
+        return f"{self.kind}-{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """``deployment/web`` (the form shown everywhere) or ``deployment-web`` (the segment)."""
+        for sep in ("/", "-"):
+            kind, found, name = text.partition(sep)
+            if found and kind in KINDS and name:
+                return cls(kind, name)
+        raise ValueError(f"expected a workload such as deployment/web, got {text!r}")
+
+
+KINDS = ("deployment", "statefulset", "daemonset", "job", "cronjob", "replicaset", "pod")
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    image: str
+    image_id: str = ""
+    container_id: str = ""
+    running: bool = False
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    name: str
+    uid: str = ""
+    node_name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    owner_kind: str = ""
+    owner_name: str = ""
+    containers: tuple[Container, ...] = ()
+
+    @property
+    def workload(self) -> Workload:
+        return workload_of(self)
+
+
+def workload_of(pod: Pod) -> Workload:
+    kind = pod.owner_kind
+    if kind == "ReplicaSet":
+        template_hash = pod.labels.get("pod-template-hash", "")
+        if template_hash and pod.owner_name.endswith("-" + template_hash):
+            return Workload("deployment", pod.owner_name[: -len(template_hash) - 1])
+        return Workload("replicaset", pod.owner_name)
+    if kind in ("StatefulSet", "DaemonSet", "Job"):
+        return Workload(kind.lower(), pod.owner_name)
+    # Bare pods, static pods (owned by their Node) and unknown controllers: the pod itself.
+    return Workload("pod", pod.name)
+
+
+def parse_pod(item: dict[str, Any]) -> Pod:
+    """One ``v1.Pod`` of the kubelet's ``/pods`` PodList."""
+    try:
+        meta = item["metadata"]
+        spec = item.get("spec") or {}
+        status = item.get("status") or {}
+        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+        if owner is None and meta.get("ownerReferences"):
+            owner = meta["ownerReferences"][0]
+        statuses = {s["name"]: s for s in status.get("containerStatuses") or []}
+        containers = []
+        for c in spec.get("containers") or []:
+            st = statuses.get(c["name"], {})
+            containers.append(
+                Container(
+                    name=c["name"],
+                    image=st.get("image") or c.get("image", ""),
+                    image_id=st.get("imageID", ""),
+                    container_id=st.get("containerID", ""),
+                    running="running" in (st.get("state") or {}),
+                )
+            )
+        return Pod(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta.get("uid", ""),
+            node_name=spec.get("nodeName", ""),
+            labels=dict(meta.get("labels") or {}),
+            owner_kind=owner.get("kind", "") if owner else "",
+            owner_name=owner.get("name", "") if owner else "",
+            containers=tuple(containers),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise KubeletProtocolError(f"the kubelet's /pods answer has a malformed pod ({exc!r})") from None
