@@ -160,6 +160,14 @@ class ObjectExists(StorageError):
     """A create-only put found the key already taken."""
 
 
+class BatchDeleteError(StorageError):
+    """``delete_many`` could not delete some keys; ``failures`` maps each key to its error."""
+
+    def __init__(self, message: str, failures: dict[str, BackupdError]) -> None:
+        super().__init__(message, retryable=all(e.retryable for e in failures.values()))
+        self.failures = failures
+
+
 class NoSpace(StorageError):
     """ENOSPC, or a free-space floor would be crossed."""
 
