@@ -1,0 +1,625 @@
+"""The retention engine: which archives of one workload a policy keeps, and why. Pure.
+
+Archives and rules in, a plan with reasons out: no clock, no IO, no catalog. The rules are
+restic's ``forget`` rules, reproduced exactly (``ApplyPolicy`` in restic's
+``internal/data/snapshot_policy.go``; restic's own golden tests run against this module):
+
+* the group is sorted newest first (stable: equal times keep their input order);
+* ``last``/``hourly``/``daily``/``weekly``/``monthly``/``yearly`` are independent counters. Each
+  walks the whole group and keeps an archive whenever its bucket key differs from the previous
+  archive's, while the counter is above 0 (or -1, unlimited). An archive kept by one rule still
+  uses up a slot of every other rule whose bucket it opens;
+* a rule that still has slots when the walk reaches the oldest archive keeps it too (reason
+  ``oldest <rule>``), so a young group keeps its whole history;
+* ``within`` keeps every archive strictly after ``cutoff(latest)``; ``within-<bucket>`` keeps one
+  archive per bucket inside that window (and the oldest archive, if inside);
+* ``latest`` is the newest archive time strictly before ``now`` (simply the newest when ``now``
+  is None): windows hang off the newest archive, not off the clock, so a dead schedule never
+  makes ``within`` delete everything.
+
+Bucket keys are wall-clock fields: in each archive's own recorded UTC offset when ``tz`` is None
+(restic's behaviour), in ``tz`` when the policy names a time zone.
+
+backupd adds three things on top, in this order:
+
+1. **pinned** archives are always kept and are invisible to the rules: they use no slot, are
+   never "the oldest archive" and never the ``within`` anchor, so pinning or unpinning an old
+   archive cannot change what happens to the others;
+2. the **newest** archive of the group is never removed (restic's rules always keep it anyway;
+   this is the guarantee, not a behaviour change);
+3. ``max_total_bytes``: when the kept archives (pinned ones included) add up to more than the
+   cap, kept unpinned archives are removed oldest first until the total fits. Pinned archives
+   and the newest archive are never removed, so the total can stay above the cap.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from functools import cached_property
+from itertools import chain, compress, islice, repeat, tee
+from itertools import count as counter
+from operator import add, attrgetter, floordiv, methodcaller, mul, ne, not_
+
+from backupd.errors import PolicyError
+
+__all__ = [
+    "Decision",
+    "Duration",
+    "Item",
+    "Plan",
+    "Rules",
+    "parse_rfc3339",
+    "plan",
+    "simulate",
+]
+
+
+# -- durations ----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(?:[0-9]+[ymdh])+")
+_DURATION_PART = re.compile(r"([0-9]+)([ymdh])")
+_UNIT_FIELD = {"y": "years", "m": "months", "d": "days", "h": "hours"}
+
+_US_PER_HOUR = 3_600_000_000
+_US_PER_DAY = 86_400_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_US = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A restic duration, ``NyNmNdNh``: years, **months** (``m``), days, hours.
+
+    Units may come in any order; a repeated unit overwrites the earlier value, as in restic.
+    A zero duration (``0d``) is a rule that is off, as in restic.
+    """
+
+    years: int = 0
+    months: int = 0
+    days: int = 0
+    hours: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        """Parse ``"7d"``, ``"1y6m"``, ``"13d23h"``...
+
+        Raises `PolicyError` naming the value for an empty string, a negative number, a missing
+        or unknown unit, or anything else that is not a sequence of ``<digits><unit>``.
+        """
+        if not isinstance(text, str):
+            raise PolicyError(f"invalid duration {text!r}: expected a string such as '7d' or '1y6m'")
+        stripped = text.strip()
+        if not _DURATION.fullmatch(stripped):
+            raise PolicyError(
+                f"invalid duration {text!r}: expected numbers with units y (years), m (months), "
+                "d (days), h (hours), e.g. '7d', '1y6m' or '36h'"
+            )
+        values = {_UNIT_FIELD[unit]: int(number) for number, unit in _DURATION_PART.findall(stripped)}
+        return cls(**values)
+
+    def cutoff(self, anchor: datetime) -> datetime:
+        """The start of the window of this length that ends at ``anchor`` (exclusive).
+
+        Exactly Go's ``anchor.AddDate(-years, -months, -days).Add(-hours)``: the calendar part
+        is applied to the wall clock in ``anchor``'s zone and an overflowing day rolls forward
+        (2024-03-31 minus 1m is "2024-02-31", i.e. 2024-03-02); the hours are absolute time.
+        The result is in ``anchor``'s zone. Raises ``OverflowError`` when the cutoff falls
+        before year 1 (e.g. ``9999y``): every representable time is then inside the window.
+        """
+        if anchor.utcoffset() is None:
+            raise ValueError(f"anchor must be timezone-aware, got {anchor!r}")
+        us = _cutoff_us(anchor, self)
+        if us is None:
+            raise OverflowError(f"{self} before {anchor.isoformat()} is before year 1")
+        try:
+            return (_EPOCH + timedelta(microseconds=us)).astimezone(anchor.tzinfo)
+        except OverflowError:
+            raise OverflowError(f"{self} before {anchor.isoformat()} is before year 1") from None
+
+    def __str__(self) -> str:
+        text = "".join(
+            f"{value}{unit}"
+            for value, unit in ((self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h"))
+            if value
+        )
+        return text or "0d"
+
+
+def _active(duration: Duration | None) -> bool:
+    return duration is not None and bool(duration.years or duration.months or duration.days or duration.hours)
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date, for any year (even before 1)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+def _offset_us_at(instant_us: int, zone: tzinfo) -> int | None:
+    if isinstance(zone, timezone):
+        return zone.utcoffset(None) // timedelta(microseconds=1)
+    try:
+        local = (_EPOCH + timedelta(microseconds=instant_us)).astimezone(zone)
+    except OverflowError:
+        return None
+    return local.utcoffset() // timedelta(microseconds=1)
+
+
+def _cutoff_us(anchor: datetime, duration: Duration) -> int | None:
+    """Go's ``AddDate(-y, -m, -d).Add(-h)`` as microseconds since the epoch; None before year 1."""
+    month0 = anchor.month - 1 - duration.months
+    year = anchor.year - duration.years + month0 // 12
+    days = _days_from_civil(year, month0 % 12 + 1, 1) + anchor.day - 1 - duration.days
+    wall_us = (
+        days * _US_PER_DAY
+        + (anchor.hour * 3600 + anchor.minute * 60 + anchor.second) * 1_000_000
+        + anchor.microsecond
+    )
+    # Go's time.Date resolves a local wall time to an instant like this: take the offset in
+    # force at the wall time read as UTC; unless that offset is 0, check that the instant it
+    # gives still has that offset, and if not take the offset in force at that instant.
+    # Python's fold picks differently in gaps or repeats depending on the zone's sign, so
+    # mirror Go step by step.
+    zone = anchor.tzinfo
+    offset = _offset_us_at(wall_us, zone)
+    if offset is None:
+        return None
+    if offset:
+        second = _offset_us_at(wall_us - offset, zone)
+        if second is None:
+            return None
+        offset = second
+    utc_us = wall_us - offset
+    utc_us -= duration.hours * _US_PER_HOUR
+    return utc_us if utc_us >= _MIN_US else None
+
+
+# -- rules ---------------------------------------------------------------------------------
+
+_COUNT_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+_WINDOW_RULES = ("within_hourly", "within_daily", "within_weekly", "within_monthly", "within_yearly")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A retention rule set, restic ``forget`` style.
+
+    Counts: 0 = rule off, -1 = unlimited. Durations: None (or zero) = rule off.
+    ``max_total_bytes`` caps the kept archives' total size; it is not a keep rule.
+    """
+
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+    within: Duration | None = None
+    within_hourly: Duration | None = None
+    within_daily: Duration | None = None
+    within_weekly: Duration | None = None
+    within_monthly: Duration | None = None
+    within_yearly: Duration | None = None
+    max_total_bytes: int | None = None
+
+    def is_empty(self) -> bool:
+        """True when no keep rule is on (``max_total_bytes`` alone keeps nothing)."""
+        return not any(getattr(self, name) for name in _COUNT_RULES) and not any(
+            _active(getattr(self, name)) for name in ("within", *_WINDOW_RULES)
+        )
+
+    def validate(self) -> None:
+        """Raise `PolicyError` for a rule set backupd refuses to apply.
+
+        Refused: no keep rule at all (restic: "no policy was specified"), a count that is not
+        an integer or is below -1, a duration with a negative part, a ``max_total_bytes`` that
+        is not a positive integer.
+        """
+        for name in _COUNT_RULES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+                raise PolicyError(
+                    f"invalid {name} count {value!r}: use a number >= 0, or -1 for unlimited"
+                )
+        for name in ("within", *_WINDOW_RULES):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, Duration):
+                raise PolicyError(f"invalid {name} {value!r}: expected a duration such as '7d'")
+            parts = [getattr(value, f.name) for f in fields(value)]
+            if any(not isinstance(p, int) or isinstance(p, bool) or p < 0 for p in parts):
+                raise PolicyError(f"invalid {name} {value!r}: durations cannot be negative")
+        cap = self.max_total_bytes
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
+            raise PolicyError(f"invalid max_total_bytes {cap!r}: expected a positive number of bytes")
+        if self.is_empty():
+            raise PolicyError(
+                "the retention rules keep nothing: set at least one of keepLast, keepHourly, "
+                "keepDaily, keepWeekly, keepMonthly, keepYearly or a keepWithin* duration"
+            )
+
+
+# -- items, decisions, plans ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One archive as retention sees it. ``time`` must be timezone-aware."""
+
+    id: str
+    time: datetime
+    size: int = 0
+    pinned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What happens to one archive, and why.
+
+    Reasons of a kept archive, in this order: ``within``, ``last``, ``hourly``, ``daily``,
+    ``weekly``, ``monthly``, ``yearly`` (each count rule may instead read ``oldest <rule>``),
+    ``within-hourly`` ... ``within-yearly`` (or ``oldest within-<bucket>``); alone: ``pinned``
+    or ``newest``. A removed archive has ``()`` (no rule keeps it) or ``("size cap",)``.
+    """
+
+    item: Item
+    keep: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision for every archive of the group, newest first (equal times: input order)."""
+
+    decisions: tuple[Decision, ...]
+
+    @cached_property
+    def keep(self) -> tuple[Decision, ...]:
+        return tuple(compress(self.decisions, map(_KEEP, self.decisions)))
+
+    @cached_property
+    def remove(self) -> tuple[Decision, ...]:
+        return tuple(compress(self.decisions, map(not_, map(_KEEP, self.decisions))))
+
+
+_TIME = attrgetter("time")
+_TZINFO = attrgetter("tzinfo")
+_PINNED = attrgetter("pinned")
+_SIZE = attrgetter("size")
+_KEEP = attrgetter("keep")
+_ORDINAL = datetime.toordinal
+_YEAR = attrgetter("year")
+_MONTH = attrgetter("month")
+_HOUR = attrgetter("hour")
+
+# One bit per reason, in the order reasons are listed (restic's order: within, count rules,
+# window rules). A kept archive's reasons are an int until the very end: a million archives
+# kept by the same rules then share one reasons tuple.
+_REASONS = (
+    "within",
+    "last",
+    "hourly", "oldest hourly",
+    "daily", "oldest daily",
+    "weekly", "oldest weekly",
+    "monthly", "oldest monthly",
+    "yearly", "oldest yearly",
+    "within-hourly", "oldest within-hourly",
+    "within-daily", "oldest within-daily",
+    "within-weekly", "oldest within-weekly",
+    "within-monthly", "oldest within-monthly",
+    "within-yearly", "oldest within-yearly",
+    "pinned",
+    "newest",
+)  # fmt: skip
+_BIT = {reason: 1 << i for i, reason in enumerate(_REASONS)}
+_SIZE_CAPPED = -1  # mask of a kept archive that max_total_bytes removes
+
+
+# Bucket keys. Only equality between neighbours matters, so any injective number will do
+# (restic builds YYYYMMDDHH and friends). Built from C-level maps: with an unlimited rule over
+# a million archives, a Python-level loop per archive would cost most of the time budget.
+
+
+def _hourly_keys(walls: Iterable[datetime]) -> Iterator[int]:
+    days, clock = tee(walls)
+    return map(add, map(mul, map(_ORDINAL, days), repeat(24)), map(_HOUR, clock))
+
+
+def _daily_keys(walls: Iterable[datetime]) -> Iterator[int]:
+    return map(_ORDINAL, walls)
+
+
+def _weekly_keys(walls: Iterable[datetime]) -> Iterator[int]:
+    # ISO weeks run Monday to Sunday and ordinal 1 (0001-01-01) is a Monday, so
+    # ceil(ordinal / 7) numbers exactly the ISO weeks.
+    return map(floordiv, map(add, map(_ORDINAL, walls), repeat(6)), repeat(7))
+
+
+def _monthly_keys(walls: Iterable[datetime]) -> Iterator[int]:
+    years, months = tee(walls)
+    return map(add, map(mul, map(_YEAR, years), repeat(12)), map(_MONTH, months))
+
+
+def _yearly_keys(walls: Iterable[datetime]) -> Iterator[int]:
+    return map(_YEAR, walls)
+
+
+_KEYS: dict[str, Callable[[Iterable[datetime]], Iterator[int]]] = {
+    "hourly": _hourly_keys,
+    "daily": _daily_keys,
+    "weekly": _weekly_keys,
+    "monthly": _monthly_keys,
+    "yearly": _yearly_keys,
+}
+
+
+class _WallClocks:
+    """The rule walk's archive times in the bucketing zone, converted at most once each and
+    only as far as some rule actually looks (a keepDaily 7 walk stops after a few archives)."""
+
+    def __init__(self, times: list[datetime], zone: tzinfo | None) -> None:
+        self._times = times
+        self._convert = None if zone is None else methodcaller("astimezone", zone)
+        self._done: list[datetime] = times if zone is None else []
+
+    def __getitem__(self, index: int) -> datetime:
+        if self._convert is None or index < len(self._done):
+            return self._done[index]
+        return self._convert(self._times[index])
+
+    def upto(self, stop: int) -> Iterator[datetime]:
+        if self._convert is not None and len(self._done) < stop:
+            self._done.extend(map(self._convert, islice(self._times, len(self._done), stop)))
+        return islice(self._done, stop)
+
+    def lazily(self) -> Iterator[datetime]:
+        if self._convert is None:
+            return iter(self._done)
+        return chain(self._done, map(self._convert, islice(self._times, len(self._done), None)))
+
+
+def _walk_bucket(keys: Iterable[int], count: int, stop: int, mask: list[int], bit: int, oldest_bit: int) -> None:
+    """One bucket rule over ``mask[:stop]`` (``keys`` are those archives' bucket keys).
+
+    Keeps each archive whose key differs from the previous archive's, until ``count`` archives
+    are kept (-1: never stops); if the walk reaches the group's oldest archive with slots left
+    and did not keep it already, keeps it as ``oldest``.
+    """
+    if not stop:
+        return
+    ahead, behind = tee(keys)
+    next(ahead, None)
+    # Index 0 opens the first bucket, then every index whose key differs from its predecessor's.
+    opened = chain((0,), compress(counter(1), map(ne, ahead, behind)))
+    kept = 0
+    index = -1
+    for index in opened if count == -1 else islice(opened, count):
+        mask[index] |= bit
+        kept += 1
+    slots_left = count == -1 or kept < count
+    if slots_left and stop == len(mask) and index != stop - 1:
+        mask[stop - 1] |= oldest_bit
+
+
+def _first_index(times: list[datetime], predicate: Callable[[datetime], bool]) -> int:
+    """First index of newest-first ``times`` where a monotone ``predicate`` turns true."""
+    return bisect.bisect_left(times, True, key=predicate)
+
+
+def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None, now: datetime | None) -> list[int]:
+    """restic's ApplyPolicy over newest-first ``times``: one reason bitmask per archive."""
+    total = len(times)
+    walls = _WallClocks(times, zone)
+    if now is None:
+        latest = 0
+    else:
+        now_utc = now.astimezone(UTC)  # instants, not one zone's wall clock
+        latest = _first_index(times, lambda t: t < now_utc)
+
+    def window_end(duration: Duration) -> int:
+        if latest == total:
+            return total  # nothing before now: restic's anchor is Go's zero time, year 1
+        us = _cutoff_us(walls[latest], duration)
+        if us is None:
+            return total
+        cutoff = _EPOCH + timedelta(microseconds=us)
+        return _first_index(times, lambda t: t <= cutoff)
+
+    # within and last keep a prefix of the walk: build those bits in bulk.
+    prefixes = []
+    if _active(rules.within):
+        prefixes.append((window_end(rules.within), _BIT["within"]))
+    if rules.last:
+        prefixes.append((total if rules.last == -1 else min(rules.last, total), _BIT["last"]))
+    mask: list[int] = []
+    for end in sorted({e for e, _ in prefixes}):
+        mask.extend(repeat(sum(b for e, b in prefixes if e >= end), end - len(mask)))
+    mask.extend(repeat(0, total - len(mask)))
+
+    for name in _COUNT_RULES[1:]:
+        count = getattr(rules, name)
+        if count:
+            walk = walls.upto(total) if count == -1 else walls.lazily()
+            _walk_bucket(_KEYS[name](walk), count, total, mask, _BIT[name], _BIT["oldest " + name])
+    for name in _WINDOW_RULES:
+        duration = getattr(rules, name)
+        if _active(duration):
+            end = window_end(duration)
+            bucket = name.removeprefix("within_")
+            reason = "within-" + bucket
+            _walk_bucket(_KEYS[bucket](walls.upto(end)), -1, end, mask, _BIT[reason], _BIT["oldest " + reason])
+    return mask
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    # A plan allocates one Decision per archive and no reference cycles. With a million
+    # archives the cyclic collector's full passes, set off by nothing but the allocation count,
+    # cost more than the planning itself.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _decisions(items: list[Item], keeps: Iterable[bool], reasons: Iterable[tuple[str, ...]]) -> tuple[Decision, ...]:
+    # Decision(...) sets each field through object.__setattr__ (the cost of frozen=True); a
+    # million of those take longer than the rest of the plan. Filling the slots through their
+    # descriptors does the same from C. Decision has no __post_init__ to skip.
+    made = list(map(object.__new__, repeat(Decision, len(items))))
+    deque(map(Decision.item.__set__, made, items), maxlen=0)  # type: ignore[attr-defined]
+    deque(map(Decision.keep.__set__, made, keeps), maxlen=0)  # type: ignore[attr-defined]
+    deque(map(Decision.reasons.__set__, made, reasons), maxlen=0)  # type: ignore[attr-defined]
+    return tuple(made)
+
+
+def plan(
+    items: Iterable[Item],
+    rules: Rules,
+    *,
+    tz: tzinfo | None = None,
+    now: datetime | None = None,
+) -> Plan:
+    """Decide, for every archive of one group (one workload), whether the rules keep it.
+
+    ``tz``: the zone bucket keys are computed in (the policy's ``timezone``); None = each
+    archive's own recorded offset, as restic does. ``now``: archives at or after ``now`` do not
+    anchor the ``within`` windows (restic ignores future-dated snapshots there); None = the
+    newest archive anchors them. Raises `PolicyError` if ``rules`` are invalid or keep nothing,
+    ``ValueError`` for a naive ``now`` or archive time.
+    """
+    rules.validate()
+    if now is not None and now.utcoffset() is None:
+        raise ValueError(f"now must be timezone-aware, got {now!r}")
+    listed = items if isinstance(items, list) else list(items)
+    if not listed:
+        return Plan(())
+
+    with _gc_paused():
+        # Python's sort is stable with reverse=True too: equal times keep their input order.
+        try:
+            ordered = sorted(listed, key=_TIME, reverse=True)
+        except TypeError:  # naive and aware times mixed: reported just below
+            ordered = listed
+        times = list(map(_TIME, ordered))
+        # Checked after sorting: the sorted list is in memory order far more often than the
+        # input is, and a pass over a million scattered objects costs half a second.
+        zones = set(map(_TZINFO, times))
+        if None in zones:
+            naive = next(i for i in listed if i.time.tzinfo is None)
+            raise ValueError(f"archive {naive.id!r} has a naive time {naive.time!r}")
+        if not all(isinstance(z, timezone) for z in zones):
+            # Python compares datetimes of one ZoneInfo by wall clock, which misorders the hour
+            # a DST change repeats; compare instants instead.
+            ordered = sorted(listed, key=lambda i: i.time.astimezone(UTC), reverse=True)
+            times = list(map(_TIME, ordered))
+
+        pinned = list(map(_PINNED, ordered))
+        if any(pinned):
+            unpinned = list(map(not_, pinned))
+            rule_mask = _rule_masks(list(compress(times, unpinned)), rules, tz, now)
+            mask = [_BIT["pinned"]] * len(ordered)
+            deque(map(mask.__setitem__, compress(counter(), unpinned), rule_mask), maxlen=0)
+        else:
+            mask = _rule_masks(times, rules, tz, now)
+
+        if not mask[0]:
+            mask[0] = _BIT["newest"]
+
+        cap = rules.max_total_bytes
+        if cap is not None:
+            total = sum(map(_SIZE, compress(ordered, mask)))
+            position = len(ordered) - 1
+            while total > cap and position > 0:
+                if mask[position] and not pinned[position]:
+                    total -= ordered[position].size
+                    mask[position] = _SIZE_CAPPED
+                position -= 1
+
+        reasons_of = {
+            bits: tuple(r for i, r in enumerate(_REASONS) if bits >> i & 1) for bits in set(mask) if bits >= 0
+        }
+        reasons_of[_SIZE_CAPPED] = ("size cap",)
+        keeps = map((0).__lt__, mask)
+        return Plan(_decisions(ordered, keeps, map(reasons_of.__getitem__, mask)))
+
+
+# -- simulate and timestamps -----------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp strictly, keeping its UTC offset.
+
+    ``2024-05-01T02:00:00Z``, ``2024-05-01T04:00:00.5+02:00``. Fractions beyond microseconds
+    are truncated. Raises `PolicyError` naming the value for anything else (no date-only
+    values, no missing offset, no leap second 60, no out-of-range field).
+    """
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    example = "expected e.g. 2024-05-01T02:00:00Z or 2024-05-01T04:00:00+02:00"
+    if match is None:
+        raise PolicyError(f"invalid RFC 3339 timestamp {text!r}: {example}")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    if int(off_h or 0) > 23 or int(off_m or 0) > 59:
+        raise PolicyError(f"invalid RFC 3339 timestamp {text!r}: UTC offset out of range")
+    offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0))
+    zone = UTC if zulu or not offset else timezone(-offset if sign == "-" else offset)
+    try:
+        return datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second),
+            int((fraction or "0")[:6].ljust(6, "0")), tzinfo=zone,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise PolicyError(f"invalid RFC 3339 timestamp {text!r}: {exc}") from None
+
+
+def _format_rfc3339(moment: datetime) -> str:
+    offset = moment.utcoffset()
+    if offset is None or offset % timedelta(minutes=1):
+        moment, offset = moment.astimezone(UTC), timedelta(0)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    if not offset:
+        return text + "Z"
+    minutes = int(abs(offset) // timedelta(minutes=1))
+    return f"{text}{'-' if offset < timedelta(0) else '+'}{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def simulate(
+    times: list[datetime],
+    rules: Rules,
+    *,
+    tz: tzinfo | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """What ``rules`` keep of a list of archive times (``backupd retention simulate``).
+
+    Each entry of ``times`` is one archive, duplicates included. Returns
+    ``{"keep": [{"time", "reasons"}], "remove": [{"time"}]}``, newest first, times as RFC 3339
+    in their own offset (``Z`` for UTC). Same errors as `plan`.
+    """
+    result = plan([Item(id=str(i), time=t) for i, t in enumerate(times)], rules, tz=tz, now=now)
+    return {
+        "keep": [{"time": _format_rfc3339(d.item.time), "reasons": list(d.reasons)} for d in result.keep],
+        "remove": [{"time": _format_rfc3339(d.item.time)} for d in result.remove],
+    }
