@@ -74,6 +74,9 @@ class KubeletConfig(_Section):
     token_file: Path | None = None
     checkpoint_dir: Path = Path("/var/lib/kubelet/checkpoints")
     timeout_seconds: int = Field(default=120, ge=1, le=4 * 3600)
+    #: client-side limit on one kubelet request; default max(120, timeout_seconds) + 30, because
+    #: the kubelet ignores a ``timeout`` below its 2-minute CRI default
+    request_timeout_seconds: float | None = Field(default=None, gt=0)
     node_name: str | None = None
 
     @field_validator("url")
@@ -82,6 +85,11 @@ class KubeletConfig(_Section):
         if not v.startswith("https://"):
             raise ValueError(f"the kubelet API is served over HTTPS; got {v!r}")
         return v.rstrip("/")
+
+    def request_timeout(self) -> float:
+        if self.request_timeout_seconds is not None:
+            return self.request_timeout_seconds
+        return max(120, self.timeout_seconds) + 30
 
     def node(self) -> str:
         return self.node_name or os.environ.get("NODE_NAME") or os.uname().nodename

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, ClassVar, Iterator, Sequence, TypeVar
+from typing import Any, BinaryIO, ClassVar, TypeVar
 
 from backupd.errors import UnsafeArchive
 

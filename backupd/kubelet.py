@@ -48,8 +48,6 @@ _UNSUPPORTED = (
 )
 # Transient runtime errors seen in practice (checkpoint-restore-operator retries these).
 _TRANSIENT = ("cannot pause a paused container", "ctrd-checkpoint/status: no such file or directory")
-# Margin over the kubelet-side timeout so the kubelet, not the client, reports a slow runtime.
-_READ_MARGIN_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,9 @@ class KubeletClient:
         self.cfg = cfg
         self.base_url = cfg.url
         self.checkpoint_dir = Path(cfg.checkpoint_dir)
-        timeout = httpx.Timeout(connect=10.0, read=cfg.timeout_seconds + _READ_MARGIN_SECONDS, write=30.0, pool=30.0)
+        # The read limit exceeds the kubelet's own, so the kubelet, not the client, reports a
+        # slow runtime (its answer says which container and why).
+        timeout = httpx.Timeout(connect=10.0, read=cfg.request_timeout(), write=30.0, pool=30.0)
         self._http = httpx.Client(
             base_url=cfg.url,
             verify=_ssl_context(cfg) if transport is None else True,
@@ -121,7 +121,12 @@ class KubeletClient:
         try:
             return self._http.request(method, path, headers=self._headers(), **kwargs)
         except httpx.TimeoutException as exc:
-            raise KubeletTimeout(f"{what}: the kubelet at {self.base_url} did not answer in time ({type(exc).__name__})") from None
+            # A checkpoint that timed out may still be running in the runtime: asking again at
+            # once would only collide with it ("cannot pause a paused container").
+            raise KubeletTimeout(
+                f"{what}: the kubelet at {self.base_url} did not answer in time ({type(exc).__name__})",
+                retryable=method == "GET",
+            ) from None
         except httpx.HTTPError as exc:
             tls = _tls_cause(exc)
             if tls is not None:

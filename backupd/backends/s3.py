@@ -759,13 +759,8 @@ class S3Backend(Backend):
         iterator = iter(keys)
         while batch := list(itertools.islice(iterator, DELETE_BATCH)):
             full_keys = {self._full(k): k for k in batch}
-            resp = self._call(
-                what,
-                lambda: self._client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True},
-                ),
-            )
+            request = {"Objects": [{"Key": k} for k in full_keys], "Quiet": True}
+            resp = self._call(what, lambda: self._client.delete_objects(Bucket=self.bucket, Delete=request))  # noqa: B023
             for error in resp.get("Errors", ()):
                 code = str(error.get("Code") or "Unknown")
                 if code == "NoSuchKey":

@@ -12,7 +12,7 @@ Modules, one concept each:
 
 from backupd.simulator.pki import ClientCert, Pki, generate_pki
 from backupd.simulator.server import DEFAULT_MEMORY_BYTES, Fault, NodeSimulator, RequestRecord, load_faults
-from backupd.simulator.topology import PodSpec, Topology, ContainerSpec, default_topology, load_topology
+from backupd.simulator.topology import ContainerSpec, PodSpec, Topology, default_topology, load_topology
 
 __all__ = [
     "ClientCert",

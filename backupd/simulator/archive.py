@@ -28,9 +28,10 @@ import random
 import struct
 import tarfile
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 from backupd import criu_images as ci
 from backupd.simulator.topology import Container, Pod
@@ -255,7 +256,7 @@ def _argv_env(pod: Pod, c: Container, index: int) -> tuple[list[str], list[str]]
 def spec_dump(pod: Pod, c: Container, *, tz: dt.tzinfo | None = None) -> dict:
     """CRI-O's ``spec.dump``: the container's OCI runtime spec with the annotations
     checkpointctl and CRI-O restore read (modelled on checkpoint-restore-operator's fixture)."""
-    tz = tz or dt.timezone.utc
+    tz = tz or dt.UTC
     attempt = _attempt(c)
     sandbox_id = hashlib.sha256(f"sandbox\x00{pod.uid}".encode()).hexdigest()
     mount_id = hashlib.sha256(f"mount\x00{c.container_id}".encode()).hexdigest()

@@ -135,7 +135,7 @@ class CountingProcess:
     popen: subprocess.Popen[bytes] | None
 
     @classmethod
-    def start(cls, directory: Path, comm: str, *, ballast_bytes: int = 0) -> "CountingProcess":
+    def start(cls, directory: Path, comm: str, *, ballast_bytes: int = 0) -> CountingProcess:
         directory.mkdir(parents=True, exist_ok=True)
         counter = directory / "counter"
         popen = subprocess.Popen(

@@ -124,7 +124,7 @@ class Fault:
             raise InvalidInput("fault status must be an HTTP status code")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Fault":
+    def from_dict(cls, data: Mapping[str, Any]) -> Fault:
         known = {f.name for f in fields(cls)} - {"hits"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -181,7 +181,7 @@ class _CheckpointFailed(Exception):
 class _Exchange:
     """One request being answered: records what was sent."""
 
-    def __init__(self, handler: "_Handler", method: str, path: str, query: str,
+    def __init__(self, handler: _Handler, method: str, path: str, query: str,
                  log: Callable[[RequestRecord], None]) -> None:
         self.handler = handler
         self.method = method
@@ -225,7 +225,7 @@ class _Exchange:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30  # idle keep-alive connections are dropped after this
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass
@@ -246,7 +246,7 @@ class _HTTPServer(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], sim: "NodeSimulator") -> None:
+    def __init__(self, address: tuple[str, int], sim: NodeSimulator) -> None:
         self.sim = sim
         super().__init__(address, _Handler)
 
@@ -473,7 +473,7 @@ class NodeSimulator:
         for proc in processes:
             proc.stop()
 
-    def __enter__(self) -> "NodeSimulator":
+    def __enter__(self) -> NodeSimulator:
         self.start()
         return self
 
@@ -582,7 +582,7 @@ class NodeSimulator:
             if t.tzinfo is None:
                 raise ValueError("the simulator clock must return aware datetimes")
             return t
-        return dt.datetime.now(dt.timezone.utc).astimezone(self.tz)
+        return dt.datetime.now(dt.UTC).astimezone(self.tz)
 
     # -- internals ---------------------------------------------------------------------------
 

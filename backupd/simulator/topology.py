@@ -36,9 +36,10 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -366,8 +367,8 @@ def _default_processes(image: str) -> list[str]:
 
 def materialize(topology: Topology, *, seed: int = 0, now: dt.datetime | None = None) -> list[Pod]:
     """Expand replicas and derive every identifier; deterministic for (topology, seed)."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    now = now.astimezone(dt.timezone.utc).replace(microsecond=0)
+    now = now or dt.datetime.now(dt.UTC)
+    now = now.astimezone(dt.UTC).replace(microsecond=0)
     pods: list[Pod] = []
     seen: set[tuple[str, str]] = set()
     for index, spec in enumerate(topology.pods):
@@ -384,7 +385,7 @@ def materialize(topology: Topology, *, seed: int = 0, now: dt.datetime | None = 
 def materialize_pod(spec: PodSpec, *, seed: int = 0, node_name: str = "sim-node", index: int = 0,
                     now: dt.datetime | None = None) -> list[Pod]:
     """Materialise one pod spec (all its replicas), e.g. to add it to a running simulator."""
-    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).replace(microsecond=0)
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).replace(microsecond=0)
     return [_materialize_pod(spec, r, seed, now, node_name, index + r) for r in range(spec.replicas)]
 
 
@@ -469,7 +470,7 @@ def _materialize_pod(spec: PodSpec, replica: int, seed: int, now: dt.datetime, n
 
 
 def _k8s_time(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _owner_api_version(kind: str) -> str:
@@ -529,7 +530,7 @@ def _pod_v1(pod: Pod, host_ip: str) -> dict[str, Any]:
         "creationTimestamp": _k8s_time(pod.created_at),
         "labels": dict(pod.labels),
         "annotations": {
-            "kubernetes.io/config.seen": pod.created_at.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            "kubernetes.io/config.seen": pod.created_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
             "kubernetes.io/config.source": "api",
             **pod.annotations,
         },

@@ -64,7 +64,7 @@ class BackendContract:
         assert backend.read_bytes("k/one") == b"first"
 
     def test_failed_put_leaves_nothing_visible(self, backend: Backend) -> None:
-        with pytest.raises(Exception):
+        with pytest.raises(OSError, match="source broke"):
             backend.put("k/broken", FailingReader(b"x" * 100_000))
         assert backend.stat("k/broken") is None
         assert [o.key for o in backend.list("")] == []

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import os
 import stat
 from datetime import timedelta
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from backupd.backends.filesystem import TEMP_PREFIX, FilesystemBackend
-from backupd.errors import NoSpace
+from backupd.errors import NoSpace, StorageError
 
 from .contract import BackendContract, FailingReader
 
@@ -56,7 +55,7 @@ def test_symlinked_object_is_not_followed(tmp_path: Path) -> None:
     (tmp_path / "store" / "a" / "link").symlink_to(tmp_path / "outside")
     backend = FilesystemBackend("local", tmp_path / "store")
     assert backend.stat("a/link") is None
-    with pytest.raises(Exception):
+    with pytest.raises(StorageError):
         backend.open("a/link")
 
 

@@ -54,7 +54,7 @@ class NullSink(io.RawIOBase):
 
 
 def test_go_time_formats():
-    utc = dt.datetime(2026, 3, 13, 21, 43, 6, tzinfo=dt.timezone.utc)
+    utc = dt.datetime(2026, 3, 13, 21, 43, 6, tzinfo=dt.UTC)
     assert go_rfc3339(utc) == "2026-03-13T21:43:06Z"
     assert go_rfc3339(WHEN) == "2026-03-13T21:43:06+05:30"
     assert go_rfc3339(dt.datetime(2026, 1, 1, tzinfo=ZoneInfo("America/New_York"))) == "2026-01-01T00:00:00-05:00"

@@ -1,7 +1,7 @@
 """initial catalog: policies, archives, runs, leases
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-27 12:10:05.847362
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
-
 
 revision = '0001'
 down_revision = None

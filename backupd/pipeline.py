@@ -1,0 +1,215 @@
+"""The commit protocol: one checkpoint from the kubelet to a committed archive.
+
+    run row (running) -> kubelet checkpoint -> archive row ``pending``
+      -> stream the node tar once (hash, compress, hash) into the backend (atomic, create-only)
+      -> manifest beside it -> archive row ``committed`` -> node-local tar removed
+         (the ``keepOnNode`` newest committed tars of the container stay)
+      -> run row (succeeded | failed, with bytes and duration)
+
+A failure at any step leaves nothing half-visible: the backend put is atomic; an object whose
+manifest could not be written is deleted again (or, if even that fails, left as an orphan that
+prune and verify report -- never listed as an archive); a crash between steps leaves a
+``pending`` row that :meth:`Pipeline.reconcile` settles at start-up from what the backend holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+
+from backupd import __version__, layout, retry
+from backupd.backends.base import Backend
+from backupd.catalog import COMMITTED, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive, Catalog, Run, now_utc
+from backupd.errors import BackupdError, StorageNotFound
+from backupd.kubelet import KubeletClient, Target
+from backupd.node import CheckpointDir
+from backupd.policy import Policy
+from backupd.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader
+from backupd.workload import Container, Pod
+
+log = structlog.get_logger("backupd.pipeline")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run: Run
+    archive: Archive | None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        backends: dict[str, Backend],
+        kubelet: KubeletClient,
+        checkpoint_dir: CheckpointDir,
+        node: str,
+        min_free_space: int = 0,
+        kubelet_backoff: retry.Backoff = retry.Backoff(attempts=3, base_delay=1.0, max_delay=20.0),
+        level: int = DEFAULT_LEVEL,
+        threads: int = DEFAULT_THREADS,
+        clock: Callable[[], datetime] = now_utc,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.catalog = catalog
+        self.backends = backends
+        self.kubelet = kubelet
+        self.checkpoint_dir = checkpoint_dir
+        self.node = node
+        self.min_free_space = min_free_space
+        self.kubelet_backoff = kubelet_backoff
+        self.level, self.threads = level, threads
+        self.clock = clock
+        self.sleep = sleep
+
+    def checkpoint(self, policy: Policy, pod: Pod, container: Container) -> Outcome:
+        """Checkpoint one container and commit the archive; never raises a BackupdError.
+
+        The outcome (and the run row) says what happened; the daemon keeps going either way.
+        """
+        workload = str(pod.workload)
+        target = Target(pod.namespace, pod.name, container.name)
+        bound = log.bind(policy=policy.name, namespace=pod.namespace, pod=pod.name, workload=workload,
+                         container=container.name)
+        run_id = self.catalog.start_run(
+            "checkpoint", policy=policy.name, node=self.node, namespace=pod.namespace, pod=pod.name,
+            workload=workload, container=container.name,
+        )
+        started = time.monotonic()
+        try:
+            self.checkpoint_dir.ensure_free(self.min_free_space)
+            requested = self.clock()
+
+            def on_retry(exc: BackupdError, attempt: int, pause: float) -> None:
+                bound.warning("kubelet_retry", error=str(exc), attempt=attempt, pause_seconds=round(pause, 2))
+
+            node_path = retry.call(lambda: self.kubelet.checkpoint(target), self.kubelet_backoff,
+                                   sleep=self.sleep, on_retry=on_retry)
+            checkpoint_seconds = time.monotonic() - started
+            archive = self._commit(policy, pod, container, node_path, requested)
+            self.clean_node(policy, pod.namespace, pod.name, container.name)
+        except Exception as exc:
+            if not isinstance(exc, BackupdError):
+                # A bug must cost one run, not the daemon: record it and keep the traceback.
+                bound.exception("unexpected_error")
+                exc = BackupdError(f"internal error: {type(exc).__name__}: {exc}")
+            run = self.catalog.finish_run(run_id, RUN_FAILED, error=exc)
+            bound.error("run_finished", outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind,
+                        duration_seconds=round(time.monotonic() - started, 3))
+            return Outcome(run, None)
+        run = self.catalog.finish_run(
+            run_id, SUCCEEDED, bytes_in=archive.tar_size or 0, bytes_out=archive.stored_size or 0, archive_id=archive.id
+        )
+        bound.info(
+            "run_finished", outcome=SUCCEEDED, archive_id=archive.id, bytes_in=archive.tar_size,
+            bytes_out=archive.stored_size, checkpoint_seconds=round(checkpoint_seconds, 3),
+            duration_seconds=round(time.monotonic() - started, 3),
+        )
+        return Outcome(run, archive)
+
+    def _commit(self, policy: Policy, pod: Pod, container: Container, node_path: Path, when: datetime) -> Archive:
+        backend = self.backends[policy.spec.backend]
+        archive_id = layout.new_archive_id()
+        key = layout.archive_key(pod.namespace, pod.workload.segment, container.name, when, archive_id)
+        pending = Archive(
+            id=archive_id, state=PENDING, policy=policy.name, backend=backend.name, key=key, node=self.node,
+            namespace=pod.namespace, pod=pod.name, workload=str(pod.workload), container=container.name,
+            image=container.image, checkpoint_time=when, created_at=self.clock(), node_path=node_path.name,
+        )
+        self.catalog.add_archive(pending)
+        try:
+            with self.checkpoint_dir.open(node_path.name) as raw:
+                reader = PackingReader(raw, level=self.level, threads=self.threads)
+                backend.put(key, reader)
+            manifest = layout.Manifest(
+                archive_id=archive_id, key=key, node=self.node, namespace=pod.namespace, pod=pod.name,
+                workload=str(pod.workload), container=container.name, image=container.image,
+                checkpoint_time=when, tar_size=reader.tar_size, stored_size=reader.stored_size,
+                tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256, compression="zstd",
+                encryption="none", policy=policy.name, backupd_version=__version__,
+            )
+            try:
+                backend.put_bytes(layout.manifest_key(key), manifest.to_json())
+            except BackupdError:
+                self._discard_object(backend, key)
+                raise
+        except BackupdError as exc:
+            self.catalog.update_archive(archive_id, state=FAILED, error=str(exc))
+            # The tar was never committed; leaving it would fill the node's disk while the
+            # backend is down, and the next scheduled run takes a fresh checkpoint anyway.
+            self._remove_node_tar(node_path.name)
+            raise
+        return self.catalog.update_archive(
+            archive_id, expect_state=PENDING, state=COMMITTED, committed_at=self.clock(),
+            tar_size=manifest.tar_size, stored_size=manifest.stored_size, tar_sha256=manifest.tar_sha256,
+            stored_sha256=manifest.stored_sha256,
+        )
+
+    def _discard_object(self, backend: Backend, key: str) -> None:
+        try:
+            backend.delete(key)
+        except BackupdError as exc:
+            log.warning("orphan_left", backend=backend.name, key=key, error=str(exc))
+
+    def _remove_node_tar(self, name: str) -> bool:
+        try:
+            return self.checkpoint_dir.remove(name)
+        except BackupdError as exc:
+            log.warning("node_tar_not_removed", file=name, error=str(exc))
+            return False
+
+    def clean_node(self, policy: Policy, namespace: str, pod: str, container: str) -> int:
+        """Remove committed node-local tars of one container beyond the ``keepOnNode`` newest."""
+        on_node = [
+            a for a in self.catalog.list_archives(policy=policy.name, namespace=namespace, pod=pod,
+                                                  container=container, node=self.node)
+            if not a.node_tar_deleted and a.node_path
+        ]
+        keep = policy.spec.keep_on_node
+        doomed = on_node[: len(on_node) - keep] if keep else on_node
+        for a in doomed:
+            assert a.node_path is not None
+            self._remove_node_tar(a.node_path)
+            self.catalog.update_archive(a.id, node_tar_deleted=True)
+        return len(doomed)
+
+    def reconcile(self) -> dict[str, int]:
+        """Settle what a crash of this node's daemon left behind; run at start-up.
+
+        * runs still ``running`` become failed runs (``Interrupted``);
+        * ``pending`` archives whose manifest exists were committed: the row is completed from
+          the manifest; those without a manifest are failed and any object is deleted;
+        * their node-local tars are removed.
+        """
+        counts = {"interrupted_runs": self.catalog.fail_interrupted_runs(self.node), "completed": 0, "failed": 0}
+        for a in self.catalog.list_archives(states=(PENDING,), node=self.node):
+            backend = self.backends.get(a.backend)
+            if backend is None:
+                log.warning("reconcile_unknown_backend", archive_id=a.id, backend=a.backend)
+                continue
+            try:
+                data = backend.read_bytes(layout.manifest_key(a.key))
+            except StorageNotFound:
+                data = None
+            if data is not None:
+                m = layout.Manifest.from_json(data, f"{a.backend}:{layout.manifest_key(a.key)}")
+                self.catalog.update_archive(
+                    a.id, state=COMMITTED, committed_at=self.clock(), tar_size=m.tar_size, stored_size=m.stored_size,
+                    tar_sha256=m.tar_sha256, stored_sha256=m.stored_sha256,
+                )
+                counts["completed"] += 1
+            else:
+                self._discard_object(backend, a.key)
+                self.catalog.update_archive(a.id, state=FAILED, error="interrupted before the manifest was written")
+                counts["failed"] += 1
+            if a.node_path and self._remove_node_tar(a.node_path):
+                self.catalog.update_archive(a.id, node_tar_deleted=True)
+        if any(counts.values()):
+            log.info("reconciled", **counts)
+        return counts

@@ -1,0 +1,120 @@
+"""The command line as users run it: a subprocess, a TOML config, exit codes, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backupd.simulator.server import NodeSimulator
+
+POLICY = """\
+apiVersion: backupd.io/v1
+kind: CheckpointPolicy
+metadata: {name: web}
+spec:
+  selector: {namespaces: [default], matchLabels: {app: web}}
+  schedule: "@every 2s"
+  backend: local
+  retention: {keepLast: 3}
+"""
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, sim: NodeSimulator) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "catalog.db"}"\n'
+        f'[kubelet]\nurl = "{sim.url}"\nca_file = "{sim.ca_file}"\ncert_file = "{sim.client_cert}"\n'
+        f'key_file = "{sim.client_key}"\ncheckpoint_dir = "{sim.checkpoint_dir}"\nnode_name = "sim-node"\n'
+        f'[daemon]\nmin_free_space = 0\nshutdown_grace_seconds = 10\n'
+        f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{tmp_path / "backend"}"\n'
+    )
+    return path
+
+
+def backupd(cfg: Path, *args: str, stdin: str | None = None, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
+    proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(cfg), *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=120)
+    if check is not None:
+        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def test_daemon_refuses_an_outdated_schema(cfg: Path) -> None:
+    proc = backupd(cfg, "run", check=4)
+    assert "run `backupd db upgrade`" in proc.stderr
+
+
+def test_policy_lifecycle_and_a_checkpoint_cycle(cfg: Path, tmp_path: Path) -> None:
+    assert "upgraded from empty" in backupd(cfg, "db", "upgrade").stdout
+    assert "checkpointpolicy/web created" in backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY).stdout
+    assert "checkpointpolicy/web unchanged" in backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY).stdout
+    listed = json.loads(backupd(cfg, "policy", "list", "--output", "json").stdout)
+    assert listed[0]["metadata"]["name"] == "web" and listed[0]["spec"]["retention"] == {"keepLast": 3}
+    out = backupd(cfg, "checkpoint", "--policy", "web").stdout
+    assert out.count("succeeded") == 2
+    archives = json.loads(backupd(cfg, "list", "--output", "json").stdout)
+    assert len(archives) == 2
+    assert {a["workload"] for a in archives} == {"deployment/web"}
+    assert all(len(a["tar_sha256"]) == 64 and a["state"] == "committed" for a in archives)
+    table = backupd(cfg, "list", "--workload", "deployment/web").stdout
+    assert table.splitlines()[0].split()[:3] == ["ID", "TIME", "NAMESPACE"] and len(table.splitlines()) == 3
+    assert backupd(cfg, "list", "--namespace", "nowhere", "-o", "json").stdout.strip() == "[]"
+    backupd(cfg, "policy", "delete", "web")
+    assert json.loads(backupd(cfg, "policy", "list", "-o", "json").stdout) == []
+    assert "no policy named 'web'" in backupd(cfg, "policy", "delete", "web", check=3).stderr
+
+
+def test_bad_policy_file_applies_nothing_and_exits_2(cfg: Path, tmp_path: Path) -> None:
+    backupd(cfg, "db", "upgrade")
+    bad = POLICY + "---\n" + POLICY.replace("name: web", "name: db").replace("keepLast: 3", "keepLast: lots")
+    proc = backupd(cfg, "policy", "apply", "-f", "-", stdin=bad, check=2)
+    assert "document 2 ('db'): spec.retention.keepLast" in proc.stderr and "'lots'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads(backupd(cfg, "policy", "list", "-o", "json").stdout) == []
+    proc = backupd(cfg, "policy", "apply", "-f", "-", stdin="key: [unclosed\n", check=2)
+    assert "not valid YAML" in proc.stderr
+
+
+def test_invalid_config_exits_2_naming_the_key(cfg: Path) -> None:
+    cfg.write_text(cfg.read_text().replace("[daemon]\n", "[daemon]\nmax_concurent_checkpoints = 4\n"))
+    proc = backupd(cfg, "list", check=2)
+    assert "daemon.max_concurent_checkpoints: unknown key" in proc.stderr
+
+
+def test_failed_checkpoints_exit_8(cfg: Path, sim: NodeSimulator) -> None:
+    backupd(cfg, "db", "upgrade")
+    backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY)
+    sim.add_fault("respond", method="POST", path="/checkpoint/*", status=403,
+                  body="Forbidden (user=backupd, verb=create, resource=nodes, subresource(s)=[checkpoint])\n", times=None)
+    proc = backupd(cfg, "checkpoint", check=8)
+    assert proc.stdout.count("failed") >= 2 and "nodes/checkpoint" in proc.stdout
+
+
+def test_run_logs_json_and_stops_cleanly_on_sigterm(cfg: Path) -> None:
+    backupd(cfg, "db", "upgrade")
+    backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
+    proc = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(cfg), "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    archives: list = []
+    while time.monotonic() < deadline and len(archives) < 4:
+        time.sleep(0.5)
+        archives = json.loads(backupd(cfg, "list", "-o", "json").stdout)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    finished = [e for e in lines if e["event"] == "run_finished"]
+    assert len(finished) >= 4 and all(e["outcome"] == "succeeded" for e in finished)
+    assert all({"bytes_in", "bytes_out", "duration_seconds", "policy", "container"} <= e.keys() for e in finished)
+    assert any(e["event"] == "daemon_stopped" and e["clean"] for e in lines)

@@ -1,0 +1,134 @@
+"""Config: TOML + BACKUPD_SECTION__KEY overrides; errors name the key and never show secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backupd.config import load_config, parse_size
+from backupd.errors import ConfigError
+
+TOML = """\
+[database]
+url = "postgresql+psycopg://backupd:hunter2-db-secret@db.internal/backupd"
+[kubelet]
+url = "https://10.0.0.5:10250"
+timeout_seconds = 300
+node_name = "node-a"
+[daemon]
+max_concurrent_checkpoints = 3
+min_free_space = "2Gi"
+[[backends]]
+name = "local"
+type = "filesystem"
+path = "/var/backups/backupd"
+[[backends]]
+name = "s3"
+type = "s3"
+bucket = "checkpoints"
+prefix = "prod"
+region = "eu-west-1"
+secret_access_key = "AKIA-very-secret-value"
+part_size = "16Mi"
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for var in ("BACKUPD_CONFIG", "BACKUPD_KUBELET__TIMEOUT_SECONDS", "NODE_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "config.toml"
+    path.write_text(TOML)
+    return path
+
+
+def test_file_values(config_file: Path) -> None:
+    c = load_config(config_file)
+    assert c.kubelet.timeout_seconds == 300 and c.kubelet.node() == "node-a"
+    assert c.daemon.min_free_space == 2 * 2**30
+    assert [b.name for b in c.backends] == ["local", "s3"]
+    assert c.backend("s3").part_size == 16 * 2**20
+    assert c.database.safe_url() == "postgresql+psycopg://backupd:***@db.internal/backupd"
+
+
+def test_env_overrides_file(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKUPD_KUBELET__TIMEOUT_SECONDS", "45")
+    monkeypatch.setenv("BACKUPD_DATABASE__URL", "sqlite:////tmp/x.db")
+    monkeypatch.setenv("BACKUPD_CONFIG", str(config_file))
+    c = load_config()
+    assert c.kubelet.timeout_seconds == 45
+    assert c.kubelet.url == "https://10.0.0.5:10250"  # untouched keys of the same section stay
+    assert c.database.url == "sqlite:////tmp/x.db"
+
+
+def test_unknown_keys_and_wrong_types_name_the_key(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_file.write_text(TOML.replace('node_name = "node-a"', 'node_name = "node-a"\nnode_nmae = "typo"')
+                           .replace("max_concurrent_checkpoints = 3", 'max_concurrent_checkpoints = "many"'))
+    monkeypatch.setenv("BACKUPD_DAEMON__BOGUS", "1")
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    msg = str(info.value)
+    assert "kubelet.node_nmae: unknown key" in msg
+    assert "daemon.max_concurrent_checkpoints: Input should be a valid integer" in msg and "'many'" in msg
+    assert "daemon.bogus: unknown key" in msg
+
+
+def test_secrets_never_in_errors_or_repr(config_file: Path) -> None:
+    config_file.write_text(TOML.replace('part_size = "16Mi"', 'part_size = "lots"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    assert "AKIA-very-secret-value" not in str(info.value)
+    assert "hunter2-db-secret" not in str(info.value)
+    assert "'lots'" in str(info.value)
+    c = load_config(_write(config_file, TOML))
+    assert "AKIA-very-secret-value" not in repr(c) and "AKIA-very-secret-value" not in str(c.model_dump())
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_secret_from_file(config_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("from-a-file\n")
+    _write(config_file, TOML.replace('secret_access_key = "AKIA-very-secret-value"',
+                                     f'secret_access_key_file = "{tmp_path / "key"}"'))
+    assert load_config(config_file).backend("s3").credentials() == (None, "from-a-file")
+
+
+def test_http_kubelet_url_refused(config_file: Path) -> None:
+    _write(config_file, TOML.replace("https://10.0.0.5", "http://10.0.0.5"))
+    with pytest.raises(ConfigError, match="kubelet.url: .*HTTPS"):
+        load_config(config_file)
+
+
+def test_duplicate_backend_names(config_file: Path) -> None:
+    _write(config_file, TOML.replace('name = "s3"', 'name = "local"'))
+    with pytest.raises(ConfigError, match="repeated: local"):
+        load_config(config_file)
+
+
+def test_missing_explicit_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = _write(tmp_path / "bad.toml", "[database\nurl=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_unknown_backend_lookup(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown backend 'gcs' \\(configured: local, s3\\)"):
+        load_config(config_file).backend("gcs")
+
+
+@pytest.mark.parametrize(("text", "value"), [("512Mi", 512 * 2**20), ("50Gi", 50 * 2**30), ("1000", 1000),
+                                             ("2G", 2 * 10**9), (7, 7)])
+def test_sizes(text: str | int, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "1.5Gi", "5Xi"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)

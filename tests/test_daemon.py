@@ -1,0 +1,113 @@
+"""The daemon: jobs rebuilt from the catalog, catch-up once after downtime, clean stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from backupd.catalog import RunRow, now_utc
+from backupd.policy import parse_policies
+
+POLICY = """\
+apiVersion: backupd.io/v1
+kind: CheckpointPolicy
+metadata: {name: NAME}
+spec:
+  selector: {namespaces: [shop], containers: [postgres]}
+  schedule: "SCHEDULE"
+  backend: local
+  retention: {keepLast: 50}
+"""
+
+
+def apply(app, name: str, schedule: str) -> None:  # type: ignore[no-untyped-def]
+    (p,) = parse_policies(POLICY.replace("NAME", name).replace("SCHEDULE", schedule), "p.yaml")
+    app.catalog.apply_policies([(p.name, p.canonical_json())])
+
+
+def checkpoint_runs(app, policy: str) -> list:  # type: ignore[no-untyped-def]
+    return [r for r in app.catalog.list_runs(policy=policy, kind="checkpoint", limit=1000) if r.outcome != "running"]
+
+
+def serve(daemon, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    t = threading.Thread(target=daemon.serve, daemon=True)
+    t.start()
+    time.sleep(seconds)
+    daemon.stop(5)
+    t.join(5)
+
+
+def test_interval_policy_runs_on_schedule(app_factory) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    apply(app, "fast", "@every 1s")
+    daemon = app.daemon(policy_poll_seconds=0.2)
+    daemon.start()
+    serve(daemon, 3.6)
+    runs = checkpoint_runs(app, "fast")
+    # one catch-up run at start (never ran before), then one per second
+    assert 3 <= len(runs) <= 5, [r.started_at for r in runs]
+    assert all(r.outcome == "succeeded" for r in runs)
+    starts = sorted(r.started_at for r in runs)
+    assert all(b - a >= timedelta(seconds=0.9) for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_missed_runs_after_downtime_are_caught_up_exactly_once(app_factory) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    apply(app, "hourly", "0 * * * *")
+    app.runner.cycle(app.runner.load_policy("hourly"))
+    # the daemon was down for ten hours: ten runs were missed
+    with app.catalog.session() as s:
+        s.execute(update(RunRow).values(started_at=now_utc() - timedelta(hours=10)))
+    daemon = app.daemon(policy_poll_seconds=0.2)
+    daemon.start()
+    serve(daemon, 1.5)
+    assert len(checkpoint_runs(app, "hourly")) == 2  # the old one + exactly one catch-up
+    # a restart right after does not run it again: nothing was missed since
+    daemon2 = app_factory(app.config.database.url).daemon(policy_poll_seconds=0.2)
+    daemon2.start()
+    serve(daemon2, 1.0)
+    assert len(checkpoint_runs(app, "hourly")) == 2
+
+
+def test_policy_changes_reach_the_running_daemon(app_factory) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    apply(app, "yearly", "0 0 1 1 *")
+    daemon = app.daemon(policy_poll_seconds=0.2)
+    daemon.start()
+    t = threading.Thread(target=daemon.serve, daemon=True)
+    t.start()
+    time.sleep(0.8)
+    assert {j.id for j in daemon.scheduler.get_jobs()} == {"yearly"}
+    apply(app, "later", "@every 1s")          # applied by another process, through the catalog
+    app.catalog.delete_policy("yearly")
+    time.sleep(2.0)
+    assert {j.id for j in daemon.scheduler.get_jobs()} == {"later"}
+    daemon.stop(5)
+    t.join(5)
+    assert len(checkpoint_runs(app, "later")) >= 1
+
+
+def test_a_container_is_never_checkpointed_by_two_runs_at_once(app_factory, sim) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    apply(app, "a", "@every 1h")
+    apply(app, "b", "@every 1h")
+    sim.add_fault("delay", method="POST", path="/checkpoint/*", seconds=0.5, times=1)
+    results = {}
+
+    def cycle(name: str) -> None:
+        results[name] = app.runner.cycle(app.runner.load_policy(name))
+
+    threads = [threading.Thread(target=cycle, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    posts = [r for r in sim.requests if r.method == "POST"]
+    # either both ran one after the other (>= 1 s apart), or the second skipped
+    skipped = sum(len(r.skipped) for r in results.values())
+    assert len(posts) + skipped == 2
+    if len(posts) == 2:
+        assert abs(posts[1].started - posts[0].started) >= 1.0
