@@ -170,7 +170,7 @@ def _run_demo(app: App, base: Path, duration: float, sim: object) -> None:
 
 
 def _summary(app: App, base: Path) -> None:
-    from backupd.cli import human_bytes, print_table
+    from backupd.cli.base import human_bytes, print_table
 
     archives = app.catalog.list_archives()
     groups: dict[tuple[str, str, str], list] = {}

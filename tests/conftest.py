@@ -69,6 +69,8 @@ def catalog(db_url: str) -> Iterator[Catalog]:
 
 # -- the core loop rig: node simulator + catalog + filesystem backend ------------------------
 
+pytest_plugins = ["tests.s3_rig"]
+
 from backupd.app import App  # noqa: E402
 from backupd.config import Config, DaemonConfig, DatabaseConfig, FilesystemBackendConfig, KubeletConfig  # noqa: E402
 from backupd.simulator.server import NodeSimulator  # noqa: E402

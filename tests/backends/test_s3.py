@@ -56,7 +56,7 @@ from backupd.errors import (
     StorageUnavailable,
 )
 
-from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET, FAKE_TOKEN, REGION, set_moto_auth
+from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET, FAKE_TOKEN, REGION, set_moto_auth
 from .contract import BackendContract, CountingReader, FailingReader
 
 MiB = 1024 * 1024

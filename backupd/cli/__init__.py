@@ -1,0 +1,49 @@
+"""The ``backupd`` command line. Exit codes are public: see README "Exit codes" and
+:mod:`backupd.errors` (0 success, 1 internal error, 2 invalid input, 3 not found, 4 catalog,
+5 kubelet, 6 storage, 7 integrity, 8 some runs failed, 9 busy)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import click
+import structlog
+
+# Each module registers its commands on the group when imported.
+from backupd.cli import archives, daemon, db, policy  # noqa: F401
+from backupd.cli.base import cli, human_bytes, print_json, print_table
+from backupd.errors import EXIT_INTERNAL, BackupdError
+
+__all__ = ["cli", "human_bytes", "main", "print_json", "print_table"]
+
+
+def _attach_optional_commands() -> None:
+    from backupd.demo import demo
+    from backupd.simulator.cli import simulate_node
+
+    cli.add_command(demo)
+    cli.add_command(simulate_node, name="simulate-node")
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    _attach_optional_commands()
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="backupd", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BackupdError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        structlog.get_logger("backupd").exception("internal_error")
+        click.echo("error: internal error (a bug in backupd; the traceback is above)", err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)

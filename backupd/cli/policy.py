@@ -1,0 +1,79 @@
+"""``backupd policy apply|list|delete``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_json, print_table
+from backupd.errors import PolicyError
+
+
+@cli.group()
+def policy() -> None:
+    """Manage checkpoint policies (YAML, Kubernetes style)."""
+
+
+@policy.command("apply")
+@click.option("-f", "--filename", "path", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Policy file; several YAML documents allowed; '-' reads stdin.")
+@OUTPUT
+@pass_ctx
+def policy_apply(ctx: Context, path: str, output: str) -> None:
+    """Create or update every policy of a file; nothing is applied if one document is invalid."""
+    from backupd.policy import parse_policies
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read {path!r}: {exc.strerror}") from None
+    source = "<stdin>" if path == "-" else path
+    policies = parse_policies(text, source, backends=[b.name for b in ctx.config.backends])
+    ctx.app.catalog.check_schema()
+    results = ctx.app.catalog.apply_policies([(p.name, p.canonical_json()) for p in policies])
+    if output == "json":
+        print_json([{"name": n, "result": r} for n, r in results])
+    else:
+        for name, result in results:
+            click.echo(f"checkpointpolicy/{name} {result}")
+
+
+@policy.command("list")
+@OUTPUT
+@pass_ctx
+def policy_list(ctx: Context, output: str) -> None:
+    """Show the policies in the catalog."""
+    from backupd.policy import Policy
+
+    catalog = ctx.app.catalog
+    catalog.check_schema()
+    stored = catalog.list_policies()
+    policies = [(s, Policy.from_spec_json(s.name, s.spec_json)) for s in stored]
+    if output == "json":
+        print_json([{**p.to_document(), "generation": s.generation, "updatedAt": s.updated_at.isoformat()}
+                    for s, p in policies])
+        return
+    rows = []
+    for s, p in policies:
+        sel = p.spec.selector
+        selector = ",".join(sel.namespaces) if sel.namespaces else "*"
+        if sel.match_labels:
+            selector += " " + ",".join(f"{k}={v}" for k, v in sel.match_labels.items())
+        if sel.containers:
+            selector += " [" + ",".join(sel.containers) + "]"
+        rules = p.spec.retention.model_dump(by_alias=True, exclude_none=True)
+        rows.append((s.name, p.spec.schedule, p.spec.backend, selector,
+                     " ".join(f"{k}={v}" for k, v in rules.items()), s.updated_at))
+    print_table(rows, ["name", "schedule", "backend", "selector", "retention", "updated"])
+
+
+@policy.command("delete")
+@click.argument("name")
+@pass_ctx
+def policy_delete(ctx: Context, name: str) -> None:
+    """Delete a policy. Its archives stay in the catalog and backend."""
+    ctx.app.catalog.check_schema()
+    ctx.app.catalog.delete_policy(name)
+    click.echo(f"checkpointpolicy/{name} deleted (its archives are kept; prune or delete them explicitly)")
