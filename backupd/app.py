@@ -1,28 +1,35 @@
 """The composition root: builds catalog, backends, kubelet client and workers from a Config.
 
 Everything is created lazily, so a command only touches what it needs (``policy list`` never
-opens a TLS connection; ``retention simulate`` never opens the database).
+opens a TLS connection; ``retention simulate`` never opens the database). The daemon's
+housekeeping -- what runs after each policy's cycle and once an hour -- is wired here too.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from datetime import timedelta
+
+import structlog
 
 from backupd.backends import Backend, open_backends
-from backupd.catalog import Catalog
+from backupd.catalog import Catalog, now_utc
 from backupd.config import Config
+from backupd.errors import BackupdError, LeaseHeld
 from backupd.kubelet import KubeletClient
 from backupd.node import CheckpointDir
 from backupd.pipeline import Pipeline
 from backupd.policy import Policy
+from backupd.prune import Pruner, lease_holder, remove_orphans
 from backupd.scheduler import CycleResult, Daemon, Runner
+
+log = structlog.get_logger("backupd.app")
 
 
 class App:
-    def __init__(self, config: Config, *, after_cycle: Callable[[Policy, CycleResult], None] | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self._after_cycle = after_cycle
+        self.holder = lease_holder()
 
     @functools.cached_property
     def catalog(self) -> Catalog:
@@ -58,11 +65,41 @@ class App:
             kubelet=self.kubelet,
             pipeline=self.pipeline,
             max_concurrent=self.config.daemon.max_concurrent_checkpoints,
-            after_cycle=self._after_cycle,
         )
 
+    @functools.cached_property
+    def pruner(self) -> Pruner:
+        return Pruner(self.catalog, self.backends, holder=self.holder)
+
+    def after_cycle(self, policy: Policy, result: CycleResult) -> None:
+        """After each policy's runs: apply its retention, then tidy the node directory."""
+        try:
+            self.pruner.prune(policy)
+        except LeaseHeld as exc:
+            log.info("prune_skipped", policy=policy.name, reason=str(exc))
+        except BackupdError as exc:
+            log.error("prune_failed", policy=policy.name, error=str(exc), error_kind=exc.kind)
+        self.pipeline.sweep_node(timedelta(hours=self.config.daemon.stale_tar_hours))
+
+    def maintenance(self) -> None:
+        """Hourly: forget old run records, sweep orphans and dead multipart uploads.
+
+        Full backend listings are costly on big buckets, so one daemon of the cluster does
+        them per interval: the lease is taken for the interval and not released.
+        """
+        daemon = self.config.daemon
+        now = now_utc()
+        self.catalog.purge_runs(now - timedelta(days=daemon.run_history_days))
+        for name, backend in self.backends.items():
+            if not self.catalog.acquire_lease(f"orphans/{name}", self.holder, timedelta(minutes=55)):
+                continue
+            grace = timedelta(hours=daemon.orphan_grace_hours)
+            remove_orphans(self.catalog, backend, grace=grace, now=now)
+            backend.abort_incomplete(max(grace, timedelta(hours=24)))
+
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
-        return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds)
+        return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,
+                      maintenance=self.maintenance)
 
     def close(self) -> None:
         for name in ("runner", "kubelet", "catalog"):

@@ -430,8 +430,34 @@ class Catalog:
 
     @_translated
     def delete_archive_row(self, archive_id: str) -> None:
+        self.delete_archive_rows([archive_id])
+
+    @_translated
+    def delete_archive_rows(self, archive_ids: Sequence[str]) -> None:
         with self.session() as s:
-            s.execute(delete(ArchiveRow).where(ArchiveRow.id == archive_id))
+            for chunk in _chunks(archive_ids):
+                s.execute(delete(ArchiveRow).where(ArchiveRow.id.in_(chunk)))
+
+    @_translated
+    def set_state(self, archive_ids: Sequence[str], state: str, *, expect: str) -> None:
+        """Move archives from ``expect`` to ``state`` in one transaction; all or nothing."""
+        with self.session() as s:
+            moved = 0
+            for chunk in _chunks(archive_ids):
+                moved += s.execute(
+                    update(ArchiveRow).where(ArchiveRow.id.in_(chunk), ArchiveRow.state == expect).values(state=state)
+                ).rowcount or 0
+            if moved != len(set(archive_ids)):
+                raise CatalogError(
+                    f"{len(set(archive_ids)) - moved} archive(s) were no longer {expect}; nothing was changed"
+                )
+
+    @_translated
+    def set_pinned(self, ref: str, pinned: bool) -> Archive:
+        archive = self.get_archive(ref)
+        if archive.state != COMMITTED:
+            raise InvalidInput(f"archive {archive.id} is {archive.state}; only committed archives can be pinned")
+        return self.update_archive(archive.id, pinned=pinned)
 
     @_translated
     def get_archive(self, ref: str) -> Archive:
@@ -544,6 +570,13 @@ class Catalog:
             return s.scalar(select(func.max(RunRow.started_at)).where(RunRow.policy == policy, RunRow.kind == kind))
 
     @_translated
+    def purge_runs(self, older_than: datetime) -> int:
+        """Forget finished runs that started before ``older_than`` (run history retention)."""
+        with self.session() as s:
+            result = s.execute(delete(RunRow).where(RunRow.started_at < older_than, RunRow.outcome != RUNNING))
+            return result.rowcount or 0
+
+    @_translated
     def fail_interrupted_runs(self, node: str) -> int:
         """Runs left ``running`` by a crash of this node's daemon are recorded as failed."""
         with self.session() as s:
@@ -586,6 +619,13 @@ class Catalog:
     def release_lease(self, name: str, holder: str) -> None:
         with self.session() as s:
             s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
+
+
+def _chunks(values: Sequence[str], size: int = 500) -> Iterator[list[str]]:
+    """Bounded IN lists: SQLite limits bound parameters, and huge statements help nobody."""
+    items = list(dict.fromkeys(values))
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

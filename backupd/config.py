@@ -102,8 +102,13 @@ class DaemonConfig(_Section):
     shutdown_grace_seconds: int = Field(default=60, ge=0)
     #: skip checkpoints when the node checkpoint directory has less free space than this
     min_free_space: Size = 1 << 30
-    #: node-local tars never committed (left by a crash) are removed after this many hours
-    stale_tar_hours: int = Field(default=24, ge=1)
+    #: node-local tars never committed (left by a crash) are removed after this many hours;
+    #: 0 never removes them
+    stale_tar_hours: int = Field(default=24, ge=0)
+    #: finished run records older than this many days are forgotten
+    run_history_days: int = Field(default=90, ge=1)
+    #: objects without a manifest older than this many hours are removed by prune
+    orphan_grace_hours: float = Field(default=6, gt=0)
 
     _parse_size = field_validator("min_free_space", mode="before")(lambda cls, v: parse_size(v))
 

@@ -31,7 +31,7 @@ spec:
   selector: {namespaces: [default], matchLabels: {app: web}}
   schedule: "@every 10s"
   backend: local
-  retention: {keepLast: 3, keepWithin: 1h}
+  retention: {keepLast: 3}
 ---
 apiVersion: backupd.io/v1
 kind: CheckpointPolicy
@@ -185,10 +185,14 @@ def _summary(app: App, base: Path) -> None:
     )
     runs = app.catalog.list_runs(kind="checkpoint", limit=10_000)
     failed = [r for r in runs if r.outcome == RUN_FAILED]
+    taken = sum(1 for r in runs if r.outcome == SUCCEEDED)
+    prunes = app.catalog.list_runs(kind="prune", limit=10_000)
     count, problems = verify_all(app)
     node_tars = len(list(Path(app.config.kubelet.checkpoint_dir).glob("checkpoint-*.tar")))
-    click.echo(f"\nruns: {len(runs)} ({len(failed)} failed); archives kept: {count}, "
-               f"each read back and checked against its manifest: {'all OK' if not problems else 'PROBLEMS'}")
+    click.echo(f"\ncheckpoint runs: {len(runs)} ({len(failed)} failed); archives taken {taken}, "
+               f"removed by {len(prunes)} prune runs {taken - count} "
+               f"({human_bytes(sum(r.bytes_in for r in prunes))}), kept {count}")
+    click.echo(f"every kept archive read back and checked against its manifest: {'all OK' if not problems else 'PROBLEMS'}")
     for p in problems:
         click.echo(f"  {p}")
     click.echo(f"node-local tars left in {app.config.kubelet.checkpoint_dir}: {node_tars} (keepOnNode)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -178,6 +178,29 @@ class Pipeline:
             self._remove_node_tar(a.node_path)
             self.catalog.update_archive(a.id, node_tar_deleted=True)
         return len(doomed)
+
+    def sweep_node(self, max_age: timedelta) -> list[str]:
+        """Remove node-local tars older than ``max_age`` that no committed archive keeps.
+
+        The kubelet never deletes ``/var/lib/kubelet/checkpoints``; tars left by a crash, or by
+        a commit that failed before its clean-up, would otherwise fill the node's disk. Tars
+        kept on purpose (``keepOnNode``) belong to committed rows and stay. Only regular
+        ``checkpoint-*.tar`` files directly in the directory are considered; symlinks never.
+        """
+        if max_age <= timedelta(0):
+            return []
+        kept = {
+            a.node_path for a in self.catalog.list_archives(node=self.node, states=(COMMITTED, PENDING))
+            if a.node_path and not a.node_tar_deleted
+        }
+        cutoff = self.clock() - max_age
+        removed = []
+        for tar in self.checkpoint_dir.list():
+            if tar.modified < cutoff and tar.name not in kept and self._remove_node_tar(tar.name):
+                removed.append(tar.name)
+        if removed:
+            log.info("stale_node_tars_removed", count=len(removed), files=removed[:20])
+        return removed
 
     def reconcile(self) -> dict[str, int]:
         """Settle what a crash of this node's daemon left behind; run at start-up.

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor as APThreadPool
@@ -88,7 +88,6 @@ class Runner:
         kubelet: KubeletClient,
         pipeline: Pipeline,
         max_concurrent: int,
-        after_cycle: Callable[[Policy, CycleResult], None] | None = None,
         discovery_backoff: retry.Backoff = retry.Backoff(attempts=3, base_delay=1.0, max_delay=10.0),
     ) -> None:
         self.catalog = catalog
@@ -96,7 +95,6 @@ class Runner:
         self.pipeline = pipeline
         self.workers = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="checkpoint")
         self.gate = ContainerGate()
-        self.after_cycle = after_cycle
         self.discovery_backoff = discovery_backoff
         self._inflight: set[Future[Outcome | None]] = set()
         self._inflight_lock = threading.Lock()
@@ -155,8 +153,6 @@ class Runner:
                 self.catalog.finish_run(run_id, SKIPPED, error=BackupdError("another run of this container is in progress"))
             else:
                 result.outcomes.append(outcome)
-        if self.after_cycle is not None:
-            self.after_cycle(policy, result)
         return result
 
     def _forget(self, fut: Future[Outcome | None]) -> None:
@@ -182,11 +178,22 @@ class Runner:
 class Daemon:
     """APScheduler jobs kept in step with the catalog's policies."""
 
-    def __init__(self, runner: Runner, *, policy_poll_seconds: float = 5.0,
-                 clock: Callable[[], datetime] = now_utc) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        policy_poll_seconds: float = 5.0,
+        after_cycle: Callable[[Policy, CycleResult], None] | None = None,
+        maintenance: Callable[[], None] | None = None,
+        maintenance_interval: timedelta = timedelta(hours=1),
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:
         self.runner = runner
         self.catalog = runner.catalog
         self.policy_poll_seconds = policy_poll_seconds
+        self.after_cycle = after_cycle
+        self.maintenance = maintenance
+        self.maintenance_interval = maintenance_interval
         self.clock = clock
         self.scheduler = BackgroundScheduler(
             executors={"default": APThreadPool(max_workers=16)},
@@ -201,11 +208,22 @@ class Daemon:
         self.cycles_started += 1
         try:
             policy = self.runner.load_policy(name)
-            self.runner.cycle(policy)
+            result = self.runner.cycle(policy)
+            if self.after_cycle is not None:
+                self.after_cycle(policy, result)
         except BackupdError as exc:
             log.error("cycle_failed", policy=name, error=str(exc), error_kind=exc.kind)
         except Exception:
             log.exception("cycle_crashed", policy=name)
+
+    def _run_maintenance(self) -> None:
+        try:
+            assert self.maintenance is not None
+            self.maintenance()
+        except BackupdError as exc:
+            log.warning("maintenance_failed", error=str(exc), error_kind=exc.kind)
+        except Exception:
+            log.exception("maintenance_crashed")
 
     def sync_jobs(self) -> None:
         """Make the job store match the catalog's policies (add, replace, remove)."""
@@ -241,6 +259,9 @@ class Daemon:
         self.runner.pipeline.reconcile()
         self.scheduler.start(paused=True)
         self.sync_jobs()
+        if self.maintenance is not None:
+            self.scheduler.add_job(self._run_maintenance, "interval", seconds=self.maintenance_interval.total_seconds(),
+                                   id="__maintenance__", next_run_time=self.clock())
         self.scheduler.resume()
         log.info("daemon_started", node=self.runner.pipeline.node)
 

@@ -55,8 +55,8 @@ from backupd.errors import (
     StorageNotFound,
     StorageUnavailable,
 )
-
 from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET, FAKE_TOKEN, REGION, set_moto_auth
+
 from .contract import BackendContract, CountingReader, FailingReader
 
 MiB = 1024 * 1024

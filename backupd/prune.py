@@ -1,0 +1,233 @@
+"""Pruning: retention plans applied to the catalog and backends, safely.
+
+:func:`plan_policy` is pure: a policy and its committed archives in, one retention plan per
+group (namespace + workload + container) out. Archives of workloads whose pods are gone are
+planned like any other: their groups still exist in the catalog, so the same rules keep them
+(and the newest archive of a group is never removed).
+
+:class:`Pruner` executes a plan with the delete protocol, the reverse of the commit protocol::
+
+    rows committed -> deleting   (one UPDATE: from now on they are not listed as archives)
+      -> manifests deleted      (batched: without its manifest an object is not an archive)
+      -> objects deleted        (batched, idempotent)
+      -> rows deleted
+
+A crash anywhere leaves rows in ``deleting``; the next prune of the policy finishes them first.
+Nothing is ever listed whose object is gone, and every object left behind is accounted for by a
+``deleting`` row or swept as an orphan. Two daemons sharing a catalog never prune the same
+policy at once: a lease in the catalog, with an expiry so a killed holder's lease lapses.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import structlog
+
+from backupd import layout, retention
+from backupd.backends.base import Backend
+from backupd.catalog import COMMITTED, DELETING, FAILED, RUN_FAILED, SUCCEEDED, Archive, Catalog, now_utc
+from backupd.errors import BackupdError, LeaseHeld
+from backupd.policy import Policy
+
+log = structlog.get_logger("backupd.prune")
+
+Group = tuple[str, str, str]  # namespace, workload, container
+
+
+@dataclass(frozen=True)
+class Decision:
+    archive: Archive
+    keep: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    namespace: str
+    workload: str
+    container: str
+    decisions: tuple[Decision, ...]  # newest first
+
+    @property
+    def remove(self) -> list[Archive]:
+        return [d.archive for d in self.decisions if not d.keep]
+
+
+def plan_policy(policy: Policy, archives: Iterable[Archive]) -> list[GroupPlan]:
+    """One retention plan per group of the policy's committed archives. Pure."""
+    groups: dict[Group, list[Archive]] = {}
+    for a in archives:
+        if a.state == COMMITTED and a.policy == policy.name:
+            groups.setdefault((a.namespace, a.workload, a.container), []).append(a)
+    rules, tz = policy.rules, policy.tz
+    plans = []
+    for (namespace, workload, container), members in sorted(groups.items()):
+        by_id = {a.id: a for a in members}
+        items = [retention.Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in members]
+        decisions = tuple(
+            Decision(by_id[d.item.id], d.keep, d.reasons or ("no rule",)) for d in retention.plan(items, rules, tz=tz).decisions
+        )
+        plans.append(GroupPlan(namespace, workload, container, decisions))
+    return plans
+
+
+@dataclass
+class PruneResult:
+    policy: str
+    dry_run: bool
+    plans: list[GroupPlan] = field(default_factory=list)
+    resumed: list[Archive] = field(default_factory=list)  # rows a crashed prune left in deleting
+    deleted: list[Archive] = field(default_factory=list)
+    failed_rows_removed: int = 0
+    error: BackupdError | None = None
+
+    @property
+    def removals(self) -> list[Archive]:
+        return [a for p in self.plans for a in p.remove]
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(a.stored_size or 0 for a in self.deleted)
+
+
+def lease_holder() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Pruner:
+    def __init__(
+        self,
+        catalog: Catalog,
+        backends: dict[str, Backend],
+        *,
+        holder: str | None = None,
+        lease_ttl: timedelta = timedelta(minutes=15),
+        failed_row_age: timedelta = timedelta(hours=1),
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:
+        self.catalog = catalog
+        self.backends = backends
+        self.holder = holder or lease_holder()
+        self.lease_ttl = lease_ttl
+        self.failed_row_age = failed_row_age
+        self.clock = clock
+
+    def plan(self, policy: Policy) -> list[GroupPlan]:
+        return plan_policy(policy, self.catalog.list_archives(policy=policy.name))
+
+    def prune(self, policy: Policy, *, dry_run: bool = False) -> PruneResult:
+        """Apply the policy's retention now. Dry-run returns the same plan and changes nothing.
+
+        Raises :class:`LeaseHeld` when another daemon is pruning this policy.
+        """
+        result = PruneResult(policy.name, dry_run)
+        if dry_run:
+            result.plans = self.plan(policy)
+            result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
+            return result
+        lease = f"prune/{policy.name}"
+        if not self.catalog.acquire_lease(lease, self.holder, self.lease_ttl):
+            raise LeaseHeld(f"another backupd is pruning policy {policy.name!r}; try again later")
+        run_id = self.catalog.start_run("prune", policy=policy.name, node=self.holder.split(":")[0])
+        try:
+            result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
+            if result.resumed:
+                log.info("prune_resumed", policy=policy.name, archives=len(result.resumed))
+                self._delete(result.resumed)
+                result.deleted.extend(result.resumed)
+            result.plans = self.plan(policy)
+            doomed = result.removals
+            if doomed:
+                self.catalog.set_state([a.id for a in doomed], DELETING, expect=COMMITTED)
+                self.catalog.acquire_lease(lease, self.holder, self.lease_ttl)  # renew before the slow part
+                self._delete(doomed)
+                result.deleted.extend(doomed)
+            result.failed_rows_removed = self._remove_failed_rows(policy)
+        except BackupdError as exc:
+            result.error = exc
+            self.catalog.finish_run(run_id, RUN_FAILED, error=exc, bytes_in=result.bytes_freed)
+            log.error("prune_finished", policy=policy.name, outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind)
+            return result
+        finally:
+            self.catalog.release_lease(lease, self.holder)
+        self.catalog.finish_run(run_id, SUCCEEDED, bytes_in=result.bytes_freed)
+        log.info("prune_finished", policy=policy.name, outcome=SUCCEEDED, deleted=len(result.deleted),
+                 bytes_freed=result.bytes_freed, kept=sum(len(p.decisions) for p in result.plans) - len(doomed))
+        return result
+
+    def _delete(self, archives: list[Archive]) -> None:
+        """Manifests, then objects, then rows; per backend, batched."""
+        by_backend: dict[str, list[Archive]] = {}
+        for a in archives:
+            by_backend.setdefault(a.backend, []).append(a)
+        for name, members in by_backend.items():
+            backend = self.backends.get(name)
+            if backend is None:
+                raise BackupdError(f"archives of policy are in backend {name!r}, which is not configured")
+            backend.delete_many([layout.manifest_key(a.key) for a in members])
+            backend.delete_many([a.key for a in members])
+            self.catalog.delete_archive_rows([a.id for a in members])
+            for a in members:
+                log.info("archive_deleted", archive_id=a.id, key=a.key, backend=name)
+
+    def _remove_failed_rows(self, policy: Policy) -> int:
+        """Failed commits leave a row (and maybe an object the pipeline could not delete)."""
+        cutoff = self.clock() - self.failed_row_age
+        failed = [a for a in self.catalog.list_archives(policy=policy.name, states=(FAILED,)) if a.created_at < cutoff]
+        if failed:
+            self._delete(failed)
+        return len(failed)
+
+
+@dataclass
+class OrphanReport:
+    backend: str
+    orphans: list[str] = field(default_factory=list)  # object keys without a manifest
+    removed: list[str] = field(default_factory=list)
+
+
+def find_orphans(catalog: Catalog, backend: Backend, *, grace: timedelta, now: datetime,
+                 prefix: str = "") -> OrphanReport:
+    """Archive objects with no manifest, older than ``grace``, not owned by an in-flight row.
+
+    An upload in progress has its object before its manifest for a moment; its row is
+    ``pending`` and its object young, so neither the grace period nor the row lets it be
+    mistaken for an orphan. Keys outside the storage layout are never touched.
+    """
+    report = OrphanReport(backend.name)
+    objects = {}
+    manifests = set()
+    for info in backend.list(prefix):
+        parsed = layout.parse_key(info.key)
+        if parsed is None:
+            continue
+        if parsed.is_manifest:
+            manifests.add(info.key)
+        else:
+            objects[info.key] = info
+    if not objects:
+        return report
+    rows = catalog.archive_keys(backend.name)
+    for key, info in sorted(objects.items()):
+        if layout.manifest_key(key) in manifests:
+            continue
+        if rows.get(key) in ("pending", DELETING):
+            continue
+        if now - info.modified >= grace:
+            report.orphans.append(key)
+    return report
+
+
+def remove_orphans(catalog: Catalog, backend: Backend, *, grace: timedelta, now: datetime,
+                   prefix: str = "") -> OrphanReport:
+    report = find_orphans(catalog, backend, grace=grace, now=now, prefix=prefix)
+    if report.orphans:
+        backend.delete_many(report.orphans)
+        report.removed = list(report.orphans)
+        log.info("orphans_removed", backend=backend.name, count=len(report.removed))
+    return report
