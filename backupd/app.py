@@ -13,15 +13,16 @@ from datetime import timedelta
 import structlog
 
 from backupd.backends import Backend, open_backends
-from backupd.catalog import Catalog, now_utc
+from backupd.catalog import RUN_FAILED, SUCCEEDED, Catalog, now_utc
 from backupd.config import Config
-from backupd.errors import BackupdError, LeaseHeld
+from backupd.errors import BackupdError, IntegrityError, LeaseHeld
 from backupd.kubelet import KubeletClient
 from backupd.node import CheckpointDir
 from backupd.pipeline import Pipeline
 from backupd.policy import Policy
 from backupd.prune import Pruner, lease_holder, remove_orphans
 from backupd.scheduler import CycleResult, Daemon, Runner
+from backupd.verify import VerifyReport, choose_sample, verify
 
 log = structlog.get_logger("backupd.app")
 
@@ -97,9 +98,27 @@ class App:
             remove_orphans(self.catalog, backend, grace=grace, now=now)
             backend.abort_incomplete(max(grace, timedelta(hours=24)))
 
+    def drill(self, policy: Policy) -> VerifyReport:
+        """A restore drill: re-read a sample of the policy's archives (always its newest),
+        check digests and that each is a checkpoint archive; recorded as a ``verify`` run."""
+        sample = policy.spec.verify.sample if policy.spec.verify else None
+        archives = choose_sample(self.catalog.list_archives(policy=policy.name), sample)
+        run_id = self.catalog.start_run("verify", policy=policy.name, node=self.node)
+        report = verify(self.catalog, self.backends, archives, structure=True)
+        if report.clean:
+            self.catalog.finish_run(run_id, SUCCEEDED, bytes_in=report.bytes_read)
+            log.info("drill_finished", policy=policy.name, outcome=SUCCEEDED, checked=len(report.findings))
+        else:
+            problems = [f"{f.archive_id}: {f.status} ({f.detail})" for f in report.problems]
+            problems += [f"orphan {key}" for keys in report.orphans.values() for key in keys]
+            error = IntegrityError(f"{len(problems)} problem(s): " + "; ".join(problems[:10]))
+            self.catalog.finish_run(run_id, RUN_FAILED, error=error, bytes_in=report.bytes_read)
+            log.error("drill_finished", policy=policy.name, outcome=RUN_FAILED, error=str(error))
+        return report
+
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
         return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,
-                      maintenance=self.maintenance)
+                      maintenance=self.maintenance, drill=self.drill)
 
     def close(self) -> None:
         for name in ("runner", "kubelet", "catalog"):

@@ -32,6 +32,7 @@ from backupd.errors import BackupdError, NotFound
 from backupd.kubelet import KubeletClient
 from backupd.pipeline import Outcome, Pipeline
 from backupd.policy import Policy
+from backupd.schedule import Schedule
 from backupd.workload import Container, Pod
 
 log = structlog.get_logger("backupd.scheduler")
@@ -186,6 +187,7 @@ class Daemon:
         after_cycle: Callable[[Policy, CycleResult], None] | None = None,
         maintenance: Callable[[], None] | None = None,
         maintenance_interval: timedelta = timedelta(hours=1),
+        drill: Callable[[Policy], None] | None = None,
         clock: Callable[[], datetime] = now_utc,
     ) -> None:
         self.runner = runner
@@ -194,6 +196,7 @@ class Daemon:
         self.after_cycle = after_cycle
         self.maintenance = maintenance
         self.maintenance_interval = maintenance_interval
+        self.drill = drill
         self.clock = clock
         self.scheduler = BackgroundScheduler(
             executors={"default": APThreadPool(max_workers=16)},
@@ -216,6 +219,15 @@ class Daemon:
         except Exception:
             log.exception("cycle_crashed", policy=name)
 
+    def _run_drill(self, name: str) -> None:
+        try:
+            assert self.drill is not None
+            self.drill(self.runner.load_policy(name))
+        except BackupdError as exc:
+            log.error("drill_failed", policy=name, error=str(exc), error_kind=exc.kind)
+        except Exception:
+            log.exception("drill_crashed", policy=name)
+
     def _run_maintenance(self) -> None:
         try:
             assert self.maintenance is not None
@@ -235,6 +247,8 @@ class Daemon:
         policies = {p.name: p for p in self.runner.policies()}
         for name in old.keys() - new.keys():
             self.scheduler.remove_job(name)
+            if self.scheduler.get_job(f"verify/{name}"):
+                self.scheduler.remove_job(f"verify/{name}")
             log.info("policy_unscheduled", policy=name)
         now = self.clock()
         for name, generation in new.items():
@@ -252,7 +266,19 @@ class Daemon:
             job = self.scheduler.get_job(name)
             log.info("policy_scheduled", policy=name, schedule=schedule.text,
                      next_run=str(job.next_run_time) if job else None, catch_up=bool(job_kwargs))
+            self._sync_drill(policy, now)
         self._fingerprint = fingerprint
+
+    def _sync_drill(self, policy: Policy, now: datetime) -> None:
+        """A policy's ``verify`` section schedules a restore drill of a sample of its archives."""
+        job_id = f"verify/{policy.name}"
+        if policy.spec.verify is None or self.drill is None:
+            if self.scheduler.get_job(job_id):
+                self.scheduler.remove_job(job_id)
+            return
+        schedule = Schedule.parse(policy.spec.verify.schedule, policy.spec.timezone)
+        self.scheduler.add_job(self._run_drill, trigger=schedule.trigger(start=now), args=[policy.name], id=job_id,
+                               name=f"restore drill {policy.name}", replace_existing=True)
 
     def start(self) -> None:
         self.catalog.check_schema()

@@ -109,3 +109,27 @@ def app_factory(tmp_path: Path, sim: NodeSimulator) -> Iterator:
     yield build
     for app in apps:
         app.close()
+
+
+@pytest.fixture
+def s3_app_factory(tmp_path: Path, sim: NodeSimulator, moto_endpoint: str, s3_bucket: str) -> Iterator:
+    """Apps whose config has the filesystem backend "local" and an S3 backend "s3" on moto."""
+    from backupd.config import S3BackendConfig
+    from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET, REGION
+
+    apps: list[App] = []
+
+    def build(db_url: str | None = None) -> App:
+        config = make_config(tmp_path, sim, db_url or f"sqlite:///{tmp_path / 'catalog.db'}")
+        config.backends.append(S3BackendConfig(
+            name="s3", type="s3", bucket=s3_bucket, prefix="prod", endpoint_url=moto_endpoint, region=REGION,
+            addressing_style="path", access_key_id=FAKE_ACCESS_KEY, secret_access_key=FAKE_SECRET,
+        ))
+        app = App(config)
+        app.catalog.upgrade()
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.close()
