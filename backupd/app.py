@@ -12,11 +12,13 @@ from datetime import timedelta
 
 import structlog
 
+from backupd.api import Api, HttpServer
 from backupd.backends import Backend, open_backends
 from backupd.catalog import RUN_FAILED, SUCCEEDED, Catalog, now_utc
 from backupd.config import Config
 from backupd.errors import BackupdError, IntegrityError, LeaseHeld
 from backupd.kubelet import KubeletClient
+from backupd.metrics import Metrics
 from backupd.node import CheckpointDir
 from backupd.pipeline import Pipeline
 from backupd.policy import Policy
@@ -49,6 +51,12 @@ class App:
         return self.config.kubelet.node()
 
     @functools.cached_property
+    def metrics(self) -> Metrics:
+        metrics = Metrics()
+        metrics.watch_catalog(self.catalog)
+        return metrics
+
+    @functools.cached_property
     def pipeline(self) -> Pipeline:
         return Pipeline(
             catalog=self.catalog,
@@ -57,6 +65,7 @@ class App:
             checkpoint_dir=CheckpointDir(self.config.kubelet.checkpoint_dir),
             node=self.node,
             min_free_space=self.config.daemon.min_free_space,
+            metrics=self.metrics,
         )
 
     @functools.cached_property
@@ -70,7 +79,7 @@ class App:
 
     @functools.cached_property
     def pruner(self) -> Pruner:
-        return Pruner(self.catalog, self.backends, holder=self.holder)
+        return Pruner(self.catalog, self.backends, holder=self.holder, metrics=self.metrics)
 
     def after_cycle(self, policy: Policy, result: CycleResult) -> None:
         """After each policy's runs: apply its retention, then tidy the node directory."""
@@ -105,6 +114,7 @@ class App:
         archives = choose_sample(self.catalog.list_archives(policy=policy.name), sample)
         run_id = self.catalog.start_run("verify", policy=policy.name, node=self.node)
         report = verify(self.catalog, self.backends, archives, structure=True)
+        self.metrics.runs.labels(kind="verify", outcome=SUCCEEDED if report.clean else RUN_FAILED).inc()
         if report.clean:
             self.catalog.finish_run(run_id, SUCCEEDED, bytes_in=report.bytes_read)
             log.info("drill_finished", policy=policy.name, outcome=SUCCEEDED, checked=len(report.findings))
@@ -115,6 +125,11 @@ class App:
             self.catalog.finish_run(run_id, RUN_FAILED, error=error, bytes_in=report.bytes_read)
             log.error("drill_finished", policy=policy.name, outcome=RUN_FAILED, error=str(error))
         return report
+
+    def http_server(self, listen: str | None = None) -> HttpServer:
+        api = Api(self.catalog, self.metrics, token=self.config.daemon.api_token(),
+                  kubelet_probe=self.kubelet.pods)
+        return HttpServer(api, listen or self.config.daemon.http_listen)
 
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
         return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,

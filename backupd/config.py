@@ -98,6 +98,8 @@ class KubeletConfig(_Section):
 class DaemonConfig(_Section):
     max_concurrent_checkpoints: int = Field(default=2, ge=1, le=64)
     http_listen: str = "127.0.0.1:9790"
+    #: when set, the JSON API (/api/v1/*) requires this bearer token; health and metrics stay open
+    api_token_file: Path | None = None
     #: how long SIGTERM waits for in-flight uploads before giving up on them
     shutdown_grace_seconds: int = Field(default=60, ge=0)
     #: skip checkpoints when the node checkpoint directory has less free space than this
@@ -111,6 +113,9 @@ class DaemonConfig(_Section):
     orphan_grace_hours: float = Field(default=6, gt=0)
 
     _parse_size = field_validator("min_free_space", mode="before")(lambda cls, v: parse_size(v))
+
+    def api_token(self) -> str | None:
+        return _read_secret_file(self.api_token_file, "daemon.api_token_file") if self.api_token_file else None
 
 
 class FilesystemBackendConfig(_Section):

@@ -27,6 +27,7 @@ from backupd.backends.base import Backend
 from backupd.catalog import COMMITTED, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive, Catalog, Run, now_utc
 from backupd.errors import BackupdError, StorageNotFound
 from backupd.kubelet import KubeletClient, Target
+from backupd.metrics import Metrics
 from backupd.node import CheckpointDir
 from backupd.policy import Policy
 from backupd.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader
@@ -56,7 +57,9 @@ class Pipeline:
         threads: int = DEFAULT_THREADS,
         clock: Callable[[], datetime] = now_utc,
         sleep: Callable[[float], None] = time.sleep,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.catalog = catalog
         self.backends = backends
         self.kubelet = kubelet
@@ -92,6 +95,7 @@ class Pipeline:
             node_path = retry.call(lambda: self.kubelet.checkpoint(target), self.kubelet_backoff,
                                    sleep=self.sleep, on_retry=on_retry)
             checkpoint_seconds = time.monotonic() - started
+            self.metrics.checkpoint_seconds.observe(checkpoint_seconds)
             archive = self._commit(policy, pod, container, node_path, requested)
             self.clean_node(policy, pod.namespace, pod.name, container.name)
         except Exception as exc:
@@ -99,6 +103,8 @@ class Pipeline:
                 # A bug must cost one run, not the daemon: record it and keep the traceback.
                 bound.exception("unexpected_error")
                 exc = BackupdError(f"internal error: {type(exc).__name__}: {exc}")
+            self.metrics.runs.labels(kind="checkpoint", outcome=RUN_FAILED).inc()
+            self.metrics.error(exc)
             run = self.catalog.finish_run(run_id, RUN_FAILED, error=exc)
             bound.error("run_finished", outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind,
                         duration_seconds=round(time.monotonic() - started, 3))
@@ -106,6 +112,9 @@ class Pipeline:
         run = self.catalog.finish_run(
             run_id, SUCCEEDED, bytes_in=archive.tar_size or 0, bytes_out=archive.stored_size or 0, archive_id=archive.id
         )
+        self.metrics.runs.labels(kind="checkpoint", outcome=SUCCEEDED).inc()
+        self.metrics.bytes_read.inc(archive.tar_size or 0)
+        self.metrics.bytes_shipped.labels(backend=archive.backend).inc(archive.stored_size or 0)
         bound.info(
             "run_finished", outcome=SUCCEEDED, archive_id=archive.id, bytes_in=archive.tar_size,
             bytes_out=archive.stored_size, checkpoint_seconds=round(checkpoint_seconds, 3),
@@ -123,6 +132,7 @@ class Pipeline:
             image=container.image, checkpoint_time=when, created_at=self.clock(), node_path=node_path.name,
         )
         self.catalog.add_archive(pending)
+        upload_started = time.monotonic()
         try:
             with self.checkpoint_dir.open(node_path.name) as raw:
                 reader = PackingReader(raw, level=self.level, threads=self.threads)
@@ -145,6 +155,7 @@ class Pipeline:
             # backend is down, and the next scheduled run takes a fresh checkpoint anyway.
             self._remove_node_tar(node_path.name)
             raise
+        self.metrics.upload_seconds.labels(backend=backend.name).observe(time.monotonic() - upload_started)
         return self.catalog.update_archive(
             archive_id, expect_state=PENDING, state=COMMITTED, committed_at=self.clock(),
             tar_size=manifest.tar_size, stored_size=manifest.stored_size, tar_sha256=manifest.tar_sha256,

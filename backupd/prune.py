@@ -32,6 +32,7 @@ from backupd import layout, retention
 from backupd.backends.base import Backend
 from backupd.catalog import COMMITTED, DELETING, FAILED, RUN_FAILED, SUCCEEDED, Archive, Catalog, now_utc
 from backupd.errors import BackupdError, LeaseHeld
+from backupd.metrics import Metrics
 from backupd.policy import Policy
 
 log = structlog.get_logger("backupd.prune")
@@ -109,7 +110,9 @@ class Pruner:
         lease_ttl: timedelta = timedelta(minutes=15),
         failed_row_age: timedelta = timedelta(hours=1),
         clock: Callable[[], datetime] = now_utc,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.catalog = catalog
         self.backends = backends
         self.holder = holder or lease_holder()
@@ -150,12 +153,17 @@ class Pruner:
             result.failed_rows_removed = self._remove_failed_rows(policy)
         except BackupdError as exc:
             result.error = exc
+            self.metrics.runs.labels(kind="prune", outcome=RUN_FAILED).inc()
+            self.metrics.error(exc)
+            self.metrics.prune_deletions.labels(policy=policy.name).inc(len(result.deleted))
             self.catalog.finish_run(run_id, RUN_FAILED, error=exc, bytes_in=result.bytes_freed)
             log.error("prune_finished", policy=policy.name, outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind)
             return result
         finally:
             self.catalog.release_lease(lease, self.holder)
         self.catalog.finish_run(run_id, SUCCEEDED, bytes_in=result.bytes_freed)
+        self.metrics.runs.labels(kind="prune", outcome=SUCCEEDED).inc()
+        self.metrics.prune_deletions.labels(policy=policy.name).inc(len(result.deleted))
         log.info("prune_finished", policy=policy.name, outcome=SUCCEEDED, deleted=len(result.deleted),
                  bytes_freed=result.bytes_freed, kept=sum(len(p.decisions) for p in result.plans) - len(doomed))
         return result

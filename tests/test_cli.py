@@ -33,7 +33,7 @@ def cfg(tmp_path: Path, sim: NodeSimulator) -> Path:
         f'[database]\nurl = "sqlite:///{tmp_path / "catalog.db"}"\n'
         f'[kubelet]\nurl = "{sim.url}"\nca_file = "{sim.ca_file}"\ncert_file = "{sim.client_cert}"\n'
         f'key_file = "{sim.client_key}"\ncheckpoint_dir = "{sim.checkpoint_dir}"\nnode_name = "sim-node"\n'
-        f'[daemon]\nmin_free_space = 0\nshutdown_grace_seconds = 10\n'
+        f'[daemon]\nmin_free_space = 0\nshutdown_grace_seconds = 10\nhttp_listen = "127.0.0.1:0"\n'
         f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{tmp_path / "backend"}"\n'
     )
     return path

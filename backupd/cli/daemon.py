@@ -24,14 +24,18 @@ def _install_signal_handlers(stop: Callable[[], None]) -> None:
 @cli.command()
 @pass_ctx
 def run(ctx: Context) -> None:
-    """The daemon: scheduler and checkpoint workers (stops cleanly on SIGTERM)."""
+    """The daemon: scheduler, checkpoint workers and the HTTP server (stops cleanly on SIGTERM)."""
     app = ctx.app
     daemon = app.daemon()
+    daemon.catalog.check_schema()
+    http = app.http_server()
+    http.start()
     daemon.start()
     done = threading.Event()
 
     def stop() -> None:
         daemon.stop(app.config.daemon.shutdown_grace_seconds)
+        http.stop()
         done.set()
 
     _install_signal_handlers(stop)

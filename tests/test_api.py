@@ -1,0 +1,122 @@
+"""The daemon's HTTP server: health, readiness, metrics, the JSON API and its OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backupd.api import openapi_document
+from backupd.policy import parse_policies
+
+POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: web}\n"
+          "spec: {selector: {namespaces: [default], matchLabels: {app: web}}, schedule: '@hourly', backend: local, "
+          "retention: {keepLast: 5}}\n")
+
+
+@pytest.fixture
+def served(app_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An App with two committed archives, its HTTP server on an ephemeral port."""
+    app = app_factory()
+    (p,) = parse_policies(POLICY, "p.yaml")
+    app.catalog.apply_policies([(p.name, p.canonical_json())])
+    app.runner.cycle(p)
+    server = app.http_server("127.0.0.1:0")
+    host, port = server.start()
+    with httpx.Client(base_url=f"http://{host}:{port}", timeout=10) as client:
+        yield app, client
+    server.stop()
+
+
+def test_health_readiness_and_metrics(served, sim) -> None:  # type: ignore[no-untyped-def]
+    app, client = served
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    metrics = client.get("/metrics").text
+    assert 'backupd_runs_total{kind="checkpoint",outcome="succeeded"} 2.0' in metrics
+    assert 'backupd_archives_retained{policy="web"} 2.0' in metrics
+    assert "backupd_checkpoint_duration_seconds_bucket" in metrics
+    assert 'backupd_upload_duration_seconds_count{backend="local"} 2.0' in metrics
+    assert 'backupd_last_success_timestamp_seconds{container="nginx",namespace="default",workload="deployment/web"}' in metrics
+    assert "backupd_bytes_shipped_total" in metrics and "backupd_catalog_up 1.0" in metrics
+
+
+def test_readiness_names_the_failing_dependency(served, sim) -> None:  # type: ignore[no-untyped-def]
+    app, client = served
+    from backupd import api
+
+    api.READY_CACHE_SECONDS = 0.0
+    try:
+        sim.add_fault("respond", method="GET", path="/pods", status=401, body="Unauthorized", times=None)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "kubelet:" in ready.text and "401" in ready.text
+        sim.clear_faults()
+        assert client.get("/readyz").status_code == 200
+    finally:
+        api.READY_CACHE_SECONDS = 5.0
+
+
+def test_json_api_lists_what_the_catalog_holds(served) -> None:  # type: ignore[no-untyped-def]
+    app, client = served
+    archives = client.get("/api/v1/archives").json()
+    assert [a["id"] for a in archives] == [a.id for a in app.catalog.list_archives()]
+    assert client.get("/api/v1/archives", params={"workload": "deployment/web", "limit": 1}).json()[0]["workload"] \
+        == "deployment/web"
+    assert client.get("/api/v1/archives", params={"namespace": "nowhere"}).json() == []
+    runs = client.get("/api/v1/runs", params={"kind": "checkpoint"}).json()
+    assert len(runs) == 2 and {r["outcome"] for r in runs} == {"succeeded"}
+    policies = client.get("/api/v1/policies").json()
+    assert policies[0]["metadata"]["name"] == "web"
+    bad = client.get("/api/v1/runs", params={"limit": "lots"})
+    assert bad.status_code == 400 and "limit" in bad.json()["error"]
+    assert client.get("/api/v1/archives", params={"state": "weird"}).status_code == 400
+    assert client.post("/api/v1/archives").status_code == 405
+
+
+def test_bearer_token_guards_the_api_only(app_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    (tmp_path / "token").write_text("s3cr3t-api-token\n")
+    app.config.daemon.api_token_file = tmp_path / "token"
+    server = app.http_server("127.0.0.1:0")
+    host, port = server.start()
+    try:
+        with httpx.Client(base_url=f"http://{host}:{port}") as c:
+            assert c.get("/api/v1/archives").status_code == 401
+            assert c.get("/api/v1/archives", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get("/api/v1/archives", headers={"Authorization": "Bearer s3cr3t-api-token"}).status_code == 200
+            for open_path in ("/healthz", "/metrics", "/openapi.json"):
+                assert c.get(open_path).status_code == 200
+                assert "s3cr3t-api-token" not in c.get(open_path).text
+    finally:
+        server.stop()
+
+
+def test_openapi_document_validates() -> None:
+    from openapi_spec_validator import validate
+
+    doc = openapi_document()
+    validate(doc)
+    assert set(doc["paths"]) == {"/api/v1/policies", "/api/v1/archives", "/api/v1/runs", "/api/v1/report"}
+
+
+_paths = st.sampled_from(["/api/v1/policies", "/api/v1/archives", "/api/v1/runs", "/api/v1/report", "/api/v1/nope",
+                          "/readyz", "/healthz", "/metrics", "/openapi.json"])
+_names = st.sampled_from(["limit", "state", "kind", "outcome", "policy", "namespace", "pod", "workload", "container",
+                          "x"])
+_values = st.one_of(st.text(max_size=30), st.integers(-5, 5000).map(str),
+                    st.sampled_from(["committed", "failed", "checkpoint", "prune", "succeeded", "deployment/web"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=_paths, query=st.lists(st.tuples(_names, _values), max_size=4))
+def test_no_request_gets_a_server_error(served, path: str, query: list[tuple[str, str]]) -> None:  # type: ignore[no-untyped-def]
+    _app, client = served
+    response = client.get(path, params=query)
+    assert response.status_code < 500 or (path == "/api/v1/report" and response.status_code == 503), response.text
+    if path.startswith("/api/") and response.headers["content-type"] == "application/json":
+        json.loads(response.text)
