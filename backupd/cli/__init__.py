@@ -12,6 +12,7 @@ import click
 import structlog
 
 # Each module registers its commands on the group when imported.
+import backupd.cli.restore  # noqa: F401
 from backupd.cli import archives, daemon, db, policy, retention, verify  # noqa: F401
 from backupd.cli.base import cli, human_bytes, print_json, print_table
 from backupd.errors import EXIT_INTERNAL, BackupdError

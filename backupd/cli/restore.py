@@ -1,0 +1,194 @@
+"""``backupd restore``: bring a checkpoint back -- to a file, an OCI layout, or a registry."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from backupd import oci, podmanifest
+from backupd.catalog import Archive
+from backupd.cli.base import Context, cli, human_bytes, pass_ctx, print_json
+from backupd.config import parse_size
+from backupd.errors import InvalidInput
+from backupd.progress import Progress, ProgressReader
+from backupd.restore import (
+    CheckpointInfo,
+    ScanningReader,
+    checkpoint_info,
+    metadata_scanner,
+    open_archive,
+    restore_to_file,
+    select_archive,
+)
+
+PASSWORD_ENV = "BACKUPD_REGISTRY_PASSWORD"
+
+
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise InvalidInput(f"--label {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _registry_password(password_file: str | None) -> str | None:
+    if password_file:
+        try:
+            return Path(password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise InvalidInput(f"--registry-password-file {password_file!r}: cannot read it ({exc.strerror})") from None
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def _check_new_file(path: str, flag: str, force: bool) -> None:
+    p = Path(path)
+    if not (p.parent if str(p.parent) else Path(".")).is_dir():
+        raise InvalidInput(f"{flag} {path!r}: the directory {str(p.parent)!r} does not exist")
+    if p.is_dir() or (p.exists() and not force):
+        raise InvalidInput(f"{flag} {path!r} already exists; choose another path or pass --force")
+
+
+@cli.command()
+@click.argument("archive_id", required=False)
+@click.option("--output", "output_file", metavar="FILE", help="Write the checkpoint tar to FILE (0600, atomic).")
+@click.option("--oci-layout", "oci_dir", metavar="DIR", help="Write a checkpoint image as an OCI layout in DIR.")
+@click.option("--image", "image", metavar="REF", help="Push a checkpoint image to REF (registry/repo[:tag]; "
+              "tag default: the archive id).")
+@click.option("--pod-manifest", metavar="FILE", help="With --image: also write a Pod (or controller) manifest "
+              "that runs the image.")
+@click.option("--latest", is_flag=True, help="The newest committed archive of --namespace/--workload/--container.")
+@click.option("--namespace")
+@click.option("--workload", help="e.g. deployment/web. With --pod-manifest: render the controller, not a bare Pod.")
+@click.option("--container")
+@click.option("--force", is_flag=True, help="Replace an existing --output or --pod-manifest file.")
+@click.option("--registry-username", metavar="USER")
+@click.option("--registry-password-file", metavar="FILE",
+              help=f"File holding the registry password (or set ${PASSWORD_ENV}).")
+@click.option("--registry-ca-file", metavar="FILE", help="CA bundle that signed the registry's certificate.")
+@click.option("--insecure-registry", is_flag=True,
+              help="Accept plain HTTP or an unverified certificate from the registry (test registries only).")
+@click.option("--chunk-size", default="0", show_default=True, metavar="SIZE",
+              help="Upload the layer in PATCH chunks of SIZE (e.g. 64Mi); 0 = one streamed PUT.")
+@click.option("--mount-from", multiple=True, metavar="REPO",
+              help="Repository on the same registry that may already hold the layer (cross-repo mount).")
+@click.option("--manifest-kind", type=click.Choice(["pod", "workload"]),
+              help="What --pod-manifest renders (default: workload when --workload is given, else pod).")
+@click.option("--node-name", metavar="NODE", help="Pin the restored pod to NODE.")
+@click.option("--pin-node", is_flag=True, help="Pin the restored pod to the node the checkpoint was taken on.")
+@click.option("--pod-name", help="Name of the restored bare Pod (default: the original pod's name).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Add a label to the restored pod (the archive records only some of the original's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_ctx
+def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_dir: str | None, image: str | None,
+            pod_manifest: str | None, latest: bool, namespace: str | None, workload: str | None,
+            container: str | None, force: bool, registry_username: str | None, registry_password_file: str | None,
+            registry_ca_file: str | None, insecure_registry: bool, chunk_size: str, mount_from: tuple[str, ...],
+            manifest_kind: str | None, node_name: str | None, pin_node: bool, pod_name: str | None,
+            labels: tuple[str, ...], as_json: bool) -> None:
+    """Restore archive ID (or --latest) to exactly one of --output, --oci-layout or --image.
+
+    \b
+    backupd restore 3f2a9c1d --output /tmp/web.tar
+    backupd restore --latest --namespace shop --workload statefulset/db --container postgres \\
+        --image registry.example.com/checkpoints/db --pod-manifest db.yaml --pin-node
+
+    The archive is streamed out of its backend and checked against the catalog and its manifest
+    (SHA-256 and size) while it streams; a mismatch fails the restore and leaves nothing behind.
+    """
+    destinations = [flag for flag, v in (("--output", output_file), ("--oci-layout", oci_dir), ("--image", image))
+                    if v]  # fmt: skip
+    if len(destinations) != 1:
+        raise InvalidInput("give exactly one of --output FILE, --oci-layout DIR or --image REF"
+                           + (f" (got {', '.join(destinations)})" if destinations else ""))
+    if pod_manifest and not image:
+        raise InvalidInput("--pod-manifest needs --image: the manifest refers to the pushed image")
+    if node_name and pin_node:
+        raise InvalidInput("give --node-name or --pin-node, not both")
+    extra_labels = _labels(labels)
+    try:
+        chunk = parse_size(chunk_size)
+    except ValueError as exc:
+        raise InvalidInput(f"--chunk-size: {exc}") from None
+    ref = None
+    if image:
+        from backupd.registry import ImageRef
+
+        ref = ImageRef.parse(image)
+        if ref.digest:
+            raise InvalidInput(f"--image {image!r}: push to a tag, not a digest")
+    if pod_manifest:
+        _check_new_file(pod_manifest, "--pod-manifest", force)
+    if output_file:
+        _check_new_file(output_file, "--output", force)
+
+    app = ctx.app
+    app.catalog.check_schema()
+    archive = select_archive(app.catalog, archive_id, latest=latest, namespace=namespace, workload=workload,
+                             container=container)
+    result: dict[str, Any] = {"archive": archive.to_json()}
+    progress = Progress(archive.tar_size, label=f"restore {archive.id[:8]}", archive_id=archive.id)
+
+    with open_archive(app.backends, archive) as verified, progress:
+        if output_file:
+            written = restore_to_file(ProgressReader(verified, progress), output_file, overwrite=force)
+            result.update(output=str(Path(output_file).absolute()), bytes=written)
+            summary = f"restored archive {archive.id} to {output_file} ({human_bytes(written)}, verified)"
+        else:
+            scanner = metadata_scanner(archive)
+            layer = ProgressReader(ScanningReader(verified, scanner), progress)
+            info_box: list[CheckpointInfo] = []
+
+            def finish() -> oci.CheckpointImage:
+                info_box.append(checkpoint_info(scanner.files, archive))
+                return oci.build_image(archive, info_box[0])
+
+            if oci_dir:
+                built = oci.write_layout(oci_dir, archive, layer, finish, ref_name=archive.id)
+                result.update(oci_layout=str(Path(oci_dir).absolute()),
+                              manifest_digest=built.manifest_descriptor.digest, ref_name=archive.id)
+                summary = (f"wrote checkpoint image of archive {archive.id} to OCI layout {oci_dir} "
+                           f"(oci:{oci_dir}:{archive.id}, manifest {built.manifest_descriptor.digest})")
+            else:
+                assert ref is not None
+                summary = _push(archive, ref.with_tag(ref.tag or archive.id), layer, finish, result,
+                                username=registry_username, password=_registry_password(registry_password_file),
+                                insecure=insecure_registry, ca_file=registry_ca_file, chunk_size=chunk,
+                                mount_from=mount_from)
+                if pod_manifest:
+                    as_workload = (manifest_kind or ("workload" if workload else "pod")) == "workload"
+                    text = podmanifest.render(
+                        archive, info_box[0], result["pinned"], as_workload=as_workload,
+                        node_name=archive.node if pin_node else node_name, extra_labels=extra_labels,
+                        pod_name=pod_name,
+                    )
+                    restore_to_file(io.BytesIO(text.encode()), pod_manifest, overwrite=force)
+                    result["pod_manifest"] = str(Path(pod_manifest).absolute())
+                    summary += f"\nwrote {pod_manifest}: apply it with `kubectl apply -f {pod_manifest}`"
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(summary)
+
+
+def _push(archive: Archive, ref: Any, layer: ProgressReader, finish: Callable[[], oci.CheckpointImage],
+          result: dict[str, Any], *, username: str | None, password: str | None, insecure: bool,
+          ca_file: str | None, chunk_size: int, mount_from: tuple[str, ...]) -> str:
+    from backupd.registry import RegistryClient, push_checkpoint_image
+
+    with RegistryClient(ref.api_host, username=username, password=password, insecure=insecure,
+                        ca_file=ca_file) as client:
+        pushed = push_checkpoint_image(client, ref, archive, layer, finish, mount_from=mount_from,
+                                       chunk_size=chunk_size)
+    result.update(image=str(pushed.ref), manifest_digest=pushed.manifest_digest, pinned=pushed.pinned,
+                  layer=pushed.layer)
+    return (f"pushed checkpoint image of archive {archive.id} to {pushed.ref} "
+            f"(layer {pushed.layer}); run it as {pushed.pinned}")

@@ -1,0 +1,625 @@
+"""Disaster-recovery restore: pick an archive, stream it back verified, read its metadata safely.
+
+* :func:`select_archive` -- an archive by id (or unique prefix), or the newest committed one of
+  a workload's container (``--latest``).
+* :func:`open_archive` -- the archive's tar as a stream out of its backend, decompressed and
+  checked against the catalog *and* the backend's manifest while it streams
+  (:class:`~backupd.transfer.UnpackingReader`): the final ``read`` raises before a consumer can
+  treat bad bytes as complete.
+* :func:`restore_to_file` -- that stream into a file, atomically (temp file, fsync, link or
+  rename), 0600; on any failure no file is left behind.
+* :class:`TarScanner` -- a push-mode tar reader that is fed the bytes of the stream *as they
+  pass by* on their way to a registry or an OCI layout, refuses hostile members (absolute
+  names, ``..``, links, devices) and keeps a few small metadata files (``config.dump``,
+  ``spec.dump``, ``status.dump``, one CRIU ``core-*.img``). Nothing is ever extracted to disk,
+  and the archive is read once: the layer upload and the metadata come from the same pass.
+* :func:`checkpoint_info` -- what those files say (engine, base image, pod labels, bind mounts,
+  architecture), with fallbacks to the catalog.
+
+Foreign exceptions (OSError, JSON, tar headers) are translated here into backupd errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from backupd import criu_images, layout
+from backupd.backends.base import Backend, Readable
+from backupd.backends.filesystem import translate_os_error
+from backupd.catalog import COMMITTED, Archive, Catalog
+from backupd.errors import ConfigError, IntegrityError, InvalidInput, NotFound, StorageNotFound, UnsafeArchive
+from backupd.transfer import UnpackingReader
+from backupd.workload import KINDS, Workload
+
+log = structlog.get_logger("backupd.restore")
+
+CHUNK = 1 << 20
+
+# -- selecting an archive ----------------------------------------------------------------------
+
+
+def select_archive(
+    catalog: Catalog,
+    ref: str | None = None,
+    *,
+    latest: bool = False,
+    namespace: str | None = None,
+    workload: str | None = None,
+    container: str | None = None,
+) -> Archive:
+    """The committed archive to restore: ``ref`` (an id or unique prefix), or with ``latest`` the
+    newest committed archive of ``namespace`` + ``workload`` + ``container``.
+
+    ``workload`` is ``kind/name`` (``deployment/web``), the layout segment (``deployment-web``)
+    or a bare name when only one kind of workload has it. With ``ref``, any filter given must
+    agree with the archive (a guard against restoring the wrong thing at 3 a.m.).
+    """
+    if ref and latest:
+        raise InvalidInput("give an archive ID or --latest, not both")
+    if not ref and not latest:
+        raise InvalidInput(
+            "which archive? give an archive ID (see `backupd list`) or --latest with --namespace, --workload "
+            "and --container"
+        )
+    if ref:
+        archive = catalog.get_archive(ref)
+        if archive.state != COMMITTED:
+            raise InvalidInput(f"archive {archive.id} is {archive.state}, not committed: only committed archives "
+                               "can be restored (see `backupd list --all-states`)")
+        for flag, wanted, actual in (("--namespace", namespace, archive.namespace),
+                                     ("--container", container, archive.container)):
+            if wanted is not None and wanted != actual:
+                raise InvalidInput(f"archive {archive.id} is of {flag[2:]} {actual!r}, not {wanted!r}")
+        if workload is not None and not _workload_matches(workload, archive.workload):
+            raise InvalidInput(f"archive {archive.id} is of workload {archive.workload!r}, not {workload!r}")
+        return archive
+
+    missing = [flag for flag, v in (("--namespace", namespace), ("--workload", workload),
+                                    ("--container", container)) if not v]  # fmt: skip
+    if missing:
+        raise InvalidInput(f"--latest needs {', '.join(missing)} (the archive's namespace, workload and container)")
+    assert workload is not None
+    exact = _parse_workload(workload)
+    archives = catalog.list_archives(namespace=namespace, container=container,
+                                     workload=str(exact) if exact else None)
+    if exact is None:
+        archives = [a for a in archives if a.workload.partition("/")[2] == workload]
+        kinds = sorted({a.workload for a in archives})
+        if len(kinds) > 1:
+            raise InvalidInput(f"--workload {workload!r} is ambiguous in namespace {namespace!r}: "
+                               f"{', '.join(kinds)}; give one of these")
+    if not archives:
+        raise NotFound(f"no committed archive of container {container!r} of workload {workload!r} in namespace "
+                       f"{namespace!r} (see `backupd list --namespace {namespace}`)")
+    return archives[-1]  # list_archives is oldest first
+
+
+def _parse_workload(text: str) -> Workload | None:
+    try:
+        return Workload.parse(text)
+    except ValueError:
+        if "/" in text or text.partition("-")[0] in KINDS and "-" in text:
+            raise InvalidInput(f"--workload {text!r}: expected kind/name such as deployment/web") from None
+        return None
+
+
+def _workload_matches(text: str, actual: str) -> bool:
+    exact = _parse_workload(text)
+    return str(exact) == actual if exact else actual.partition("/")[2] == text
+
+
+# -- streaming an archive back, verified -------------------------------------------------------
+
+
+def verified_manifest(backend: Backend, archive: Archive) -> layout.Manifest:
+    """The backend's manifest of ``archive``, checked against the catalog row.
+
+    The manifest is what makes an archive exist; a row whose manifest is missing or disagrees
+    is not restored (:class:`IntegrityError`, naming the archive and the field).
+    """
+    key = layout.manifest_key(archive.key)
+    where = f"{backend.name}:{key}"
+    try:
+        data = backend.read_bytes(key)
+    except StorageNotFound:
+        raise IntegrityError(
+            f"archive {archive.id}: its manifest {where} is missing, so the object is not a committed archive; "
+            "run `backupd verify` and pick another archive"
+        ) from None
+    manifest = layout.Manifest.from_json(data, where)
+    for name in ("archive_id", "tar_sha256", "stored_sha256", "tar_size", "stored_size"):
+        catalog_value = getattr(archive, "id" if name == "archive_id" else name)
+        if catalog_value is not None and getattr(manifest, name) != catalog_value:
+            raise IntegrityError(
+                f"archive {archive.id}: the catalog and the manifest {where} disagree on {name} "
+                f"({catalog_value!r} vs {getattr(manifest, name)!r}); run `backupd verify`"
+            )
+    if manifest.compression != "zstd":
+        raise InvalidInput(f"archive {archive.id}: compression {manifest.compression!r} is not supported by this "
+                           "backupd")
+    return manifest
+
+
+@contextlib.contextmanager
+def open_archive(backends: Mapping[str, Backend], archive: Archive) -> Iterator[UnpackingReader]:
+    """The archive's tar as a verified stream (see :class:`~backupd.transfer.UnpackingReader`).
+
+    Digests and sizes come from the manifest after :func:`verified_manifest` checked them against
+    the catalog, so a mismatch on either side, a bit flip or a truncation raises
+    :class:`~backupd.errors.IntegrityError` naming the archive from the final ``read``.
+    """
+    if archive.encryption not in ("none", ""):
+        raise InvalidInput(
+            f"archive {archive.id} is encrypted ({archive.encryption}); this backupd cannot decrypt it: follow the "
+            "README's 'restore without backupd' steps with `age -d -i IDENTITY`"
+        )
+    backend = backends.get(archive.backend)
+    if backend is None:
+        known = ", ".join(sorted(backends)) or "none configured"
+        raise ConfigError(f"archive {archive.id} is in backend {archive.backend!r}, which is not in the config "
+                          f"(configured: {known})")
+    manifest = verified_manifest(backend, archive)
+    stream = backend.open(archive.key)
+    try:
+        yield UnpackingReader(
+            stream, what=f"archive {archive.id} ({backend.name}:{archive.key})",
+            tar_sha256=manifest.tar_sha256, stored_sha256=manifest.stored_sha256,
+            tar_size=manifest.tar_size, stored_size=manifest.stored_size,
+        )
+    finally:
+        stream.close()
+
+
+def drain(source: Readable) -> int:
+    """Read ``source`` to its end (which is where verifying readers check); returns the bytes."""
+    total = 0
+    while data := source.read(CHUNK):
+        total += len(data)
+    return total
+
+
+def restore_to_file(source: Readable, dest: str | os.PathLike[str], *, overwrite: bool = False) -> int:
+    """Write ``source`` to ``dest`` atomically with mode 0600; returns the bytes written.
+
+    The bytes go to a hidden temp file beside ``dest``, are fsynced, then linked to ``dest``
+    (create-only: an existing file is refused unless ``overwrite``, which renames over it) and
+    the directory is fsynced. Any error -- including a digest mismatch raised by the source's
+    final read -- removes the temp file: nothing is left behind.
+    """
+    path = Path(dest)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidInput(f"{str(path)!r}: the directory {str(parent)!r} does not exist")
+    if path.is_dir():
+        raise InvalidInput(f"{str(path)!r} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise InvalidInput(f"{str(path)!r} already exists; choose another path or pass --force to replace it")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+    except OSError as exc:
+        raise translate_os_error(exc, f"creating a file in {str(parent)!r}") from None
+    written = 0
+    try:
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                while data := source.read(CHUNK):
+                    fh.write(data)
+                    written += len(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise InvalidInput(f"{str(path)!r} appeared while restoring; nothing was replaced") from None
+                os.unlink(tmp)
+            _fsync_dir(parent)
+        except OSError as exc:
+            raise translate_os_error(exc, f"writing {str(path)!r}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return written
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading the checkpoint tar as it streams ----------------------------------------------------
+
+BLOCK = tarfile.BLOCKSIZE
+MAX_KEPT_BYTES = 16 << 20  # config.dump / spec.dump are a few KiB; 16 MiB is absurd already
+MAX_HEADER_DATA = 1 << 20  # PAX records and GNU long names
+METADATA_FILES = ("config.dump", "spec.dump", "status.dump")
+_CORE_IMAGE = re.compile(r"^checkpoint/core-\d+\.img$")
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_SPECIAL = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO",
+            tarfile.GNUTYPE_SPARSE: "a sparse file"}  # fmt: skip
+
+
+def safe_member_name(name: str, what: str) -> str:
+    """The normalised member name (no ``./`` prefix, no trailing ``/``; ``.`` for the root).
+
+    Refuses what could escape a directory it were extracted to: absolute names, ``..``
+    segments, empty or NUL-containing names.
+    """
+    n = name
+    while n.startswith("./"):
+        n = n[2:]
+    n = n.rstrip("/") if n not in ("/",) else n
+    if n in ("", "."):
+        return "."
+    if "\x00" in n or n.startswith("/"):
+        raise UnsafeArchive(f"{what}: member {name!r} has an absolute or invalid name; refusing the archive")
+    if any(part in ("..", "") for part in n.split("/")):
+        raise UnsafeArchive(f"{what}: member {name!r} has a '..' or empty path segment; refusing the archive")
+    return n
+
+
+class TarScanner:
+    """A push-mode reader of a tar stream: ``feed`` it bytes in any chunking, then ``close``.
+
+    Every member is checked as its header passes (:func:`safe_member_name`; only regular files
+    and directories are allowed -- links, devices, FIFOs and sparse files raise
+    :class:`UnsafeArchive`); the data of members for which ``keep(name)`` is true is kept in
+    :attr:`files` (each at most ``max_kept`` bytes). Memory use is bounded by the kept files
+    and one header block, whatever the archive's size. Understands ustar, PAX (``x``, ``g``) and
+    GNU long names.
+    """
+
+    def __init__(self, what: str, keep: Callable[[str], bool], *, max_kept: int = MAX_KEPT_BYTES) -> None:
+        self.what = what
+        self.keep = keep
+        self.max_kept = max_kept
+        self.files: dict[str, bytes] = {}
+        self.members = 0
+        self.top_level: set[str] = set()
+        self.offset = 0  # bytes fed so far
+        self._header = bytearray()
+        self._state = "header"  # header | data | end
+        self._data_left = 0
+        self._pad_left = 0
+        self._capture: bytearray | None = None
+        self._capture_kind = ""
+        self._member = ""
+        self._pax: dict[str, str] = {}
+        self._long_name: str | None = None
+        self._closed = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._state == "end":
+                if any(view[pos:]):
+                    raise UnsafeArchive(f"{self.what}: data after the end-of-archive marker")
+                self.offset += end - pos
+                return
+            if self._state == "header":
+                take = min(BLOCK - len(self._header), end - pos)
+                self._header += view[pos : pos + take]
+                pos += take
+                self.offset += take
+                if len(self._header) == BLOCK:
+                    block = bytes(self._header)
+                    self._header.clear()
+                    self._on_header(block)
+                continue
+            if self._data_left:
+                take = min(self._data_left, end - pos)
+                if self._capture is not None:
+                    self._capture += view[pos : pos + take]
+                self._data_left -= take
+            else:
+                take = min(self._pad_left, end - pos)
+                self._pad_left -= take
+            pos += take
+            self.offset += take
+            if not self._data_left and not self._pad_left:
+                self._end_member()
+
+    def close(self) -> None:
+        """The stream ended: it must have ended at the end-of-archive marker."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._state == "data" or self._header:
+            raise UnsafeArchive(f"{self.what}: the tar stream ends inside member {self._member!r}")
+        if self._state != "end":
+            raise UnsafeArchive(f"{self.what}: the tar stream ends without an end-of-archive marker")
+
+    def _on_header(self, block: bytes) -> None:
+        if not any(block):
+            if self._pax or self._long_name is not None:
+                raise UnsafeArchive(f"{self.what}: an extended header is followed by the end of the archive")
+            self._state = "end"
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise UnsafeArchive(f"{self.what}: invalid tar header at byte {self.offset - BLOCK} ({exc})") from None
+        size = info.size
+        kind = info.type
+        if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                    tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):  # fmt: skip
+            if not 0 <= size <= MAX_HEADER_DATA:
+                raise UnsafeArchive(f"{self.what}: an extended tar header of {size} bytes; refusing the archive")
+            self._start_data(size, capture=True, kind=kind.decode("latin-1"), member=info.name)
+            return
+        name = self._pax.pop("path", None) or self._long_name or info.name
+        if "size" in self._pax:
+            try:
+                size = int(self._pax.pop("size"))
+            except ValueError:
+                raise UnsafeArchive(f"{self.what}: member {name!r} has an invalid PAX size") from None
+        self._pax.clear()
+        self._long_name = None
+        if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+            raise UnsafeArchive(f"{self.what}: member {name!r} is a link (to {info.linkname!r}); checkpoint archives "
+                                "hold only files and directories, refusing the archive")
+        if kind not in _REGULAR and kind != tarfile.DIRTYPE:
+            label = _SPECIAL.get(kind, f"of type {kind!r}")
+            raise UnsafeArchive(f"{self.what}: member {name!r} is {label}; refusing the archive")
+        if size < 0:
+            raise UnsafeArchive(f"{self.what}: member {name!r} has a negative size")
+        normal = safe_member_name(name, self.what)
+        if kind != tarfile.DIRTYPE and normal == ".":
+            raise UnsafeArchive(f"{self.what}: member {name!r} is a file without a name")
+        self.members += 1
+        if len(self.top_level) < 10_000:
+            self.top_level.add(normal.split("/")[0])
+        keep = kind in _REGULAR and self.keep(normal)
+        if keep and size > self.max_kept:
+            raise UnsafeArchive(f"{self.what}: {normal} is {size} bytes, over the {self.max_kept}-byte limit for "
+                                "metadata; refusing the archive")
+        self._start_data(size, capture=keep, kind="file", member=normal)
+
+    def _start_data(self, size: int, *, capture: bool, kind: str, member: str) -> None:
+        self._member = member
+        self._capture_kind = kind
+        self._capture = bytearray() if capture else None
+        self._data_left = size
+        self._pad_left = -size % BLOCK
+        self._state = "data"
+        if not size:
+            self._end_member()
+
+    def _end_member(self) -> None:
+        self._state = "header"
+        captured, self._capture = self._capture, None
+        if captured is None:
+            return
+        kind = self._capture_kind
+        if kind == "file":
+            self.files[self._member] = bytes(captured)
+        elif kind in ("x", "X"):
+            self._pax.update(_pax_records(bytes(captured), self.what))
+        elif kind == "L":
+            self._long_name = bytes(captured).split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+        # "g" (global PAX) and "K" (long link name) carry nothing a checkpoint archive needs.
+
+
+def _pax_records(data: bytes, what: str) -> dict[str, str]:
+    """Parse ``"<len> <key>=<value>\\n"`` records (POSIX.1-2001 extended headers)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # padding some writers leave
+            break
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise UnsafeArchive(f"{what}: malformed PAX header") from None
+        record = data[space + 1 : pos + length]
+        if space < 0 or length <= 0 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise UnsafeArchive(f"{what}: malformed PAX header")
+        key, _, value = record[:-1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+class ScanningReader:
+    """A ``read(n)`` source that feeds everything it hands out to a :class:`TarScanner` and
+    closes the scanner at the end of the stream."""
+
+    def __init__(self, source: Readable, scanner: TarScanner) -> None:
+        self.source = source
+        self.scanner = scanner
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        if data:
+            self.scanner.feed(data)
+        else:
+            self.scanner.close()
+        return data
+
+
+def metadata_scanner(archive: Archive) -> TarScanner:
+    """A scanner keeping what :func:`checkpoint_info` reads: the dumps and the first CRIU core image."""
+    scanner: TarScanner
+
+    def keep(name: str) -> bool:
+        if name in METADATA_FILES:
+            return True
+        return bool(_CORE_IMAGE.match(name)) and not any(_CORE_IMAGE.match(k) for k in scanner.files)
+
+    scanner = TarScanner(f"archive {archive.id}", keep)
+    return scanner
+
+
+# -- what the archive says about itself ----------------------------------------------------------
+
+# Mounts CRI-O does not require a restored container to redeclare (server/container_restore.go),
+# plus those the kubelet adds to every container by itself.
+_IMPLICIT_MOUNTS = frozenset({
+    "/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/sys/fs/cgroup", "/dev/shm", "/etc/resolv.conf",
+    "/etc/hostname", "/etc/passwd", "/etc/group", "/run/secrets", "/run/.containerenv",
+    "/etc/hosts", "/dev/termination-log", "/var/run/secrets/kubernetes.io/serviceaccount",
+})  # fmt: skip
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
+           "mips": "mips64le", "loongarch64": "loong64", "riscv64": "riscv64"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint archive says about the container it holds (catalog values as fallbacks)."""
+
+    container: str
+    pod: str
+    namespace: str
+    pod_uid: str = ""
+    engine: str = "unknown"  # cri-o | containerd | podman | unknown
+    runtime: str = ""
+    rootfs_image: str = ""  # as the user requested it (config.dump rootfsImage)
+    rootfs_image_name: str = ""  # e.g. docker.io/library/nginx:1.27
+    rootfs_image_ref: str = ""  # the runtime's image ID
+    checkpointed_time: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # pod labels recorded in the archive
+    bind_mounts: tuple[tuple[str, str], ...] = ()  # (destination, source) a restore must redeclare
+    has_status_dump: bool = False  # containerd 2.1-2.3 restore needs it
+    arch: str | None = None  # GOARCH of the checkpointed process (CRIU core image)
+
+    @property
+    def rootfs_image_digest(self) -> str:
+        for candidate in (self.rootfs_image, self.rootfs_image_name):
+            _, at, digest = candidate.partition("@")
+            if at and digest.startswith("sha256:"):
+                return digest
+        return ""
+
+
+def _json_object(files: Mapping[str, bytes], name: str, what: str) -> dict[str, Any]:
+    data = files.get(name)
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        log.warning("checkpoint_metadata_unreadable", archive=what, file=name, error=str(exc)[:200])
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _labels_from_json(text: Any) -> dict[str, str]:
+    if not isinstance(text, str):
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return _pod_labels(value)
+
+
+def _pod_labels(value: Any) -> dict[str, str]:
+    # The kubelet puts its own io.kubernetes.* labels on every container; they identify the old
+    # pod (uid, name) and must never be copied onto a new one.
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items()
+            if isinstance(k, str) and isinstance(v, str) and not k.startswith("io.kubernetes.")}  # fmt: skip
+
+
+def checkpoint_info(files: Mapping[str, bytes], archive: Archive) -> CheckpointInfo:
+    """Read ``config.dump``/``spec.dump``/``status.dump``/a core image kept by a scanner.
+
+    Unreadable or missing files degrade to the catalog's values (logged), never to an error: an
+    operator restoring at 3 a.m. gets the image with fewer annotations rather than nothing.
+    """
+    what = archive.id
+    config = _json_object(files, "config.dump", what)
+    spec = _json_object(files, "spec.dump", what)
+    status = _json_object(files, "status.dump", what)
+    ann = spec.get("annotations")
+    ann = {k: v for k, v in ann.items() if isinstance(v, str)} if isinstance(ann, dict) else {}
+
+    manager = ann.get("io.container.manager", "")
+    if manager == "cri-o":
+        engine = "cri-o"
+    elif manager == "libpod":
+        engine = "podman"
+    elif "io.kubernetes.cri.container-name" in ann or status:
+        engine = "containerd"
+    else:
+        engine = "unknown"
+
+    container = pod = namespace = ""
+    if engine == "cri-o":
+        try:
+            meta = json.loads(ann.get("io.kubernetes.cri-o.Metadata", "{}"))
+            container = _str(meta.get("name")) if isinstance(meta, dict) else ""
+        except ValueError:
+            container = ""
+        pod, namespace = ann.get("io.kubernetes.pod.name", ""), ann.get("io.kubernetes.pod.namespace", "")
+        labels = _labels_from_json(ann.get("io.kubernetes.cri-o.Labels"))
+    else:
+        container = ann.get("io.kubernetes.cri.container-name", "")
+        pod = ann.get("io.kubernetes.cri.sandbox-name", "")
+        namespace = ann.get("io.kubernetes.cri.sandbox-namespace", "")
+        labels = _pod_labels(status.get("labels"))
+
+    mounts: list[tuple[str, str]] = []
+    raw_mounts = spec.get("mounts")
+    for m in raw_mounts if isinstance(raw_mounts, list) else ():
+        if not isinstance(m, dict):
+            continue
+        dest, source = _str(m.get("destination")), _str(m.get("source"))
+        options = m.get("options") if isinstance(m.get("options"), list) else []
+        is_bind = m.get("type") == "bind" or "bind" in options or "rbind" in options
+        if is_bind and dest and dest.rstrip("/") not in _IMPLICIT_MOUNTS:
+            mounts.append((dest, source))
+
+    arch = None
+    for name, data in files.items():
+        if _CORE_IMAGE.match(name):
+            try:
+                core = criu_images.decode_image(data, expect="CORE").entries[0]
+                machine = {v: k for k, v in criu_images.CoreEntry.MTYPES.items()}.get(core.mtype)
+                arch = _GOARCH.get(machine or "")
+            except (criu_images.CriuImageError, IndexError) as exc:
+                log.warning("checkpoint_metadata_unreadable", archive=what, file=name, error=str(exc)[:200])
+
+    if config == {} or spec == {}:
+        log.warning("checkpoint_metadata_missing", archive=what,
+                    missing=[n for n, v in (("config.dump", config), ("spec.dump", spec)) if not v])
+    return CheckpointInfo(
+        container=container or archive.container,
+        pod=pod or archive.pod,
+        namespace=namespace or archive.namespace,
+        pod_uid=ann.get("io.kubernetes.pod.uid", "") or ann.get("io.kubernetes.cri.sandbox-uid", ""),
+        engine=engine,
+        runtime=_str(config.get("runtime")),
+        rootfs_image=_str(config.get("rootfsImage")),
+        rootfs_image_name=_str(config.get("rootfsImageName")) or archive.image,
+        rootfs_image_ref=_str(config.get("rootfsImageRef")),
+        checkpointed_time=_str(config.get("checkpointedTime")),
+        labels=labels,
+        bind_mounts=tuple(mounts),
+        has_status_dump="status.dump" in files,
+        arch=arch,
+    )
