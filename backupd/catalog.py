@@ -246,6 +246,9 @@ class StoredPolicy:
     updated_at: datetime
 
 
+_ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
+
+
 def _archive(row: ArchiveRow) -> Archive:
     return Archive(**{f: getattr(row, f) for f in Archive.__dataclass_fields__})
 
@@ -488,7 +491,9 @@ class Catalog:
         node: str | None = None,
     ) -> list[Archive]:
         """Archives matching every given filter, oldest first."""
-        q = select(ArchiveRow)
+        # Plain column tuples, not ORM entities: prune plans read every archive of a policy,
+        # and identity-map bookkeeping per row costs more than the query itself.
+        q = select(*_ARCHIVE_COLUMNS)
         if states:
             q = q.where(ArchiveRow.state.in_(states))
         for column, value in (
@@ -504,7 +509,7 @@ class Catalog:
                 q = q.where(column == value)
         q = q.order_by(ArchiveRow.checkpoint_time, ArchiveRow.id)
         with self.session() as s:
-            return [_archive(r) for r in s.scalars(q)]
+            return [Archive(*row) for row in s.execute(q)]
 
     @_translated
     def archive_keys(self, backend: str) -> dict[str, str]:

@@ -96,7 +96,7 @@ class Pipeline:
                                    sleep=self.sleep, on_retry=on_retry)
             checkpoint_seconds = time.monotonic() - started
             self.metrics.checkpoint_seconds.observe(checkpoint_seconds)
-            archive = self._commit(policy, pod, container, node_path, requested)
+            archive = self.commit(policy, pod, container, node_path, requested)
             self.clean_node(policy, pod.namespace, pod.name, container.name)
         except Exception as exc:
             if not isinstance(exc, BackupdError):
@@ -122,7 +122,12 @@ class Pipeline:
         )
         return Outcome(run, archive)
 
-    def _commit(self, policy: Policy, pod: Pod, container: Container, node_path: Path, when: datetime) -> Archive:
+    def commit(self, policy: Policy, pod: Pod, container: Container, node_path: Path, when: datetime) -> Archive:
+        """Ship one node-local tar (already written by the kubelet) and commit it.
+
+        Steps 2-5 of the commit protocol; raises a BackupdError with the archive row failed and
+        no object visible, or returns the committed archive.
+        """
         backend = self.backends[policy.spec.backend]
         archive_id = layout.new_archive_id()
         key = layout.archive_key(pod.namespace, pod.workload.segment, container.name, when, archive_id)

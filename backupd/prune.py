@@ -20,6 +20,7 @@ policy at once: a lease in the catalog, with an expiry so a killed holder's leas
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Callable, Iterable
@@ -49,14 +50,29 @@ class Decision:
 
 @dataclass(frozen=True)
 class GroupPlan:
+    """The retention plan of one group; ``decisions`` are built on demand (for display) since
+    a plan may cover a million archives and the executor only needs ``remove``."""
+
     namespace: str
     workload: str
     container: str
-    decisions: tuple[Decision, ...]  # newest first
+    archives: tuple[Archive, ...]
+    plan: retention.Plan
+
+    @functools.cached_property
+    def _by_id(self) -> dict[str, Archive]:
+        return {a.id: a for a in self.archives}
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """Newest first, with reasons (``no rule`` for archives no rule keeps)."""
+        by_id = self._by_id
+        return [Decision(by_id[d.item.id], d.keep, d.reasons or ("no rule",)) for d in self.plan.decisions]
 
     @property
     def remove(self) -> list[Archive]:
-        return [d.archive for d in self.decisions if not d.keep]
+        by_id = self._by_id
+        return [by_id[d.item.id] for d in self.plan.remove]
 
 
 def plan_policy(policy: Policy, archives: Iterable[Archive]) -> list[GroupPlan]:
@@ -68,12 +84,8 @@ def plan_policy(policy: Policy, archives: Iterable[Archive]) -> list[GroupPlan]:
     rules, tz = policy.rules, policy.tz
     plans = []
     for (namespace, workload, container), members in sorted(groups.items()):
-        by_id = {a.id: a for a in members}
         items = [retention.Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in members]
-        decisions = tuple(
-            Decision(by_id[d.item.id], d.keep, d.reasons or ("no rule",)) for d in retention.plan(items, rules, tz=tz).decisions
-        )
-        plans.append(GroupPlan(namespace, workload, container, decisions))
+        plans.append(GroupPlan(namespace, workload, container, tuple(members), retention.plan(items, rules, tz=tz)))
     return plans
 
 
@@ -165,7 +177,7 @@ class Pruner:
         self.metrics.runs.labels(kind="prune", outcome=SUCCEEDED).inc()
         self.metrics.prune_deletions.labels(policy=policy.name).inc(len(result.deleted))
         log.info("prune_finished", policy=policy.name, outcome=SUCCEEDED, deleted=len(result.deleted),
-                 bytes_freed=result.bytes_freed, kept=sum(len(p.decisions) for p in result.plans) - len(doomed))
+                 bytes_freed=result.bytes_freed, kept=sum(len(p.plan.keep) for p in result.plans))
         return result
 
     def _delete(self, archives: list[Archive]) -> None:
