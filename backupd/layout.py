@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,6 +96,8 @@ class Manifest:
     policy: str
     backupd_version: str
     format_version: int = FORMAT_VERSION
+    #: the pod's labels when it was checkpointed (restores recreate them); absent in old manifests
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -114,6 +116,8 @@ class Manifest:
             known = {f.name for f in fields(cls)}
             d = {k: v for k, v in d.items() if k in known}
             d["checkpoint_time"] = datetime.fromisoformat(d["checkpoint_time"])
+            if not isinstance(d.get("labels", {}), dict):
+                raise ValueError("labels must be an object")
             m = cls(**d)
             for name in ("tar_size", "stored_size", "format_version"):
                 if not isinstance(getattr(m, name), int) or getattr(m, name) < 0:

@@ -147,7 +147,7 @@ class Pipeline:
                 workload=str(pod.workload), container=container.name, image=container.image,
                 checkpoint_time=when, tar_size=reader.tar_size, stored_size=reader.stored_size,
                 tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256, compression="zstd",
-                encryption="none", policy=policy.name, backupd_version=__version__,
+                encryption="none", policy=policy.name, backupd_version=__version__, labels=dict(pod.labels),
             )
             try:
                 backend.put_bytes(layout.manifest_key(key), manifest.to_json())

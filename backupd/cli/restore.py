@@ -24,6 +24,7 @@ from backupd.restore import (
     open_archive,
     restore_to_file,
     select_archive,
+    verified_manifest,
 )
 
 PASSWORD_ENV = "BACKUPD_REGISTRY_PASSWORD"
@@ -164,6 +165,10 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
                                 insecure=insecure_registry, ca_file=registry_ca_file, chunk_size=chunk,
                                 mount_from=mount_from)
                 if pod_manifest:
+                    # The pod's own labels: recorded in the manifest from the kubelet's /pods (the
+                    # archive itself carries only the kubelet's io.kubernetes.* labels).
+                    recorded = verified_manifest(app.backends[archive.backend], archive).labels
+                    extra_labels = {**recorded, **extra_labels}
                     as_workload = (manifest_kind or ("workload" if workload else "pod")) == "workload"
                     text = podmanifest.render(
                         archive, info_box[0], result["pinned"], as_workload=as_workload,

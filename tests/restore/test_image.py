@@ -106,7 +106,8 @@ def test_push_reads_back_with_skopeo_and_the_pod_manifest_runs_it(rig: Rig, regi
     pod = yaml.safe_load(text)
     assert pod["kind"] == "Pod" and pod["metadata"]["namespace"] == "default"
     assert pod["metadata"]["name"] == archive.pod
-    assert pod["metadata"]["labels"] == {"team": "checkout"}
+    # the pod's own labels, recorded from the kubelet's /pods at checkpoint time, plus --label
+    assert pod["metadata"]["labels"] == {"app": "web", "tier": "frontend", "team": "checkout"}
     assert pod["spec"]["nodeName"] == "sim-node"
     assert pod["spec"]["containers"] == [{"name": "nginx", "image": f"{repo}@{result['manifest_digest']}"}]
 
@@ -144,6 +145,7 @@ def test_chunked_upload_and_workload_template(rig: Rig, registry: Registry, tmp_
     template = deploy["spec"]["template"]
     assert deploy["spec"]["selector"]["matchLabels"] == template["metadata"]["labels"]
     assert "pod-template-hash" not in template["metadata"]["labels"]
+    assert template["metadata"]["labels"]["app"] == "web"
     assert template["spec"]["nodeName"] == "node-b"
     assert template["spec"]["containers"][0]["image"] == f"{repo}@{result['manifest_digest']}"
 
