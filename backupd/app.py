@@ -75,6 +75,9 @@ class App:
             kubelet=self.kubelet,
             pipeline=self.pipeline,
             max_concurrent=self.config.daemon.max_concurrent_checkpoints,
+            holder=self.holder,
+            # long enough for the kubelet's own limit plus the upload of a large archive
+            lease_ttl=timedelta(seconds=2 * self.config.kubelet.request_timeout()) + timedelta(minutes=20),
         )
 
     @functools.cached_property

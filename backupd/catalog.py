@@ -14,6 +14,7 @@ SQLAlchemy exceptions are translated here, at the edge, into :class:`CatalogUnav
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import structlog
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -43,6 +45,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from backupd import retry
 from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -261,11 +264,16 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _translated(fn: Callable[P, T]) -> Callable[P, T]:
-    """Map SQLAlchemy errors to backupd's catalog errors (the one edge for SQLAlchemy)."""
+_nested = contextvars.ContextVar("backupd_catalog_call", default=False)
 
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+
+def _translated(fn: Callable[P, T]) -> Callable[P, T]:
+    """Map SQLAlchemy errors to backupd's catalog errors (the one edge for SQLAlchemy), and
+    retry the whole call while the database is unreachable (a PostgreSQL restart or failover
+    must cost a few seconds, not a lost run record). Nested calls leave retrying to the
+    outermost one."""
+
+    def attempt(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
@@ -273,7 +281,24 @@ def _translated(fn: Callable[P, T]) -> Callable[P, T]:
         except sa_exc.DBAPIError as exc:
             raise CatalogError(f"catalog error: {_describe(exc)}") from exc
 
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if _nested.get():
+            return attempt(*args, **kwargs)
+        token = _nested.set(True)
+        try:
+            catalog = args[0]
+            backoff = catalog.retry if isinstance(catalog, Catalog) else retry.Backoff(attempts=1)
+            return retry.call(lambda: attempt(*args, **kwargs), backoff, on_retry=_log_retry)
+        finally:
+            _nested.reset(token)
+
     return wrapper
+
+
+def _log_retry(exc: BaseException, attempt: int, pause: float) -> None:
+    structlog.get_logger("backupd.catalog").warning("catalog_retry", error=str(exc), attempt=attempt,
+                                                     pause_seconds=round(pause, 2))
 
 
 def _describe(exc: sa_exc.DBAPIError) -> str:
@@ -289,13 +314,17 @@ def now_utc() -> datetime:
 class Catalog:
     """Repository over the catalog database. Thread-safe: one short session per call."""
 
-    def __init__(self, engine: Engine, safe_url: str) -> None:
+    #: how long calls keep retrying while the database is unreachable (about half a minute)
+    DEFAULT_RETRY = retry.Backoff(attempts=7, base_delay=0.5, max_delay=10.0)
+
+    def __init__(self, engine: Engine, safe_url: str, *, retry_backoff: retry.Backoff | None = None) -> None:
         self.engine = engine
         self.safe_url = safe_url
+        self.retry = retry_backoff or self.DEFAULT_RETRY
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
-    def open(cls, url: str) -> Catalog:
+    def open(cls, url: str, *, retry_backoff: retry.Backoff | None = None) -> Catalog:
         parsed = make_url(url)
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if parsed.get_backend_name() == "sqlite":
@@ -314,7 +343,7 @@ class Catalog:
         engine = create_engine(parsed, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-        return cls(engine, parsed.render_as_string(hide_password=True))
+        return cls(engine, parsed.render_as_string(hide_password=True), retry_backoff=retry_backoff)
 
     def close(self) -> None:
         self.engine.dispose()

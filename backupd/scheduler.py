@@ -89,8 +89,12 @@ class Runner:
         kubelet: KubeletClient,
         pipeline: Pipeline,
         max_concurrent: int,
+        holder: str = "backupd",
+        lease_ttl: timedelta = timedelta(minutes=30),
         discovery_backoff: retry.Backoff = retry.Backoff(attempts=3, base_delay=1.0, max_delay=10.0),
     ) -> None:
+        self.holder = holder
+        self.lease_ttl = lease_ttl
         self.catalog = catalog
         self.kubelet = kubelet
         self.pipeline = pipeline
@@ -113,8 +117,17 @@ class Runner:
         key = (pod.namespace, pod.name, container.name)
         if not self.gate.try_enter(key):
             return None
+        # The in-process gate covers this daemon; the catalog lease covers two daemons pointed at
+        # one kubelet (a DaemonSet rollout with surge, or a misconfiguration). A killed holder's
+        # lease lapses after lease_ttl.
+        lease = f"checkpoint/{pod.namespace}/{pod.name}/{container.name}"
         try:
-            return self.pipeline.checkpoint(policy, pod, container)
+            if not self.catalog.acquire_lease(lease, self.holder, self.lease_ttl):
+                return None
+            try:
+                return self.pipeline.checkpoint(policy, pod, container)
+            finally:
+                self.catalog.release_lease(lease, self.holder)
         finally:
             self.gate.leave(key)
 

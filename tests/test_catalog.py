@@ -23,6 +23,7 @@ from backupd.catalog import (
     Catalog,
 )
 from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated
+from backupd.retry import Backoff
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -165,7 +166,7 @@ def test_lease_race_has_one_winner(db_url: str) -> None:
 
 
 def test_unreachable_database_is_a_retryable_catalog_error() -> None:
-    c = Catalog.open("postgresql+psycopg://postgres@127.0.0.1:1/nothing")
+    c = Catalog.open("postgresql+psycopg://postgres@127.0.0.1:1/nothing", retry_backoff=Backoff(attempts=2, base_delay=0.01))
     with pytest.raises(CatalogUnavailable) as info:
         c.list_policies()
     assert info.value.retryable
