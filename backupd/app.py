@@ -8,6 +8,7 @@ housekeeping -- what runs after each policy's cycle and once an hour -- is wired
 from __future__ import annotations
 
 import functools
+import os
 from datetime import timedelta
 
 import structlog
@@ -40,7 +41,8 @@ class App:
 
     @functools.cached_property
     def backends(self) -> dict[str, Backend]:
-        return open_backends(self.config.backends)
+        # BACKUPD_FAULTS: the crash tests' way to kill a real daemon at a chosen backend call
+        return open_backends(self.config.backends, faults=os.environ.get("BACKUPD_FAULTS"))
 
     @functools.cached_property
     def kubelet(self) -> KubeletClient:
@@ -82,7 +84,7 @@ class App:
 
     @functools.cached_property
     def pruner(self) -> Pruner:
-        return Pruner(self.catalog, self.backends, holder=self.holder, metrics=self.metrics)
+        return Pruner(self.catalog, self.backends, holder=self.holder, node=self.node, metrics=self.metrics)
 
     def after_cycle(self, policy: Policy, result: CycleResult) -> None:
         """After each policy's runs: apply its retention, then tidy the node directory."""
@@ -136,7 +138,7 @@ class App:
 
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
         return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,
-                      maintenance=self.maintenance, drill=self.drill)
+                      maintenance=self.maintenance, drill=self.drill, holder=self.holder)
 
     def close(self) -> None:
         for name in ("runner", "kubelet", "catalog"):

@@ -600,8 +600,15 @@ class Catalog:
 
     @_translated
     def last_run_started(self, policy: str, kind: str = "checkpoint") -> datetime | None:
+        """When the policy last ran; runs a crash interrupted do not count (so they are run
+        again, once, when the daemon comes back)."""
         with self.session() as s:
-            return s.scalar(select(func.max(RunRow.started_at)).where(RunRow.policy == policy, RunRow.kind == kind))
+            return s.scalar(
+                select(func.max(RunRow.started_at)).where(
+                    RunRow.policy == policy, RunRow.kind == kind,
+                    (RunRow.error_kind.is_(None)) | (RunRow.error_kind != "Interrupted"),
+                )
+            )
 
     @_translated
     def purge_runs(self, older_than: datetime) -> int:
@@ -611,13 +618,23 @@ class Catalog:
             return result.rowcount or 0
 
     @_translated
-    def fail_interrupted_runs(self, node: str) -> int:
-        """Runs left ``running`` by a crash of this node's daemon are recorded as failed."""
+    def fail_interrupted_runs(self, *, node: str | None = None, kind: str | None = None,
+                              policy: str | None = None) -> int:
+        """Runs left ``running`` by a crash are recorded as failed (``Interrupted``).
+
+        Only call this while holding the lease that the interrupted runs' owner would hold (the
+        node lease for checkpoint runs, the policy's prune lease for prune runs).
+        """
+        q = update(RunRow).where(RunRow.outcome == RUNNING)
+        if node is not None:
+            q = q.where(RunRow.node == node)
+        if kind is not None:
+            q = q.where(RunRow.kind == kind)
+        if policy is not None:
+            q = q.where(RunRow.policy == policy)
         with self.session() as s:
             result = s.execute(
-                update(RunRow)
-                .where(RunRow.outcome == RUNNING, RunRow.node == node)
-                .values(outcome=RUN_FAILED, error_kind="Interrupted", error="the daemon stopped during this run",
+                q.values(outcome=RUN_FAILED, error_kind="Interrupted", error="the daemon stopped during this run",
                         finished_at=now_utc())
             )
             return result.rowcount or 0
@@ -648,6 +665,12 @@ class Catalog:
         except sa_exc.IntegrityError:
             return False  # another holder created it first
         return True
+
+    @_translated
+    def lease_holders(self) -> dict[str, str]:
+        """name -> holder of every lease, expired or not."""
+        with self.session() as s:
+            return {name: holder for name, holder in s.execute(select(LeaseRow.name, LeaseRow.holder)).all()}
 
     @_translated
     def release_lease(self, name: str, holder: str) -> None:

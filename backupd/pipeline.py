@@ -30,6 +30,7 @@ from backupd.kubelet import KubeletClient, Target
 from backupd.metrics import Metrics
 from backupd.node import CheckpointDir
 from backupd.policy import Policy
+from backupd.prune import release_dead_leases
 from backupd.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader
 from backupd.workload import Container, Pod
 
@@ -195,6 +196,20 @@ class Pipeline:
             self.catalog.update_archive(a.id, node_tar_deleted=True)
         return len(doomed)
 
+    def node_lease(self, holder: str, ttl: timedelta = timedelta(minutes=2)) -> bool:
+        """Take (or renew) the lease that says "this process runs checkpoints on this node".
+
+        The daemon holds it for its lifetime; a one-off ``backupd checkpoint`` takes it when no
+        daemon runs. Its holder alone may :meth:`reconcile`.
+        """
+        name = f"node/{self.node}"
+        return self.catalog.acquire_lease(name, holder, ttl) or bool(
+            release_dead_leases(self.catalog) and self.catalog.acquire_lease(name, holder, ttl)
+        )
+
+    def release_node_lease(self, holder: str) -> None:
+        self.catalog.release_lease(f"node/{self.node}", holder)
+
     def sweep_node(self, max_age: timedelta) -> list[str]:
         """Remove node-local tars older than ``max_age`` that no committed archive keeps.
 
@@ -219,19 +234,27 @@ class Pipeline:
         return removed
 
     def reconcile(self) -> dict[str, int]:
-        """Settle what a crash of this node's daemon left behind; run at start-up.
+        """Settle what a crash of this node's daemon left behind; run at start-up, and only by
+        the holder of the node lease (see :func:`node_lease`): rows another live process on this
+        node is still working on must not be touched.
 
         * runs still ``running`` become failed runs (``Interrupted``);
-        * ``pending`` archives whose manifest exists were committed: the row is completed from
-          the manifest; those without a manifest are failed and any object is deleted;
+        * ``pending`` archives: leftovers of their interrupted puts are removed; those whose
+          manifest exists were committed (the row is completed from the manifest); those
+          without a manifest are failed and any object is deleted;
         * their node-local tars are removed.
         """
-        counts = {"interrupted_runs": self.catalog.fail_interrupted_runs(self.node), "completed": 0, "failed": 0}
+        counts = {"leases_released": len(release_dead_leases(self.catalog)),
+                  "interrupted_runs": self.catalog.fail_interrupted_runs(node=self.node, kind="checkpoint"),
+                  "completed": 0, "failed": 0}
         for a in self.catalog.list_archives(states=(PENDING,), node=self.node):
             backend = self.backends.get(a.backend)
             if backend is None:
                 log.warning("reconcile_unknown_backend", archive_id=a.id, backend=a.backend)
                 continue
+            # A put the crash interrupted left a temp file or an unfinished multipart upload.
+            backend.abort_incomplete(timedelta(0), key=a.key)
+            backend.abort_incomplete(timedelta(0), key=layout.manifest_key(a.key))
             try:
                 data = backend.read_bytes(layout.manifest_key(a.key))
             except StorageNotFound:

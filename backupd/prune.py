@@ -109,7 +109,38 @@ class PruneResult:
 
 
 def lease_holder() -> str:
+    """``host:pid:random`` -- enough for a restarted daemon to recognise its dead predecessors."""
     return f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True for a holder on this host whose process is gone (a previous, killed incarnation).
+
+    Holders on other hosts are never judged: their leases simply expire.
+    """
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != os.uname().nodename or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def release_dead_leases(catalog: Catalog) -> list[str]:
+    """Free leases left by killed processes on this host, so a restart does not wait for expiry."""
+    freed = []
+    for name, holder in catalog.lease_holders().items():
+        if holder_is_dead(holder):
+            catalog.release_lease(name, holder)
+            freed.append(name)
+    if freed:
+        log.info("dead_leases_released", leases=freed)
+    return freed
 
 
 class Pruner:
@@ -119,6 +150,7 @@ class Pruner:
         backends: dict[str, Backend],
         *,
         holder: str | None = None,
+        node: str = "",
         lease_ttl: timedelta = timedelta(minutes=15),
         failed_row_age: timedelta = timedelta(hours=1),
         clock: Callable[[], datetime] = now_utc,
@@ -128,6 +160,7 @@ class Pruner:
         self.catalog = catalog
         self.backends = backends
         self.holder = holder or lease_holder()
+        self.node = node or self.holder.split(":")[0]
         self.lease_ttl = lease_ttl
         self.failed_row_age = failed_row_age
         self.clock = clock
@@ -146,9 +179,13 @@ class Pruner:
             result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
             return result
         lease = f"prune/{policy.name}"
-        if not self.catalog.acquire_lease(lease, self.holder, self.lease_ttl):
+        if not self.catalog.acquire_lease(lease, self.holder, self.lease_ttl) and not (
+            release_dead_leases(self.catalog) and self.catalog.acquire_lease(lease, self.holder, self.lease_ttl)
+        ):
             raise LeaseHeld(f"another backupd is pruning policy {policy.name!r}; try again later")
-        run_id = self.catalog.start_run("prune", policy=policy.name, node=self.holder.split(":")[0])
+        # with the lease ours, a prune run still "running" belongs to a holder that died
+        self.catalog.fail_interrupted_runs(kind="prune", policy=policy.name)
+        run_id = self.catalog.start_run("prune", policy=policy.name, node=self.node)
         try:
             result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
             if result.resumed:

@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from backupd import retry
 from backupd.catalog import RUN_FAILED, SKIPPED, Catalog, now_utc
-from backupd.errors import BackupdError, NotFound
+from backupd.errors import BackupdError, LeaseHeld, NotFound
 from backupd.kubelet import KubeletClient
 from backupd.pipeline import Outcome, Pipeline
 from backupd.policy import Policy
@@ -201,6 +201,7 @@ class Daemon:
         maintenance: Callable[[], None] | None = None,
         maintenance_interval: timedelta = timedelta(hours=1),
         drill: Callable[[Policy], None] | None = None,
+        holder: str = "backupd",
         clock: Callable[[], datetime] = now_utc,
     ) -> None:
         self.runner = runner
@@ -210,6 +211,7 @@ class Daemon:
         self.maintenance = maintenance
         self.maintenance_interval = maintenance_interval
         self.drill = drill
+        self.holder = holder
         self.clock = clock
         self.scheduler = BackgroundScheduler(
             executors={"default": APThreadPool(max_workers=16)},
@@ -293,10 +295,24 @@ class Daemon:
         self.scheduler.add_job(self._run_drill, trigger=schedule.trigger(start=now), args=[policy.name], id=job_id,
                                name=f"restore drill {policy.name}", replace_existing=True)
 
+    def _renew_node_lease(self) -> None:
+        try:
+            if not self.runner.pipeline.node_lease(self.holder):
+                log.error("node_lease_lost", node=self.runner.pipeline.node)
+        except BackupdError as exc:
+            log.warning("node_lease_renewal_failed", error=str(exc))
+
     def start(self) -> None:
+        """Take the node lease (refusing to start beside a live daemon of the same node),
+        reconcile what a crash left, then schedule every policy."""
         self.catalog.check_schema()
-        self.runner.pipeline.reconcile()
+        pipeline = self.runner.pipeline
+        if not pipeline.node_lease(self.holder):
+            raise LeaseHeld(f"another backupd daemon is running for node {pipeline.node!r} (it holds the node "
+                            "lease in the catalog); if it was killed on another host, its lease expires in 2 minutes")
+        pipeline.reconcile()
         self.scheduler.start(paused=True)
+        self.scheduler.add_job(self._renew_node_lease, "interval", seconds=30, id="__node_lease__")
         self.sync_jobs()
         if self.maintenance is not None:
             self.scheduler.add_job(self._run_maintenance, "interval", seconds=self.maintenance_interval.total_seconds(),
@@ -322,6 +338,8 @@ class Daemon:
         finished = self.runner.drain(grace_seconds)
         if not finished:
             log.warning("shutdown_grace_exceeded", grace_seconds=grace_seconds)
+        else:
+            self.runner.pipeline.release_node_lease(self.holder)
         self.runner.close()
         log.info("daemon_stopped", clean=finished)
         return finished

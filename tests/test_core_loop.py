@@ -193,7 +193,7 @@ def test_reconcile_settles_what_a_crash_left(app_factory, sim: NodeSimulator, tm
     app.catalog.update_archive(undone.id, state=PENDING, node_tar_deleted=False)
     app.catalog.start_run("checkpoint", policy="web", node="sim-node")  # a run the crash interrupted
     counts = app.pipeline.reconcile()
-    assert counts == {"interrupted_runs": 1, "completed": 1, "failed": 1}
+    assert counts == {"interrupted_runs": 1, "completed": 1, "failed": 1, "leases_released": 0}
     assert app.catalog.get_archive(done.id).state == COMMITTED
     assert app.catalog.get_archive(undone.id).state == FAILED
     assert backend.stat(undone.key) is None

@@ -9,7 +9,9 @@ from backupd.config import BackendConfig, FilesystemBackendConfig, S3BackendConf
 __all__ = ["Backend", "ObjectInfo", "open_backend", "open_backends"]
 
 
-def open_backend(cfg: BackendConfig, *, retries: bool = True) -> Backend:
+def open_backend(cfg: BackendConfig, *, retries: bool = True, faults: str | None = None) -> Backend:
+    """``faults``: a JSON fault list (see :func:`backupd.backends.wrappers.faults_from_json`),
+    injected between the backend and the retry wrapper -- for crash tests only."""
     backend: Backend
     if isinstance(cfg, FilesystemBackendConfig):
         from backupd.backends.filesystem import FilesystemBackend
@@ -28,6 +30,10 @@ def open_backend(cfg: BackendConfig, *, retries: bool = True) -> Backend:
         )
     else:  # pragma: no cover - the config model admits no other type
         raise TypeError(type(cfg))
+    if faults:
+        from backupd.backends.wrappers import FaultInjectingBackend, faults_from_json
+
+        backend = FaultInjectingBackend(backend, faults_from_json(faults))
     if retries:
         from backupd.backends.wrappers import RetryingBackend
 
@@ -35,5 +41,5 @@ def open_backend(cfg: BackendConfig, *, retries: bool = True) -> Backend:
     return backend
 
 
-def open_backends(configs: list[BackendConfig]) -> dict[str, Backend]:
-    return {cfg.name: open_backend(cfg) for cfg in configs}
+def open_backends(configs: list[BackendConfig], *, faults: str | None = None) -> dict[str, Backend]:
+    return {cfg.name: open_backend(cfg, faults=faults) for cfg in configs}

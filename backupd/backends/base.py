@@ -17,8 +17,10 @@ in-memory one used by tests -- passes the same contract suite (``tests/backends/
   ``prefix`` (in no particular order); temporary or incomplete uploads are never listed.
 * ``delete(key)`` is idempotent: deleting a missing key is not an error.
 * ``delete_many(keys)`` deletes several keys; backends with a batch API override it.
-* ``abort_incomplete(older_than)`` removes leftovers of interrupted puts (temp files,
-  unfinished multipart uploads) older than ``older_than`` and returns how many it removed.
+* ``abort_incomplete(older_than, key=None)`` removes leftovers of interrupted puts (temp files,
+  unfinished multipart uploads) older than ``older_than`` and returns how many it removed;
+  with ``key``, only those of that key, whatever their age (a restarted daemon cleaning up
+  after its own killed upload, which it knows by its pending catalog row).
 
 Errors raised are always :mod:`backupd.errors` classes; foreign exceptions are translated inside
 each backend module. Retrying, dry-run and fault injection are wrappers around a backend
@@ -83,7 +85,7 @@ class Backend(abc.ABC):
         for key in keys:
             self.delete(key)
 
-    def abort_incomplete(self, older_than: timedelta) -> int:
+    def abort_incomplete(self, older_than: timedelta, key: str | None = None) -> int:
         return 0
 
     def describe(self) -> str:

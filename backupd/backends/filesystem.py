@@ -169,22 +169,24 @@ class FilesystemBackend(Backend):
         except OSError as exc:
             raise translate_os_error(exc, f"deleting {key!r} from backend {self.name!r}") from exc
 
-    def abort_incomplete(self, older_than: timedelta) -> int:
-        if not self.root.is_dir():
-            return 0
-        cutoff = datetime.now(UTC).timestamp() - older_than.total_seconds()
+    def abort_incomplete(self, older_than: timedelta, key: str | None = None) -> int:
+        if key is not None:
+            path = self._path(key)
+            candidates = list(path.parent.glob(f"{TEMP_PREFIX}{path.name}.*")) if path.parent.is_dir() else []
+            cutoff = float("inf")
+        else:
+            if not self.root.is_dir():
+                return 0
+            candidates = [Path(d, f) for d, _, files in os.walk(self.root) for f in files if f.startswith(TEMP_PREFIX)]
+            cutoff = datetime.now(UTC).timestamp() - older_than.total_seconds()
         removed = 0
-        for dirpath, _dirnames, filenames in os.walk(self.root):
-            for filename in filenames:
-                if not filename.startswith(TEMP_PREFIX):
-                    continue
-                full = Path(dirpath, filename)
-                try:
-                    if full.lstat().st_mtime < cutoff:
-                        full.unlink()
-                        removed += 1
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise translate_os_error(exc, f"cleaning temp files in backend {self.name!r}") from exc
+        for full in candidates:
+            try:
+                if full.lstat().st_mtime < cutoff:
+                    full.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise translate_os_error(exc, f"cleaning temp files in backend {self.name!r}") from exc
         return removed

@@ -774,20 +774,20 @@ class S3Backend(Backend):
             sample = ", ".join(f"{k!r} ({e.message})" for k, e in itertools.islice(failures.items(), 3))
             raise BatchDeleteError(f"{what}: {len(failures)} key(s) could not be deleted: {sample}", failures)
 
-    def abort_incomplete(self, older_than: timedelta) -> int:
+    def abort_incomplete(self, older_than: timedelta, key: str | None = None) -> int:
         """Abort multipart uploads under the prefix initiated more than ``older_than`` ago.
 
         Only call this with an age no in-progress upload can reach (hours, not seconds): another
-        node's upload that is still running is indistinguishable from an abandoned one.
+        node's upload that is still running is indistinguishable from an abandoned one. With
+        ``key``, the uploads of exactly that key are aborted whatever their age.
         """
         what = f"aborting incomplete uploads in backend {self.describe()}"
-        cutoff = datetime.now(UTC) - older_than
+        cutoff = datetime.max.replace(tzinfo=UTC) if key is not None else datetime.now(UTC) - older_than
+        prefix = self._full(check_key(key)) if key is not None else self._key_prefix
         removed = 0
         with self._edge(what):
             pages = iter(
-                self._client.get_paginator("list_multipart_uploads").paginate(
-                    Bucket=self.bucket, Prefix=self._key_prefix
-                )
+                self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
             )
         while True:
             with self._edge(what):
@@ -795,7 +795,7 @@ class S3Backend(Backend):
             if page is None:
                 return removed
             for upload in page.get("Uploads", ()):
-                if upload["Initiated"] > cutoff:
+                if upload["Initiated"] > cutoff or (key is not None and upload["Key"] != prefix):
                     continue
                 try:
                     self._call(

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,8 +54,8 @@ class _Wrapper(Backend):
     def delete_many(self, keys: Iterable[str]) -> None:
         self.inner.delete_many(keys)
 
-    def abort_incomplete(self, older_than: timedelta) -> int:
-        return self.inner.abort_incomplete(older_than)
+    def abort_incomplete(self, older_than: timedelta, key: str | None = None) -> int:
+        return self.inner.abort_incomplete(older_than, key)
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -185,8 +188,8 @@ class RetryingBackend(_Wrapper):
         keys = list(keys)  # a retry needs them again
         self._run("delete_many", lambda: self.inner.delete_many(keys))
 
-    def abort_incomplete(self, older_than: timedelta) -> int:
-        return self._run("abort_incomplete", lambda: self.inner.abort_incomplete(older_than))
+    def abort_incomplete(self, older_than: timedelta, key: str | None = None) -> int:
+        return self._run("abort_incomplete", lambda: self.inner.abort_incomplete(older_than, key))
 
 
 # -- dry run ------------------------------------------------------------------------------------
@@ -240,8 +243,8 @@ class DryRunBackend(_Wrapper):
         for key in keys:
             self.delete(key)
 
-    def abort_incomplete(self, older_than: timedelta) -> int:
-        self._record(PlannedAction("abort_incomplete", None))
+    def abort_incomplete(self, older_than: timedelta, key: str | None = None) -> int:
+        self._record(PlannedAction("abort_incomplete", key))
         return 0
 
 
@@ -256,8 +259,8 @@ class Fault:
 
     It applies to calls of ``operation`` (one of :data:`OPERATIONS`, or ``"*"``) whose key
     matches the ``fnmatch`` pattern ``key`` (``list`` matches its prefix, ``delete_many`` any of
-    its keys, ``abort_incomplete`` the empty string), and fires ``times`` times (``None``: on
-    every matching call). What it does:
+    its keys, ``abort_incomplete`` its key or the empty string), lets the first ``skip`` matching
+    calls through, then fires ``times`` times (``None``: on every matching call). What it does:
 
     * ``error`` alone: the call raises it without reaching the wrapped backend;
       with ``after=True``, the wrapped backend does the operation first and the error is raised
@@ -278,7 +281,9 @@ class Fault:
     truncate_at: int | None = None
     flip_bit: int | None = None
     times: int | None = 1
+    skip: int = 0  # let this many matching calls through before firing
     fired: int = field(default=0, init=False)
+    seen: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.operation != "*" and self.operation not in OPERATIONS:
@@ -387,6 +392,9 @@ class FaultInjectingBackend(_Wrapper):
                     continue
                 if not any(fnmatch.fnmatchcase(k, fault.key) for k in keys):
                     continue
+                fault.seen += 1
+                if fault.seen <= fault.skip:
+                    continue
                 fault.fired += 1
                 taken.append(fault)
                 self.fired.append((operation, keys[0] if len(keys) == 1 else ",".join(keys), fault))
@@ -449,5 +457,43 @@ class FaultInjectingBackend(_Wrapper):
         keys = list(keys)
         self._call("delete_many", keys, lambda: self.inner.delete_many(keys))
 
-    def abort_incomplete(self, older_than: timedelta) -> int:
-        return self._call("abort_incomplete", [""], lambda: self.inner.abort_incomplete(older_than))
+    def abort_incomplete(self, older_than: timedelta, key: str | None = None) -> int:
+        return self._call("abort_incomplete", [key or ""], lambda: self.inner.abort_incomplete(older_than, key))
+
+
+def _kill_self() -> BaseException:
+    """A fault that is a crash: the process dies at once, as with ``kill -9``."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable: SIGKILL was sent to this process")  # pragma: no cover
+
+
+def faults_from_json(text: str) -> list[Fault]:
+    """Faults described as JSON, for crash tests of a real daemon process.
+
+    ``[{"operation": "put", "key": "*.json", "after": true, "kill": true}, {"operation":
+    "delete_many", "error": "StorageUnavailable", "times": 2}]``. ``kill`` SIGKILLs the process
+    (``after``: once the wrapped backend has done the operation); ``error`` names a class of
+    :mod:`backupd.errors`. Read from ``BACKUPD_FAULTS`` by the composition root; never set it
+    outside tests.
+    """
+    from backupd import errors
+
+    try:
+        specs = json.loads(text)
+        if not isinstance(specs, list):
+            raise ValueError("expected a JSON list")
+        faults = []
+        for spec in specs:
+            error: Any
+            if spec.get("kill"):
+                error = _kill_self
+            else:
+                cls = getattr(errors, spec["error"])
+                message = spec.get("message", f"injected {spec['error']}")
+                error = lambda cls=cls, message=message: cls(message)  # noqa: E731
+            faults.append(Fault(spec["operation"], key=spec.get("key", "*"), error=error,
+                                after=bool(spec.get("after", False)), times=spec.get("times", 1),
+                                skip=int(spec.get("skip", 0))))
+        return faults
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidInput(f"BACKUPD_FAULTS is not a valid fault list: {exc}") from None

@@ -35,8 +35,15 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
     policies = [runner.load_policy(policy_name)] if policy_name else runner.policies()
     if not policies:
         raise PolicyError("no policies in the catalog: apply one with `backupd policy apply -f FILE`")
-    app.pipeline.reconcile()
-    results = [runner.cycle(p) for p in policies]
+    # Without a daemon on this node, this run owns the node: settle what a crash left first.
+    owns_node = app.pipeline.node_lease(app.holder)
+    if owns_node:
+        app.pipeline.reconcile()
+    try:
+        results = [runner.cycle(p) for p in policies]
+    finally:
+        if owns_node:
+            app.pipeline.release_node_lease(app.holder)
     if output == "json":
         print_json([
             {
