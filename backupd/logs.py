@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from typing import Any
 
 import structlog
@@ -22,6 +23,22 @@ def redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str,
         if _SECRET_KEYS.search(key):
             event[key] = "[redacted]"
     return event
+
+
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is at the time of writing.
+
+    structlog's PrintLogger keeps the file it was given; a test harness (or a daemoniser) that
+    swaps stderr would then leave the daemon logging into a closed file.
+    """
+
+    _lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
 def configure(*, json_output: bool | None = None, level: str = "info") -> None:
@@ -39,7 +56,7 @@ def configure(*, json_output: bool | None = None, level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
     # Foreign libraries log through stdlib logging; keep them quiet unless something is wrong.

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -13,7 +14,7 @@ import structlog
 
 # Each module registers its commands on the group when imported.
 import backupd.cli.restore  # noqa: F401
-from backupd.cli import archives, daemon, db, policy, retention, verify  # noqa: F401
+from backupd.cli import archives, daemon, db, doctor, policy, retention, verify  # noqa: F401
 from backupd.cli.base import cli, human_bytes, print_json, print_table
 from backupd.errors import EXIT_INTERNAL, BackupdError
 
@@ -29,6 +30,9 @@ def _attach_optional_commands() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    # Archives hold process memory: everything backupd creates -- archives, temp files, the
+    # SQLite catalog and its -wal/-shm files, restored tars, reports -- is private to its owner.
+    os.umask(0o077)
     _attach_optional_commands()
     try:
         code = cli.main(args=list(argv) if argv is not None else None, prog_name="backupd", standalone_mode=False)
