@@ -68,6 +68,7 @@ class App:
             node=self.node,
             min_free_space=self.config.daemon.min_free_space,
             metrics=self.metrics,
+            recipients={b.name: b.encryption_recipients for b in self.config.backends},
         )
 
     @functools.cached_property

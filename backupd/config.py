@@ -118,14 +118,27 @@ class DaemonConfig(_Section):
         return _read_secret_file(self.api_token_file, "daemon.api_token_file") if self.api_token_file else None
 
 
-class FilesystemBackendConfig(_Section):
+class _BackendSection(_Section):
     name: str
+    #: client-side encryption: archives are age-encrypted to these recipients (age1...) before
+    #: they leave the node; restores need a matching identity (``age -d -i`` works too)
+    encryption_recipients: list[str] = Field(default_factory=list)
+
+    @field_validator("encryption_recipients")
+    @classmethod
+    def _recipients(cls, v: list[str]) -> list[str]:
+        for i, r in enumerate(v):
+            if not re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", r.strip()):
+                raise ValueError(f"entry {i} is not an age X25519 recipient (age1 followed by 58 characters)")
+        return [r.strip() for r in v]
+
+
+class FilesystemBackendConfig(_BackendSection):
     type: Literal["filesystem"]
     path: Path
 
 
-class S3BackendConfig(_Section):
-    name: str
+class S3BackendConfig(_BackendSection):
     type: Literal["s3"]
     bucket: str
     prefix: str = ""
@@ -142,7 +155,6 @@ class S3BackendConfig(_Section):
     sse_kms_key_id: str | None = None
     part_size: Size = 8 << 20
     max_concurrency: int = Field(default=4, ge=1, le=32)
-    encryption_recipients: list[str] = Field(default_factory=list)
 
     _parse_size = field_validator("part_size", mode="before")(lambda cls, v: parse_size(v))
 

@@ -31,7 +31,7 @@ from backupd.metrics import Metrics
 from backupd.node import CheckpointDir
 from backupd.policy import Policy
 from backupd.prune import release_dead_leases
-from backupd.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader
+from backupd.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader, parse_recipients
 from backupd.workload import Container, Pod
 
 log = structlog.get_logger("backupd.pipeline")
@@ -53,6 +53,7 @@ class Pipeline:
         checkpoint_dir: CheckpointDir,
         node: str,
         min_free_space: int = 0,
+        recipients: dict[str, list[str]] | None = None,
         kubelet_backoff: retry.Backoff = retry.Backoff(attempts=3, base_delay=1.0, max_delay=20.0),
         level: int = DEFAULT_LEVEL,
         threads: int = DEFAULT_THREADS,
@@ -61,6 +62,9 @@ class Pipeline:
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        # parsed once: a bad recipient is a config error at start-up, not a failed run later
+        self.recipients = {name: parse_recipients(r, f"backends[{name}].encryption_recipients")
+                           for name, r in (recipients or {}).items() if r}
         self.catalog = catalog
         self.backends = backends
         self.kubelet = kubelet
@@ -130,25 +134,28 @@ class Pipeline:
         no object visible, or returns the committed archive.
         """
         backend = self.backends[policy.spec.backend]
+        recipients = self.recipients.get(backend.name, [])
         archive_id = layout.new_archive_id()
-        key = layout.archive_key(pod.namespace, pod.workload.segment, container.name, when, archive_id)
+        key = layout.archive_key(pod.namespace, pod.workload.segment, container.name, when, archive_id,
+                                 encrypted=bool(recipients))
         pending = Archive(
             id=archive_id, state=PENDING, policy=policy.name, backend=backend.name, key=key, node=self.node,
             namespace=pod.namespace, pod=pod.name, workload=str(pod.workload), container=container.name,
             image=container.image, checkpoint_time=when, created_at=self.clock(), node_path=node_path.name,
+            encryption="age" if recipients else "none",
         )
         self.catalog.add_archive(pending)
         upload_started = time.monotonic()
         try:
             with self.checkpoint_dir.open(node_path.name) as raw:
-                reader = PackingReader(raw, level=self.level, threads=self.threads)
+                reader = PackingReader(raw, level=self.level, threads=self.threads, recipients=recipients)
                 backend.put(key, reader)
             manifest = layout.Manifest(
                 archive_id=archive_id, key=key, node=self.node, namespace=pod.namespace, pod=pod.name,
                 workload=str(pod.workload), container=container.name, image=container.image,
                 checkpoint_time=when, tar_size=reader.tar_size, stored_size=reader.stored_size,
                 tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256, compression="zstd",
-                encryption="none", policy=policy.name, backupd_version=__version__, labels=dict(pod.labels),
+                encryption=reader.encryption, policy=policy.name, backupd_version=__version__, labels=dict(pod.labels),
             )
             try:
                 backend.put_bytes(layout.manifest_key(key), manifest.to_json())

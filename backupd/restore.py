@@ -27,7 +27,7 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,17 +152,19 @@ def verified_manifest(backend: Backend, archive: Archive) -> layout.Manifest:
 
 
 @contextlib.contextmanager
-def open_archive(backends: Mapping[str, Backend], archive: Archive) -> Iterator[UnpackingReader]:
+def open_archive(backends: Mapping[str, Backend], archive: Archive,
+                 identities: Sequence[Any] = ()) -> Iterator[UnpackingReader]:
     """The archive's tar as a verified stream (see :class:`~backupd.transfer.UnpackingReader`).
 
     Digests and sizes come from the manifest after :func:`verified_manifest` checked them against
     the catalog, so a mismatch on either side, a bit flip or a truncation raises
     :class:`~backupd.errors.IntegrityError` naming the archive from the final ``read``.
+    An age-encrypted archive needs ``identities`` (:func:`backupd.transfer.load_identities`).
     """
-    if archive.encryption not in ("none", ""):
+    if archive.encryption == "age" and not identities:
         raise InvalidInput(
-            f"archive {archive.id} is encrypted ({archive.encryption}); this backupd cannot decrypt it: follow the "
-            "README's 'restore without backupd' steps with `age -d -i IDENTITY`"
+            f"archive {archive.id} is encrypted with age: pass --identity-file with the key it was encrypted "
+            "to (or follow the README's 'restore without backupd' steps with `age -d -i IDENTITY`)"
         )
     backend = backends.get(archive.backend)
     if backend is None:
@@ -176,6 +178,7 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive) -> Iterator[
             stream, what=f"archive {archive.id} ({backend.name}:{archive.key})",
             tar_sha256=manifest.tar_sha256, stored_sha256=manifest.stored_sha256,
             tar_size=manifest.tar_size, stored_size=manifest.stored_size,
+            encryption=archive.encryption, identities=identities,
         )
     finally:
         stream.close()

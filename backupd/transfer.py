@@ -1,23 +1,31 @@
 """One-pass streams between a checkpoint tar and its stored form.
 
 :class:`PackingReader` reads the node's tar exactly once and, in the same pass, hashes it,
-compresses it with zstd and hashes the compressed bytes; a backend pulls from it with
-``read(n)``. Memory is a few buffers regardless of archive size. It is seekable to its start
-so that a retry wrapper can restart a failed put without the caller's help.
+compresses it with zstd, optionally encrypts it to age recipients, and hashes the stored
+bytes; a backend pulls from it with ``read(n)``. Memory is a few buffers regardless of archive
+size. It is seekable to its start so that a retry wrapper can restart a failed put without the
+caller's help.
 
-:class:`UnpackingReader` is the reverse for restores: it decompresses a stored object and
-checks both digests and sizes when the stream ends, raising :class:`DigestMismatch` *before*
-the caller can treat the data as complete.
+:class:`UnpackingReader` is the reverse for restores: it decrypts (with an age identity) and
+decompresses a stored object and checks both digests and sizes when the stream ends, raising
+:class:`DigestMismatch` *before* the caller can treat the data as complete.
+
+The stored forms are standard: ``zstd -d`` (after ``age -d -i IDENTITY`` when encrypted) gives
+back the kubelet's tar byte for byte. pyrage (the age binding) is push-style; :class:`_Filter`
+runs it on a thread and turns its output back into ``read(n)``, with a bounded queue between.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import BinaryIO
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
 
 import zstandard
 
-from backupd.errors import IntegrityError
+from backupd.errors import BackupdError, IntegrityError, InvalidInput
 
 READ_SIZE = 1 << 20
 DEFAULT_LEVEL = 1  # chosen by measurement on memory-like data: see BENCHMARKS.md
@@ -41,19 +49,139 @@ class _HashingSource:
         return data
 
 
-class PackingReader:
-    """tar bytes in, zstd bytes out; ``tar_sha256``/``stored_sha256`` valid once drained."""
+class _Filter:
+    """``fn(source, sink)`` -- a push-style filter such as ``pyrage.encrypt_io`` -- on a thread,
+    read from the other end with ``read(n)``. At most ``depth`` chunks wait in between."""
 
-    def __init__(self, raw: BinaryIO, *, level: int = DEFAULT_LEVEL, threads: int = DEFAULT_THREADS) -> None:
+    def __init__(self, fn: Callable[[Any, Any], None], source: Any, *, what: str, depth: int = 16) -> None:
+        self.what = what
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._buffer = bytearray()
+        self._eof = False
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn, source), name="age", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[Any, Any], None], source: Any) -> None:
+        try:
+            fn(source, self)
+        except BaseException as exc:  # handed to the reading side, which raises it
+            self._put(("error", exc), final=True)
+            return
+        self._put(("eof", None), final=True)
+
+    def _put(self, item: tuple[str, Any], final: bool = False) -> None:
+        while not self._cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        if not final:
+            raise OSError("stream cancelled")
+
+    def write(self, data: bytes) -> int:
+        self._put(("data", bytes(data)))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def read(self, n: int = -1) -> bytes:
+        n = READ_SIZE if n is None or n < 0 else n
+        while len(self._buffer) < n and not self._eof:
+            kind, value = self._queue.get()
+            if kind == "data":
+                self._buffer += value
+            elif kind == "eof":
+                self._eof = True
+            else:
+                self._eof = True
+                if isinstance(value, BackupdError):
+                    raise value
+                # pyrage reports a corrupt or truncated ciphertext as a plain OSError
+                raise IntegrityError(f"{self.what}: age could not process the stream: {value}") from None
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    def close(self) -> None:
+        self._cancelled.set()
+        self._thread.join(timeout=5)
+
+
+def parse_recipients(recipients: Sequence[str], where: str) -> list[Any]:
+    """age recipients (``age1...``) from config; errors name the setting, never a key."""
+    import pyrage
+
+    parsed = []
+    for i, text in enumerate(recipients):
+        try:
+            parsed.append(pyrage.x25519.Recipient.from_str(text.strip()))
+        except Exception:
+            raise InvalidInput(f"{where}[{i}]: not an age X25519 recipient (expected age1...)") from None
+    return parsed
+
+
+def load_identities(path: str, where: str) -> list[Any]:
+    """age identities from an identity file (``age-keygen`` output); the keys are never echoed."""
+    import pyrage
+
+    try:
+        lines = open(path).read().splitlines()  # noqa: SIM115 - short read of a small key file
+    except OSError as exc:
+        raise InvalidInput(f"{where}: cannot read {path!r}: {exc.strerror}") from None
+    identities = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            try:
+                identities.append(pyrage.x25519.Identity.from_str(line))
+            except Exception:
+                raise InvalidInput(f"{where}: {path!r} holds a line that is not an age identity") from None
+    if not identities:
+        raise InvalidInput(f"{where}: {path!r} holds no age identity (AGE-SECRET-KEY-1...)")
+    return identities
+
+
+def _encrypt(recipients: Sequence[Any]) -> Callable[[Any, Any], None]:
+    import pyrage
+
+    return lambda source, sink: pyrage.encrypt_io(source, sink, list(recipients))
+
+
+def _decrypt(identities: Sequence[Any]) -> Callable[[Any, Any], None]:
+    import pyrage
+
+    return lambda source, sink: pyrage.decrypt_io(source, sink, list(identities))
+
+
+class PackingReader:
+    """tar bytes in, stored bytes (zstd, or age(zstd) with ``recipients``) out;
+    ``tar_sha256``/``stored_sha256`` are valid once the stream is drained."""
+
+    def __init__(self, raw: BinaryIO, *, level: int = DEFAULT_LEVEL, threads: int = DEFAULT_THREADS,
+                 recipients: Sequence[Any] = ()) -> None:
         self._raw = raw
         self._start = raw.tell() if raw.seekable() else 0
         self._level, self._threads = level, threads
+        self._recipients = list(recipients)
+        self._filter: _Filter | None = None
         self._reset()
 
+    @property
+    def encryption(self) -> str:
+        return "age" if self._recipients else "none"
+
     def _reset(self) -> None:
+        if self._filter is not None:
+            self._filter.close()
         self._source = _HashingSource(self._raw)
         cctx = zstandard.ZstdCompressor(level=self._level, threads=self._threads, write_checksum=True)
         self._stream = cctx.stream_reader(self._source, read_size=READ_SIZE)
+        if self._recipients:
+            self._filter = _Filter(_encrypt(self._recipients), self._stream, what="encrypting an archive")
+            self._stream = self._filter  # type: ignore[assignment]
         self._out = hashlib.sha256()
         self.stored_size = 0
         self._done = False
@@ -82,7 +210,9 @@ class PackingReader:
         return data
 
     def seekable(self) -> bool:
-        return self._raw.seekable()
+        # Rewinding would race the encryption thread still reading the old stream; encrypted
+        # puts are retried part by part by the backend instead.
+        return self._raw.seekable() and not self._recipients
 
     def tell(self) -> int:
         return self.stored_size
@@ -124,11 +254,23 @@ class UnpackingReader:
         stored_sha256: str | None,
         tar_size: int | None = None,
         stored_size: int | None = None,
+        encryption: str = "none",
+        identities: Sequence[Any] = (),
     ) -> None:
         self.what = what
         self._expect = (tar_sha256, stored_sha256, tar_size, stored_size)
         self._stored = _HashingSource(stored)
-        self._stream = zstandard.ZstdDecompressor().stream_reader(self._stored, read_size=READ_SIZE, read_across_frames=True)
+        compressed: Any = self._stored
+        self._filter: _Filter | None = None
+        if encryption == "age":
+            if not identities:
+                raise InvalidInput(f"{what} is encrypted with age: give the identity file that decrypts it "
+                                   "(--identity-file)")
+            self._filter = compressed = _Filter(_decrypt(identities), self._stored, what=what)
+        elif encryption not in ("none", ""):
+            raise InvalidInput(f"{what}: unknown encryption {encryption!r}")
+        self._stream = zstandard.ZstdDecompressor().stream_reader(compressed, read_size=READ_SIZE,
+                                                                  read_across_frames=True)
         self._tar = hashlib.sha256()
         self.tar_size = 0
         self._done = False
@@ -147,6 +289,8 @@ class UnpackingReader:
             self.tar_size += len(data)
             return data
         self._done = True
+        if self._filter is not None:
+            self._filter.close()
         self._check()
         return b""
 

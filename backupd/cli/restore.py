@@ -26,6 +26,7 @@ from backupd.restore import (
     select_archive,
     verified_manifest,
 )
+from backupd.transfer import load_identities
 
 PASSWORD_ENV = "BACKUPD_REGISTRY_PASSWORD"
 
@@ -87,6 +88,8 @@ def _check_new_file(path: str, flag: str, force: bool) -> None:
 @click.option("--pod-name", help="Name of the restored bare Pod (default: the original pod's name).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Add a label to the restored pod (the archive records only some of the original's).")
+@click.option("--identity-file", metavar="FILE", envvar="BACKUPD_AGE_IDENTITY_FILE",
+              help="age identity file that decrypts encrypted archives (or $BACKUPD_AGE_IDENTITY_FILE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
 def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_dir: str | None, image: str | None,
@@ -94,7 +97,7 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
             container: str | None, force: bool, registry_username: str | None, registry_password_file: str | None,
             registry_ca_file: str | None, insecure_registry: bool, chunk_size: str, mount_from: tuple[str, ...],
             manifest_kind: str | None, node_name: str | None, pin_node: bool, pod_name: str | None,
-            labels: tuple[str, ...], as_json: bool) -> None:
+            labels: tuple[str, ...], identity_file: str | None, as_json: bool) -> None:
     """Restore archive ID (or --latest) to exactly one of --output, --oci-layout or --image.
 
     \b
@@ -138,7 +141,8 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
     result: dict[str, Any] = {"archive": archive.to_json()}
     progress = Progress(archive.tar_size, label=f"restore {archive.id[:8]}", archive_id=archive.id)
 
-    with open_archive(app.backends, archive) as verified, progress:
+    identities = load_identities(identity_file, "--identity-file") if identity_file else []
+    with open_archive(app.backends, archive, identities) as verified, progress:
         if output_file:
             written = restore_to_file(ProgressReader(verified, progress), output_file, overwrite=force)
             result.update(output=str(Path(output_file).absolute()), bytes=written)

@@ -7,6 +7,7 @@ import click
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
 from backupd.errors import IntegrityError
 from backupd.rebuild import rebuild
+from backupd.transfer import load_identities
 from backupd.verify import choose_sample, verify
 
 
@@ -15,9 +16,12 @@ from backupd.verify import choose_sample, verify
 @click.option("--sample", type=click.IntRange(min=1), help="Check N archives at random (always each policy's newest).")
 @click.option("--structure/--no-structure", default=True, show_default=True,
               help="Also check each tar is a checkpoint archive (config.dump, spec.dump, checkpoint/).")
+@click.option("--identity-file", metavar="FILE", envvar="BACKUPD_AGE_IDENTITY_FILE",
+              help="age identity for encrypted archives; without it only their stored bytes are checked.")
 @OUTPUT
 @pass_ctx
-def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, structure: bool, output: str) -> None:
+def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, structure: bool,
+               identity_file: str | None, output: str) -> None:
     """Re-read archives and check sizes and SHA-256 against the catalog and manifests.
 
     Exits 7 when anything is missing, corrupt or orphaned.
@@ -25,7 +29,8 @@ def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, struct
     app = ctx.app
     app.catalog.check_schema()
     archives = choose_sample(app.catalog.list_archives(policy=policy_name), sample)
-    report = verify(app.catalog, app.backends, archives, structure=structure)
+    identities = load_identities(identity_file, "--identity-file") if identity_file else []
+    report = verify(app.catalog, app.backends, archives, structure=structure, identities=identities)
     if output == "json":
         print_json(report.to_json())
     else:
