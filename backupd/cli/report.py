@@ -1,0 +1,69 @@
+"""``backupd report``: the retention report as a table, JSON or one self-contained HTML page."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from backupd.cli.base import Context, cli, pass_ctx
+from backupd.errors import InvalidInput
+from backupd.report import DEFAULT_STALE_INTERVALS, load_report, render_html, render_table
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically with mode 0600 (temp file in the same directory,
+    fsync, rename): a reader never sees half a report, and workload names stay private."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # mode 0600
+    except OSError as exc:
+        raise InvalidInput(f"--out {str(path)!r}: cannot write in {str(directory)!r}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with_tmp = Path(tmp)
+        if with_tmp.exists():
+            with_tmp.unlink()
+        raise InvalidInput(f"--out {str(path)!r}: cannot write: {exc.strerror}") from None
+
+
+@cli.command()
+@click.option("--output", "-o", type=click.Choice(["table", "json", "html"]), default="table", show_default=True,
+              help="Output format (html: one self-contained page with a timeline per workload).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file (mode 0600, atomically) instead of standard output.")
+@click.option("--stale-intervals", type=click.IntRange(min=1, max=1000),
+              help="A workload is MISSING after this many scheduled runs without an archive "
+                   f"(default: alerts.stale_intervals, else {DEFAULT_STALE_INTERVALS}).")
+@pass_ctx
+def report(ctx: Context, output: str, out_path: Path | None, stale_intervals: int | None) -> None:
+    """Retention report: per policy and workload, what is kept, how fresh, what the next prune removes.
+
+    Status: OK while the run due after the newest archive is at most half a period late; LATE
+    after that; MISSING once N scheduled runs passed without an archive, or with none at all.
+    """
+    if stale_intervals is None:
+        alerts = getattr(ctx.config, "alerts", None)
+        stale_intervals = getattr(alerts, "stale_intervals", DEFAULT_STALE_INTERVALS)
+    catalog = ctx.app.catalog
+    catalog.check_schema()
+    result = load_report(catalog, stale_intervals=stale_intervals)
+    if output == "json":
+        text = json.dumps(result.to_json(), indent=2) + "\n"
+    elif output == "html":
+        text = render_html(result)
+    else:
+        text = render_table(result)
+    if out_path is None:
+        click.echo(text, nl=False)
+    else:
+        write_private(out_path, text)
+        click.echo(f"wrote {output} report to {out_path}", err=True)
