@@ -64,10 +64,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from backupd import __version__
 from backupd.catalog import RUN_FAILED, SUCCEEDED
+from backupd.config import AlertsConfig, check_webhook_url
 from backupd.errors import ConfigError
 from backupd.report import MISSING, UNMANAGED, Report, WorkloadStatus
 
@@ -76,65 +76,6 @@ log = structlog.get_logger("backupd.alerts")
 MAX_PENDING = 100
 FAILED_RUN, STALE, RECOVERED = "failed_run", "stale", "recovered"
 _ERROR_CHARS = 1000
-
-
-class AlertsConfig(BaseModel):
-    """The ``[alerts]`` config section. No webhook configured means no alerts.
-
-    ``webhook_url`` (or, to keep a secret token out of the config file, ``webhook_url_file``: a
-    file holding the URL); ``format`` ``json`` or ``slack``; ``stale_intervals`` N: alert when a
-    workload's recovery point is older than N schedule intervals (also the report's threshold for
-    MISSING); ``min_interval_seconds`` between two deliveries; ``timeout_seconds`` per delivery;
-    ``ca_file`` to verify an internal CA (TLS is always verified); ``send_recovery``.
-    """
-
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # the URL may hold a token
-
-    webhook_url: SecretStr | None = None
-    webhook_url_file: Path | None = None
-    format: Literal["json", "slack"] = "json"
-    stale_intervals: int = Field(default=3, ge=1, le=1000)
-    min_interval_seconds: float = Field(default=60.0, ge=0)
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-    ca_file: Path | None = None
-    send_recovery: bool = True
-
-    @model_validator(mode="after")
-    def _one_source(self) -> AlertsConfig:
-        if self.webhook_url is not None and self.webhook_url_file is not None:
-            raise ValueError("set alerts.webhook_url or alerts.webhook_url_file, not both")
-        if self.webhook_url is not None:
-            _check_url(self.webhook_url.get_secret_value(), "alerts.webhook_url")
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.webhook_url is not None or self.webhook_url_file is not None
-
-    def resolved_url(self) -> str | None:
-        """The webhook URL (a secret: never log it), read from ``webhook_url_file`` if set."""
-        if self.webhook_url_file is not None:
-            try:
-                url = self.webhook_url_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"alerts.webhook_url_file: cannot read {str(self.webhook_url_file)!r}: "
-                                  f"{exc.strerror}") from None
-            try:
-                _check_url(url, "alerts.webhook_url_file")
-            except ValueError as exc:
-                raise ConfigError(f"{exc} (in {str(self.webhook_url_file)!r})") from None
-            return url
-        return self.webhook_url.get_secret_value() if self.webhook_url is not None else None
-
-
-def _check_url(url: str, key: str) -> None:
-    # The message must not repeat the URL: it may carry a token.
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise ValueError(f"{key}: not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{key}: expected an http:// or https:// URL with a host")
 
 
 def _host(url: str) -> str:
@@ -230,7 +171,7 @@ class Notifier:
         send_recovery: bool = True,
     ) -> None:
         try:
-            _check_url(url, "webhook URL")
+            check_webhook_url(url, "webhook URL")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if format not in ("json", "slack"):

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import structlog
 
+from backupd.alerts import Notifier, check_and_alert, notifier_from_config
 from backupd.api import Api, HttpServer
 from backupd.backends import Backend, open_backends
 from backupd.catalog import RUN_FAILED, SUCCEEDED, Catalog, now_utc
@@ -24,6 +25,7 @@ from backupd.node import CheckpointDir
 from backupd.pipeline import Pipeline
 from backupd.policy import Policy
 from backupd.prune import Pruner, lease_holder, remove_orphans
+from backupd.report import Report, load_report
 from backupd.scheduler import CycleResult, Daemon, Runner
 from backupd.verify import VerifyReport, choose_sample, verify
 
@@ -132,16 +134,35 @@ class App:
             log.error("drill_finished", policy=policy.name, outcome=RUN_FAILED, error=str(error))
         return report
 
+    def report(self) -> Report:
+        return load_report(self.catalog, stale_intervals=self.config.alerts.stale_intervals)
+
+    @functools.cached_property
+    def notifier(self) -> Notifier | None:
+        return notifier_from_config(self.config.alerts, source=self.node)
+
+    def check_alerts(self) -> None:
+        """Alerts come from the cluster-wide report, so one daemon sends them: the holder of the
+        ``alerts`` lease (kept while it lives; a successor re-alerts what is still wrong)."""
+        if self.notifier is None or not self.catalog.acquire_lease("alerts", self.holder, timedelta(minutes=3)):
+            return
+        check_and_alert(self.notifier, self.report())
+
     def http_server(self, listen: str | None = None) -> HttpServer:
         api = Api(self.catalog, self.metrics, token=self.config.daemon.api_token(),
-                  kubelet_probe=self.kubelet.pods)
+                  kubelet_probe=self.kubelet.pods, report=lambda: self.report().to_json())
         return HttpServer(api, listen or self.config.daemon.http_listen)
 
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
+        periodic = {"maintenance": (self.maintenance, timedelta(hours=1))}
+        if self.notifier is not None:
+            periodic["alerts"] = (self.check_alerts, timedelta(minutes=1))
         return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,
-                      maintenance=self.maintenance, drill=self.drill, holder=self.holder)
+                      periodic=periodic, drill=self.drill, holder=self.holder)
 
     def close(self) -> None:
+        if self.__dict__.get("notifier") is not None:
+            self.__dict__["notifier"].close()
         for name in ("runner", "kubelet", "catalog"):
             if name in self.__dict__:
                 self.__dict__[name].close()

@@ -46,7 +46,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.types import TypeDecorator
 
 from backupd import retry
-from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated
+from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated, scrub
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -580,7 +580,7 @@ class Catalog:
                 row.archive_id = archive_id
             if error is not None:
                 row.error_kind = getattr(error, "kind", type(error).__name__)
-                row.error = str(error)
+                row.error = scrub(str(error))
             return _run(row)
 
     @_translated

@@ -12,8 +12,9 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backupd.errors import ConfigError
@@ -178,6 +179,65 @@ class S3BackendConfig(_BackendSection):
 BackendConfig = Annotated[FilesystemBackendConfig | S3BackendConfig, Field(discriminator="type")]
 
 
+class AlertsConfig(BaseModel):
+    """The ``[alerts]`` config section. No webhook configured means no alerts.
+
+    ``webhook_url`` (or, to keep a secret token out of the config file, ``webhook_url_file``: a
+    file holding the URL); ``format`` ``json`` or ``slack``; ``stale_intervals`` N: alert when a
+    workload's recovery point is older than N schedule intervals (also the report's threshold for
+    MISSING); ``min_interval_seconds`` between two deliveries; ``timeout_seconds`` per delivery;
+    ``ca_file`` to verify an internal CA (TLS is always verified); ``send_recovery``.
+    """
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # the URL may hold a token
+
+    webhook_url: SecretStr | None = None
+    webhook_url_file: Path | None = None
+    format: Literal["json", "slack"] = "json"
+    stale_intervals: int = Field(default=3, ge=1, le=1000)
+    min_interval_seconds: float = Field(default=60.0, ge=0)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    ca_file: Path | None = None
+    send_recovery: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AlertsConfig:
+        if self.webhook_url is not None and self.webhook_url_file is not None:
+            raise ValueError("set alerts.webhook_url or alerts.webhook_url_file, not both")
+        if self.webhook_url is not None:
+            check_webhook_url(self.webhook_url.get_secret_value(), "alerts.webhook_url")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook_url is not None or self.webhook_url_file is not None
+
+    def resolved_url(self) -> str | None:
+        """The webhook URL (a secret: never log it), read from ``webhook_url_file`` if set."""
+        if self.webhook_url_file is not None:
+            try:
+                url = self.webhook_url_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"alerts.webhook_url_file: cannot read {str(self.webhook_url_file)!r}: "
+                                  f"{exc.strerror}") from None
+            try:
+                check_webhook_url(url, "alerts.webhook_url_file")
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (in {str(self.webhook_url_file)!r})") from None
+            return url
+        return self.webhook_url.get_secret_value() if self.webhook_url is not None else None
+
+
+def check_webhook_url(url: str, key: str) -> None:
+    # The message must not repeat the URL: it may carry a token.
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(f"{key}: not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key}: expected an http:// or https:// URL with a host")
+
+
 def _read_secret_file(path: Path, key: str) -> str:
     try:
         return path.read_text().strip()
@@ -196,6 +256,7 @@ class Config(BaseSettings):
     kubelet: KubeletConfig = Field(default_factory=KubeletConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     backends: list[BackendConfig] = Field(default_factory=list)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -226,7 +287,7 @@ class Config(BaseSettings):
         raise ConfigError(f"unknown backend {name!r} (configured: {known})")
 
 
-_SECRET_HINT = re.compile(r"secret|password|token|access_key", re.IGNORECASE)
+_SECRET_HINT = re.compile(r"secret|password|token|access_key|webhook|database\.url", re.IGNORECASE)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -15,6 +15,8 @@ must never contain a secret.
 
 from __future__ import annotations
 
+import re
+
 # Exit codes: public contract (README "Exit codes"). Never renumber, never reuse.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -26,6 +28,15 @@ EXIT_STORAGE = 6
 EXIT_INTEGRITY = 7
 EXIT_RUNS_FAILED = 8
 EXIT_BUSY = 9
+
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(?::[^/\s@]*)?@")
+
+
+def scrub(text: str) -> str:
+    """Remove ``user:password@`` from URLs inside a message (a foreign error text may echo
+    a URL with credentials; backupd's own messages never hold them)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 class BackupdError(Exception):

@@ -15,13 +15,17 @@ from typing import Any
 
 import structlog
 
+from backupd.errors import scrub
+
 _SECRET_KEYS = re.compile(r"(secret|password|token|authorization|access_key|credential|identity)", re.IGNORECASE)
 
 
 def redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    for key in list(event):
+    for key, value in list(event.items()):
         if _SECRET_KEYS.search(key):
             event[key] = "[redacted]"
+        elif isinstance(value, str) and "@" in value:
+            event[key] = scrub(value)
     return event
 
 

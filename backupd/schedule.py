@@ -29,6 +29,41 @@ _EVERY_PART = re.compile(r"(\d+)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
 
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_days(field: str) -> str:
+    """Translate cron's day-of-week numbers (0 or 7 = Sunday) into names.
+
+    APScheduler 3 numbers days from Monday = 0, so ``from_crontab("0 9 * * 1-5")`` would fire
+    Tuesday to Saturday. Names mean the same to both.
+    """
+    if field == "*" or re.search(r"[a-zA-Z]", field):
+        return field
+    days: set[int] = set()
+    for item in field.split(","):
+        part, _, step_text = item.partition("/")
+        step = int(step_text) if step_text else 1
+        if part == "*":
+            first, last = 0, 6
+        elif "-" in part:
+            a, b = part.split("-", 1)
+            first, last = int(a), int(b)
+        else:
+            first = int(part)
+            last = 6 if step_text else first
+        if not (0 <= first <= 7 and 0 <= last <= 7) or first > last or step < 1:
+            raise ValueError(f"invalid day-of-week field {field!r}")
+        days.update(d % 7 for d in range(first, last + 1, step))
+    return ",".join(_DAY_NAMES[d] for d in sorted(days))
+
+
+def _crontab(expr: str) -> str:
+    fields = expr.split()
+    fields[4] = _cron_days(fields[4])
+    return " ".join(fields)
+
+
 @dataclass(frozen=True)
 class Schedule:
     text: str
@@ -52,6 +87,7 @@ class Schedule:
                 f"expected a 5-field cron expression, a macro such as @hourly, or '@every 30s'; got {text!r}"
             )
         try:
+            cron = _crontab(cron)
             CronTrigger.from_crontab(cron, timezone=zone)
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {text!r}: {exc}") from None

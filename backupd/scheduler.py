@@ -198,8 +198,7 @@ class Daemon:
         *,
         policy_poll_seconds: float = 5.0,
         after_cycle: Callable[[Policy, CycleResult], None] | None = None,
-        maintenance: Callable[[], None] | None = None,
-        maintenance_interval: timedelta = timedelta(hours=1),
+        periodic: dict[str, tuple[Callable[[], None], timedelta]] | None = None,
         drill: Callable[[Policy], None] | None = None,
         holder: str = "backupd",
         clock: Callable[[], datetime] = now_utc,
@@ -208,8 +207,7 @@ class Daemon:
         self.catalog = runner.catalog
         self.policy_poll_seconds = policy_poll_seconds
         self.after_cycle = after_cycle
-        self.maintenance = maintenance
-        self.maintenance_interval = maintenance_interval
+        self.periodic = periodic or {}
         self.drill = drill
         self.holder = holder
         self.clock = clock
@@ -243,14 +241,13 @@ class Daemon:
         except Exception:
             log.exception("drill_crashed", policy=name)
 
-    def _run_maintenance(self) -> None:
+    def _run_periodic(self, name: str) -> None:
         try:
-            assert self.maintenance is not None
-            self.maintenance()
+            self.periodic[name][0]()
         except BackupdError as exc:
-            log.warning("maintenance_failed", error=str(exc), error_kind=exc.kind)
+            log.warning("periodic_job_failed", job=name, error=str(exc), error_kind=exc.kind)
         except Exception:
-            log.exception("maintenance_crashed")
+            log.exception("periodic_job_crashed", job=name)
 
     def sync_jobs(self) -> None:
         """Make the job store match the catalog's policies (add, replace, remove)."""
@@ -314,9 +311,9 @@ class Daemon:
         self.scheduler.start(paused=True)
         self.scheduler.add_job(self._renew_node_lease, "interval", seconds=30, id="__node_lease__")
         self.sync_jobs()
-        if self.maintenance is not None:
-            self.scheduler.add_job(self._run_maintenance, "interval", seconds=self.maintenance_interval.total_seconds(),
-                                   id="__maintenance__", next_run_time=self.clock())
+        for name, (_fn, interval) in self.periodic.items():
+            self.scheduler.add_job(self._run_periodic, "interval", seconds=interval.total_seconds(), args=[name],
+                                   id=f"__{name}__", next_run_time=self.clock())
         self.scheduler.resume()
         log.info("daemon_started", node=self.runner.pipeline.node)
 
