@@ -172,6 +172,15 @@ class LeaseRow(Base):
 # Plain values handed to the rest of backupd (no ORM objects escape this module).
 
 
+def _json_fields(value: Any) -> dict[str, Any]:
+    """A catalog dataclass as JSON-ready fields, times in RFC 3339 UTC."""
+    d = {f: getattr(value, f) for f in value.__dataclass_fields__}
+    for k, v in d.items():
+        if isinstance(v, datetime):
+            d[k] = v.isoformat().replace("+00:00", "Z")
+    return d
+
+
 @dataclass(frozen=True)
 class Archive:
     id: str
@@ -205,11 +214,7 @@ class Archive:
         return (self.policy, self.namespace, self.workload, self.container)
 
     def to_json(self) -> dict[str, Any]:
-        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        for k, v in d.items():
-            if isinstance(v, datetime):
-                d[k] = v.isoformat().replace("+00:00", "Z")
-        return d
+        return _json_fields(self)
 
 
 @dataclass(frozen=True)
@@ -233,11 +238,7 @@ class Run:
     duration_seconds: float | None
 
     def to_json(self) -> dict[str, Any]:
-        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        for k, v in d.items():
-            if isinstance(v, datetime):
-                d[k] = v.isoformat().replace("+00:00", "Z")
-        return d
+        return _json_fields(self)
 
 
 @dataclass(frozen=True)

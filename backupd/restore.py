@@ -36,7 +36,7 @@ import structlog
 
 from backupd import criu_images, layout
 from backupd.backends.base import Backend, Readable
-from backupd.backends.filesystem import translate_os_error
+from backupd.backends.filesystem import fsync_dir, translate_os_error
 from backupd.catalog import COMMITTED, Archive, Catalog
 from backupd.errors import ConfigError, IntegrityError, InvalidInput, NotFound, StorageNotFound, UnsafeArchive
 from backupd.transfer import UnpackingReader
@@ -229,7 +229,7 @@ def restore_to_file(source: Readable, dest: str | os.PathLike[str], *, overwrite
                 except FileExistsError:
                     raise InvalidInput(f"{str(path)!r} appeared while restoring; nothing was replaced") from None
                 os.unlink(tmp)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except OSError as exc:
             raise translate_os_error(exc, f"writing {str(path)!r}") from None
     except BaseException:
@@ -237,14 +237,6 @@ def restore_to_file(source: Readable, dest: str | os.PathLike[str], *, overwrite
             os.unlink(tmp)
         raise
     return written
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- reading the checkpoint tar as it streams ----------------------------------------------------

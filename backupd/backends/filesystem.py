@@ -47,7 +47,8 @@ def _read_source(source: Readable) -> bytes:
         raise _SourceError() from exc
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -104,7 +105,7 @@ class FilesystemBackend(Backend):
                 os.link(tmp, path)
             except FileExistsError:
                 raise ObjectExists(f"{what}: the object already exists") from None
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except _SourceError as exc:
             raise exc.__cause__ from None  # the source's own error, not the backend's
         except OSError as exc:
@@ -163,7 +164,7 @@ class FilesystemBackend(Backend):
         path = self._path(key)
         try:
             os.unlink(path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except FileNotFoundError:
             return
         except OSError as exc:

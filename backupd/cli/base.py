@@ -16,6 +16,7 @@ import click
 from backupd import __version__, logs
 from backupd.app import App
 from backupd.config import Config, load_config
+from backupd.report import human_bytes  # noqa: F401  (commands import it from here)
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
                       help="Output format.")
@@ -29,17 +30,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%SZ")
     return str(value)
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
