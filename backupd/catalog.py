@@ -327,7 +327,7 @@ class Catalog:
     @classmethod
     def open(cls, url: str, *, retry_backoff: retry.Backoff | None = None) -> Catalog:
         parsed = make_url(url)
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 db_path = Path(parsed.database)
@@ -338,6 +338,8 @@ class Catalog:
         elif parsed.get_backend_name() == "postgresql":
             if parsed.drivername == "postgresql":
                 parsed = parsed.set(drivername="postgresql+psycopg")
+            # a server restart leaves dead pooled connections: test each one before use
+            kwargs["pool_pre_ping"] = True
             kwargs["connect_args"] = {"connect_timeout": 10}
         else:
             raise InvalidInput(f"database.url: unsupported database {parsed.get_backend_name()!r} (use sqlite or postgresql)")
@@ -646,26 +648,23 @@ class Catalog:
     def acquire_lease(self, name: str, holder: str, ttl: timedelta) -> bool:
         """Take or renew a named lease; False if someone else holds an unexpired one.
 
-        One conditional UPDATE (or a create-only INSERT) decides, so two daemons racing on
-        either database cannot both win.
+        A create-only INSERT (the usual case: leases are released when done), else one
+        conditional UPDATE decides, so two daemons racing on either database cannot both win.
         """
         now = now_utc()
+        try:
+            with self.session() as s:
+                s.add(LeaseRow(name=name, holder=holder, expires_at=now + ttl))
+            return True
+        except sa_exc.IntegrityError:
+            pass  # it exists: ours to renew, expired, or someone else's
         with self.session() as s:
             taken = s.execute(
                 update(LeaseRow)
                 .where(LeaseRow.name == name, (LeaseRow.holder == holder) | (LeaseRow.expires_at <= now))
                 .values(holder=holder, expires_at=now + ttl)
             ).rowcount
-            if taken:
-                return True
-            if s.get(LeaseRow, name) is not None:
-                return False
-        try:
-            with self.session() as s:
-                s.add(LeaseRow(name=name, holder=holder, expires_at=now + ttl))
-        except sa_exc.IntegrityError:
-            return False  # another holder created it first
-        return True
+        return bool(taken)
 
     @_translated
     def lease_holders(self) -> dict[str, str]:

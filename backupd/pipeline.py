@@ -102,7 +102,8 @@ class Pipeline:
             checkpoint_seconds = time.monotonic() - started
             self.metrics.checkpoint_seconds.observe(checkpoint_seconds)
             archive = self.commit(policy, pod, container, node_path, requested)
-            self.clean_node(policy, pod.namespace, pod.name, container.name)
+            if policy.spec.keep_on_node:
+                self.clean_node(policy, pod.namespace, pod.name, container.name)
         except Exception as exc:
             if not isinstance(exc, BackupdError):
                 # A bug must cost one run, not the daemon: record it and keep the traceback.
@@ -169,10 +170,13 @@ class Pipeline:
             self._remove_node_tar(node_path.name)
             raise
         self.metrics.upload_seconds.labels(backend=backend.name).observe(time.monotonic() - upload_started)
+        # With the manifest written the archive exists, so the node's copy can go now -- in the
+        # same transaction as the commit when nothing is to stay on the node (the common case).
+        removed = policy.spec.keep_on_node == 0 and self._remove_node_tar(node_path.name)
         return self.catalog.update_archive(
             archive_id, expect_state=PENDING, state=COMMITTED, committed_at=self.clock(),
             tar_size=manifest.tar_size, stored_size=manifest.stored_size, tar_sha256=manifest.tar_sha256,
-            stored_sha256=manifest.stored_sha256,
+            stored_sha256=manifest.stored_sha256, node_tar_deleted=removed,
         )
 
     def _discard_object(self, backend: Backend, key: str) -> None:
