@@ -13,6 +13,7 @@ import click
 import structlog
 
 # Each module registers its commands on the group when imported.
+import backupd.cli.inspect  # noqa: F401
 import backupd.cli.report  # noqa: F401
 import backupd.cli.restore  # noqa: F401
 from backupd.cli import archives, daemon, db, doctor, policy, retention, verify  # noqa: F401

@@ -1,0 +1,170 @@
+"""``backupd inspect ID|PATH``: what is inside a checkpoint archive, as checkpointctl shows it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json
+from backupd.errors import ConfigError
+from backupd.inspect import Inspection, inspect_catalog_archive, inspect_file, inspect_stream, looks_like_archive_id
+
+Tree = tuple[str, list[Any]]  # (label, children)
+
+
+def _printable(text: str) -> str:
+    """Archive-controlled text made safe for a terminal: control characters and undecodable
+    bytes are shown escaped, never sent raw (an escape sequence in a file name stays text)."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+def format_micros(us: int) -> str:
+    """checkpointctl's FormatTime: µs below a millisecond, else ms or s with 5 significant
+    digits, trailing zeros trimmed."""
+    if us < 1000:
+        return f"{us} µs"
+    value, unit = (us / 1000, "ms") if us < 1_000_000 else (us / 1_000_000, "s")
+    text = f"{value:.5g}"
+    if "." in text and "e" not in text:
+        text = text.rstrip("0").rstrip(".")
+    return f"{text} {unit}"
+
+
+def _tree(r: Inspection) -> Tree:
+    p = _printable
+    top: list[Tree] = []
+
+    def add(label: str, value: str | None) -> None:
+        if value is not None:
+            top.append((f"{label}: {p(value)}", []))
+
+    add("Image", r.image or "")
+    add("ID", r.id or "")
+    add("Runtime", r.runtime or "")
+    add("Created", r.created or "")
+    add("Checkpointed", r.checkpointed)
+    add("Engine", r.engine or "")
+    add("IP", r.ip)
+    add("MAC", r.mac)
+    if r.pod or r.namespace:
+        add("Pod", f"{r.namespace or '-'}/{r.pod or '-'}")
+    sizes = r.checkpoint_size
+    size_children: list[Tree] = []
+    if sizes.memory_pages_size:
+        size_children.append((f"Memory pages size: {human_bytes(sizes.memory_pages_size)}", []))
+    if sizes.amd_gpu_memory_pages_size:
+        size_children.append((f"AMD GPU memory pages size: {human_bytes(sizes.amd_gpu_memory_pages_size)}", []))
+    top.append((f"Checkpoint size: {human_bytes(sizes.total_size)}", size_children))
+    if r.rootfs_diff is not None:
+        files: list[Tree] = []
+        for f in r.rootfs_diff.files:
+            if f.type == "file":
+                files.append((f"{p(f.path)} ({human_bytes(f.size)})", []))
+            elif f.link is not None:
+                files.append((f"{p(f.path)} -> {p(f.link)} ({f.type})", []))
+            elif f.type != "dir":
+                files.append((f"{p(f.path)} ({f.type})", []))
+        if r.rootfs_diff.truncated:
+            files.append(("… (listing truncated)", []))
+        top.append((f"Root FS diff size: {human_bytes(sizes.root_fs_diff_size)}", files))
+    if r.deleted_files:
+        top.append(("Deleted files", [(p(path), []) for path in r.deleted_files]))
+    s = r.statistics
+    if s is not None:
+        top.append(("CRIU dump statistics", [
+            (f"Freezing time: {format_micros(s.freezing_time)}", []),
+            (f"Frozen time: {format_micros(s.frozen_time)}", []),
+            (f"Memdump time: {format_micros(s.memdump_time)}", []),
+            (f"Memwrite time: {format_micros(s.memwrite_time)}", []),
+            (f"Pages scanned: {s.pages_scanned}", []),
+            (f"Pages written: {s.pages_written}", []),
+        ]))  # fmt: skip
+    if r.process_tree is not None:
+        built: dict[int, Tree] = {}
+        nodes = [node for _, node in r.process_tree.walk()]
+        for node in reversed(nodes):  # children before parents: no recursion on deep trees
+            state = "" if node.task_state == "Alive" else f" ({node.task_state})"
+            built[id(node)] = (f"[{node.pid}{state}]  {p(node.command)}", [built[id(c)] for c in node.children])
+        top.append(("Process tree", [built[id(r.process_tree)]]))
+    for warning in r.warnings:
+        top.append((f"Warning: {p(warning)}", []))
+    return (p(r.container_name or "Container"), top)
+
+
+def tree_lines(result: Inspection) -> list[str]:
+    """The human view of an inspection, terminal-safe."""
+    return render_tree(_tree(result))
+
+
+def render_tree(root: Tree) -> list[str]:
+    """Box-drawing lines, as checkpointctl (treeprint) draws them; iterative."""
+    lines = [root[0]]
+    stack: list[tuple[str, list[Any], int]] = [("", root[1], 0)]
+    while stack:
+        prefix, children, index = stack.pop()
+        if index >= len(children):
+            continue
+        stack.append((prefix, children, index + 1))
+        label, grand = children[index]
+        last = index == len(children) - 1
+        lines.append(f"{prefix}{'└── ' if last else '├── '}{label}")
+        stack.append((prefix + ("    " if last else "│   "), grand, 0))
+    return lines
+
+
+@cli.command("inspect")
+@click.argument("target", metavar="ID|PATH")
+@OUTPUT
+@pass_ctx
+def inspect_command(ctx: Context, target: str, output: str) -> None:
+    """What is inside a checkpoint archive, without extracting it: container, image, engine,
+    times, IP, sizes, the rootfs-diff file list, deleted files, CRIU dump statistics and the
+    process tree (what `checkpointctl inspect --ps-tree --stats` shows).
+
+    The argument is a local archive (.tar, .tar.zst, .tar.gz, .tar.xz, .tar.bz2; `-` for stdin) or,
+    when no such file exists, an archive id or unique id prefix from the catalog (read from
+    its backend and checked against the catalog's digests; use ./NAME for a file that looks
+    like an id). Unsafe archives (absolute or `..` names, links, device files, enormous
+    headers) are refused with exit code 7; a truncated or corrupt one too.
+    """
+    if target == "-":
+        result = inspect_stream(sys.stdin.buffer, source="stdin")
+    elif os.path.lexists(target) or not looks_like_archive_id(target):
+        result = inspect_file(target)
+    else:
+        app = ctx.app
+        app.catalog.check_schema()
+        archive = app.catalog.get_archive(target)
+        backend = app.backends.get(archive.backend)
+        if backend is None:
+            raise ConfigError(f"archive {archive.id} is stored in backend {archive.backend!r}, which is not in "
+                              "the config ([[backends]])")  # fmt: skip
+        result = inspect_catalog_archive(archive, backend)
+    if output == "json":
+        print_json(result.to_json())
+        return
+    if result.archive is not None:
+        a = result.archive
+        click.echo(f"\nDisplaying container checkpoint tree view from archive {a['id']} "
+                   f"({a['backend']}:{a['key']})\n")  # fmt: skip
+    else:
+        click.echo(f"\nDisplaying container checkpoint tree view from {_printable(result.source)}\n")
+    for line in tree_lines(result):
+        click.echo(line)
+
+
+__all__ = ["format_micros", "inspect_command", "render_tree", "tree_lines"]
