@@ -61,7 +61,7 @@ import os
 import re
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -841,7 +841,8 @@ def inspect_file(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMIT
         return inspect_stream(fh, source=shown, limits=limits)
 
 
-def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limits = DEFAULT_LIMITS) -> Inspection:
+def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limits = DEFAULT_LIMITS,
+                            identities: Sequence[Any] = ()) -> Inspection:
     """Inspect a committed archive from ``backend``, checking it against the catalog.
 
     The whole object is read, which is what lets its sizes and digests be checked: a mismatch
@@ -852,9 +853,9 @@ def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limit
     what = f"archive {archive.id}"
     if archive.state != COMMITTED:
         raise NotFound(f"{what} is {archive.state}, not committed: there is no stored archive to inspect")
-    if archive.encryption != "none":
-        raise InvalidInput(f"{what} is encrypted ({archive.encryption}) and inspect cannot decrypt it: fetch and "
-                           "decrypt the object, then run `backupd inspect FILE`")  # fmt: skip
+    if archive.encryption == "age" and not identities:
+        raise InvalidInput(f"{what} is encrypted with age: pass --identity-file with the key it was encrypted "
+                           "to")  # fmt: skip
     if archive.compression != "zstd":
         raise InvalidInput(f"{what} has compression {archive.compression!r}; only zstd is known")
 
@@ -866,6 +867,7 @@ def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limit
         unpacking = UnpackingReader(
             _Reader(stored, unreadable), what=what, tar_sha256=archive.tar_sha256,
             stored_sha256=archive.stored_sha256, tar_size=archive.tar_size, stored_size=archive.stored_size,
+            encryption=archive.encryption, identities=identities,
         )  # fmt: skip
         reader = _Reader(unpacking, unreadable)
         reader.max_bytes = archive.tar_size

@@ -118,3 +118,15 @@ def test_bad_recipients_and_identity_files_are_clear_errors(tmp_path: Path) -> N
         load_config(cfg)
     assert "backends.0.filesystem.encryption_recipients" in str(err.value)
     assert "AGE-SECRET-KEY-1XYZ" not in str(err.value)  # a pasted identity is not echoed back
+
+
+def test_inspect_an_encrypted_catalog_archive_with_the_identity(app_factory, identity) -> None:  # type: ignore[no-untyped-def]
+    from backupd.inspect import inspect_catalog_archive
+
+    key, recipient = identity
+    app = encrypted_app(app_factory, recipient)
+    a = app.catalog.list_archives()[0]
+    with pytest.raises(InvalidInput, match="--identity-file"):
+        inspect_catalog_archive(a, app.backends["local"])
+    seen = inspect_catalog_archive(a, app.backends["local"], identities=load_identities(str(key), "k")).to_json()
+    assert seen["container_name"] == "nginx" and seen["engine"] == "CRI-O"

@@ -11,6 +11,7 @@ import click
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json
 from backupd.errors import ConfigError
 from backupd.inspect import Inspection, inspect_catalog_archive, inspect_file, inspect_stream, looks_like_archive_id
+from backupd.transfer import load_identities
 
 Tree = tuple[str, list[Any]]  # (label, children)
 
@@ -128,9 +129,11 @@ def render_tree(root: Tree) -> list[str]:
 
 @cli.command("inspect")
 @click.argument("target", metavar="ID|PATH")
+@click.option("--identity-file", metavar="FILE", envvar="BACKUPD_AGE_IDENTITY_FILE",
+              help="age identity for encrypted catalog archives (or $BACKUPD_AGE_IDENTITY_FILE).")
 @OUTPUT
 @pass_ctx
-def inspect_command(ctx: Context, target: str, output: str) -> None:
+def inspect_command(ctx: Context, target: str, identity_file: str | None, output: str) -> None:
     """What is inside a checkpoint archive, without extracting it: container, image, engine,
     times, IP, sizes, the rootfs-diff file list, deleted files, CRIU dump statistics and the
     process tree (what `checkpointctl inspect --ps-tree --stats` shows).
@@ -153,7 +156,8 @@ def inspect_command(ctx: Context, target: str, output: str) -> None:
         if backend is None:
             raise ConfigError(f"archive {archive.id} is stored in backend {archive.backend!r}, which is not in "
                               "the config ([[backends]])")  # fmt: skip
-        result = inspect_catalog_archive(archive, backend)
+        identities = load_identities(identity_file, "--identity-file") if identity_file else []
+        result = inspect_catalog_archive(archive, backend, identities=identities)
     if output == "json":
         print_json(result.to_json())
         return
