@@ -18,27 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backupd.errors import ConfigError
+from backupd.sizes import parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/backupd/config.toml")
-
-_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?)?\s*$")
-
-
-def parse_size(value: int | str) -> int:
-    """A byte count: an integer, or a Kubernetes quantity such as ``50Gi`` or ``500M``."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size such as 512Mi or 50Gi, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"a size cannot be negative, got {value}")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ValueError(f"expected a size such as 512Mi or 50Gi, got {value!r}")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2) or ""]
-
 
 Size = Annotated[int, Field(ge=0)]
 

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from backupd import retention
-from backupd.config import parse_size
 from backupd.errors import PolicyError
 from backupd.schedule import Schedule
+from backupd.sizes import parse_size
 from backupd.workload import Container, Pod
 
 API_VERSION = "backupd.io/v1"

@@ -70,6 +70,7 @@ from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, Archive, Catalog, 
 from backupd.policy import Policy
 from backupd.prune import plan_policy
 from backupd.schedule import Schedule
+from backupd.sizes import human_bytes
 
 OK, LATE, MISSING, UNMANAGED = "OK", "LATE", "MISSING", "UNMANAGED"
 _SEVERITY = {OK: 0, UNMANAGED: 1, LATE: 2, MISSING: 3}
@@ -537,18 +538,6 @@ def load_report(catalog: Catalog, *, now: datetime | None = None,
 
 
 # -- rendering: text -------------------------------------------------------------------------
-
-
-def human_bytes(n: int | None) -> str:
-    """``1.5 MiB``-style sizes (the report's own, so the core does not import the CLI)."""
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _cell(moment: datetime | None) -> str:

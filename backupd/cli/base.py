@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from backupd import __version__, logs
-from backupd.app import App
 from backupd.config import Config, load_config
-from backupd.report import human_bytes  # noqa: F401  (commands import it from here)
+from backupd.sizes import human_bytes  # noqa: F401  (commands import it from here)
+
+if TYPE_CHECKING:
+    from backupd.app import App
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
                       help="Output format.")
@@ -57,6 +59,8 @@ class Context:
     @property
     def app(self) -> App:
         if self._app is None:
+            from backupd.app import App  # the whole core: only commands that need it pay for it
+
             self._app = App(load_config(self.config_path))
         return self._app
 

@@ -13,7 +13,6 @@ import click
 from backupd import oci, podmanifest
 from backupd.catalog import Archive
 from backupd.cli.base import Context, cli, human_bytes, pass_ctx, print_json
-from backupd.config import parse_size
 from backupd.errors import InvalidInput
 from backupd.progress import Progress, ProgressReader
 from backupd.restore import (
@@ -26,6 +25,7 @@ from backupd.restore import (
     select_archive,
     verified_manifest,
 )
+from backupd.sizes import parse_size
 from backupd.transfer import load_identities
 
 PASSWORD_ENV = "BACKUPD_REGISTRY_PASSWORD"
