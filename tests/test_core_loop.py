@@ -14,26 +14,13 @@ import pytest
 from backupd import layout
 from backupd.backends.filesystem import TEMP_PREFIX
 from backupd.catalog import COMMITTED, FAILED, PENDING, RUN_FAILED, SUCCEEDED
-from backupd.policy import Policy, parse_policies
+from backupd.policy import Policy
 from backupd.simulator.server import NodeSimulator
-
-WEB = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}, containers: [nginx]}
-  schedule: "@every 1h"
-  backend: local
-  retention: {keepLast: 3}
-  keepOnNode: KEEP
-"""
+from tests import policies
 
 
 def web_policy(app, keep_on_node: int = 0) -> Policy:  # type: ignore[no-untyped-def]
-    policy = parse_policies(WEB.replace("KEEP", str(keep_on_node)), "web.yaml", backends=["local"])[0]
-    app.catalog.apply_policies([(policy.name, policy.canonical_json())])
-    return policy
+    return policies.apply(app, policies.web_policy(keep_on_node=keep_on_node))
 
 
 def expected_targets(sim: NodeSimulator) -> set[tuple[str, str, str]]:

@@ -25,6 +25,7 @@ from backupd.errors import EXIT_INTEGRITY, IntegrityError, InvalidInput, NotFoun
 from backupd.inspect import Limits, detect_compression, inspect_catalog_archive, inspect_file, inspect_stream
 from backupd.policy import parse_policies
 from backupd.transfer import DigestMismatch, PackingReader
+from tests.policies import web_policy
 
 from .archives import (
     WHEN,
@@ -183,21 +184,10 @@ def test_local_file_errors(tmp_path: Path) -> None:
 
 # -- from the catalog -----------------------------------------------------------------------
 
-POLICY = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}, containers: [nginx]}
-  schedule: "@every 1h"
-  backend: local
-  retention: {keepLast: 3}
-  keepOnNode: 1
-"""
 
 
 def take_archive(app) -> Archive:  # type: ignore[no-untyped-def]
-    policy = parse_policies(POLICY, "web.yaml", backends=["local"])[0]
+    policy = parse_policies(web_policy(keep_on_node=1), "web.yaml", backends=["local"])[0]
     app.catalog.apply_policies([(policy.name, policy.canonical_json())])
     result = app.runner.cycle(policy)
     assert not result.failed, result

@@ -19,22 +19,13 @@ from backupd.errors import ConfigError
 from backupd.policy import parse_policies
 from backupd.report import build_report, load_report
 from backupd.simulator.server import NodeSimulator
+from tests.policies import web_policy
 from tests.report.conftest import Receiver
 from tests.report.test_build import T0, archive, policy, run
 
 WEBHOOK_TOKEN = "T0KEN-in-the-webhook-path-never-logged-7d1e"
 REGISTRY_PASSWORD = "hunter2-registry-password"
 
-WEB = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}, containers: [nginx]}
-  schedule: "@every 1h"
-  backend: local
-  retention: {keepLast: 3}
-"""
 
 
 class Clock:
@@ -50,7 +41,7 @@ def test_a_failed_run_triggers_exactly_one_delivery_without_secrets(
     from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET
 
     app = s3_app_factory()  # its config holds S3 keys: they must never reach a webhook
-    policy_ = parse_policies(WEB, "web.yaml", backends=["local", "s3"])[0]
+    policy_ = parse_policies(web_policy(), "web.yaml", backends=["local", "s3"])[0]
     app.catalog.apply_policies([(policy_.name, policy_.canonical_json())])
     url_file = tmp_path / "webhook-url"
     url_file.write_text(receiver.url(f"/hooks/{WEBHOOK_TOKEN}") + "\n")

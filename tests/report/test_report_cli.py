@@ -19,23 +19,13 @@ from backupd.policy import Policy, parse_policies
 from backupd.prune import plan_policy
 from backupd.report import OK, load_report
 from backupd.simulator.server import NodeSimulator
+from tests.policies import web_policy
 from tests.report.browser import Browser
-
-WEB = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}, containers: [nginx]}
-  schedule: "@every 1h"
-  backend: local
-  retention: {keepLast: 2}
-"""
 
 
 def fill(app: App, sim: NodeSimulator) -> Policy:
     """Two cycles over the two web replicas; in the second one replica's checkpoint fails."""
-    policy = parse_policies(WEB, "web.yaml", backends=["local"])[0]
+    policy = parse_policies(web_policy(retention="{keepLast: 2}"), "web.yaml", backends=["local"])[0]
     app.catalog.apply_policies([(policy.name, policy.canonical_json())])
     assert not app.runner.cycle(policy).failed
     pods = sorted(p.name for p in sim.pods if p.namespace == "default" and p.labels.get("app") == "web")

@@ -22,6 +22,7 @@ import structlog
 
 from backupd.policy import parse_policies
 from backupd.simulator.server import NodeSimulator
+from tests.policies import web_policy
 
 REGISTRY_BIN = shutil.which("docker-registry")
 SKOPEO_BIN = shutil.which("skopeo")
@@ -30,17 +31,6 @@ needs_registry = pytest.mark.skipif(
     reason="needs Debian's docker-registry and skopeo (apt-get install docker-registry skopeo)",
 )
 
-POLICY = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}, containers: [nginx]}
-  schedule: "@every 1h"
-  backend: BACKEND
-  retention: {keepLast: 10}
-  keepOnNode: 10
-"""
 
 
 def write_config(path: Path, tmp_path: Path, sim: NodeSimulator, *, s3: dict[str, str] | None = None) -> Path:
@@ -68,7 +58,8 @@ class Rig:
 
     def take(self, backend: str = "local") -> list[Any]:
         """One checkpoint cycle of the web policy; the archives it committed, oldest first."""
-        policy = parse_policies(POLICY.replace("BACKEND", backend), "web.yaml", backends=list(self.app.backends))[0]
+        policy = parse_policies(web_policy(backend=backend, retention="{keepLast: 10}", keep_on_node=10), "web.yaml",
+                                backends=list(self.app.backends))[0]
         self.app.catalog.apply_policies([(policy.name, policy.canonical_json())])
         result = self.app.runner.cycle(policy)
         assert not result.failed, result
