@@ -217,6 +217,21 @@ class Archive:
         return _json_fields(self)
 
 
+@dataclass(frozen=True, slots=True)
+class ArchiveSummary:
+    """What retention needs of an archive; a tenth of a row, for planning over millions."""
+
+    id: str
+    state: str
+    policy: str
+    namespace: str
+    workload: str
+    container: str
+    checkpoint_time: datetime
+    stored_size: int | None
+    pinned: bool
+
+
 @dataclass(frozen=True)
 class Run:
     id: int
@@ -542,6 +557,25 @@ class Catalog:
         q = q.order_by(ArchiveRow.checkpoint_time, ArchiveRow.id)
         with self.session() as s:
             return [Archive(*row) for row in s.execute(q)]
+
+    @_translated
+    def list_archive_summaries(self, policy: str, states: Sequence[str] = (COMMITTED,)) -> list[ArchiveSummary]:
+        """The policy's archives as :class:`ArchiveSummary`, oldest first."""
+        q = (select(*[getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__])
+             .where(ArchiveRow.policy == policy, ArchiveRow.state.in_(states))
+             .order_by(ArchiveRow.checkpoint_time, ArchiveRow.id))
+        with self.session() as s:
+            return [ArchiveSummary(*row) for row in s.execute(q)]
+
+    @_translated
+    def get_archives(self, archive_ids: Sequence[str]) -> list[Archive]:
+        """Full rows of the given ids that still exist, in the order given."""
+        found: dict[str, Archive] = {}
+        with self.session() as s:
+            for chunk in _chunks(archive_ids):
+                for row in s.execute(select(*_ARCHIVE_COLUMNS).where(ArchiveRow.id.in_(chunk))):
+                    found[row[0]] = Archive(*row)
+        return [found[i] for i in archive_ids if i in found]
 
     @_translated
     def archive_keys(self, backend: str) -> dict[str, str]:

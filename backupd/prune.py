@@ -31,7 +31,17 @@ import structlog
 
 from backupd import layout, retention
 from backupd.backends.base import Backend
-from backupd.catalog import COMMITTED, DELETING, FAILED, RUN_FAILED, SUCCEEDED, Archive, Catalog, now_utc
+from backupd.catalog import (
+    COMMITTED,
+    DELETING,
+    FAILED,
+    RUN_FAILED,
+    SUCCEEDED,
+    Archive,
+    ArchiveSummary,
+    Catalog,
+    now_utc,
+)
 from backupd.errors import BackupdError, LeaseHeld
 from backupd.metrics import Metrics
 from backupd.policy import Policy
@@ -41,9 +51,12 @@ log = structlog.get_logger("backupd.prune")
 Group = tuple[str, str, str]  # namespace, workload, container
 
 
+Planned = Archive | ArchiveSummary  # anything with the fields retention reads
+
+
 @dataclass(frozen=True)
 class Decision:
-    archive: Archive
+    archive: Planned
     keep: bool
     reasons: tuple[str, ...]
 
@@ -56,11 +69,11 @@ class GroupPlan:
     namespace: str
     workload: str
     container: str
-    archives: tuple[Archive, ...]
+    archives: tuple[Planned, ...]
     plan: retention.Plan
 
     @functools.cached_property
-    def _by_id(self) -> dict[str, Archive]:
+    def _by_id(self) -> dict[str, Planned]:
         return {a.id: a for a in self.archives}
 
     @property
@@ -70,22 +83,24 @@ class GroupPlan:
         return [Decision(by_id[d.item.id], d.keep, d.reasons or ("no rule",)) for d in self.plan.decisions]
 
     @property
-    def remove(self) -> list[Archive]:
+    def remove(self) -> list[Planned]:
         by_id = self._by_id
         return [by_id[d.item.id] for d in self.plan.remove]
 
 
-def plan_policy(policy: Policy, archives: Iterable[Archive]) -> list[GroupPlan]:
+def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
     """One retention plan per group of the policy's committed archives. Pure."""
-    groups: dict[Group, list[Archive]] = {}
+    groups: dict[Group, list[Planned]] = {}
     for a in archives:
         if a.state == COMMITTED and a.policy == policy.name:
             groups.setdefault((a.namespace, a.workload, a.container), []).append(a)
     rules, tz = policy.rules, policy.tz
     plans = []
-    for (namespace, workload, container), members in sorted(groups.items()):
-        items = [retention.Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in members]
-        plans.append(GroupPlan(namespace, workload, container, tuple(members), retention.plan(items, rules, tz=tz)))
+    Item = retention.Item
+    with retention.gc_paused():  # a million short-lived Items: see retention.gc_paused
+        for (namespace, workload, container), members in sorted(groups.items()):
+            items = [Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in members]
+            plans.append(GroupPlan(namespace, workload, container, tuple(members), retention.plan(items, rules, tz=tz)))
     return plans
 
 
@@ -100,7 +115,7 @@ class PruneResult:
     error: BackupdError | None = None
 
     @property
-    def removals(self) -> list[Archive]:
+    def removals(self) -> list[Planned]:
         return [a for p in self.plans for a in p.remove]
 
     @property
@@ -166,7 +181,7 @@ class Pruner:
         self.clock = clock
 
     def plan(self, policy: Policy) -> list[GroupPlan]:
-        return plan_policy(policy, self.catalog.list_archives(policy=policy.name))
+        return plan_policy(policy, self.catalog.list_archive_summaries(policy.name))
 
     def prune(self, policy: Policy, *, dry_run: bool = False) -> PruneResult:
         """Apply the policy's retention now. Dry-run returns the same plan and changes nothing.
@@ -193,7 +208,7 @@ class Pruner:
                 self._delete(result.resumed)
                 result.deleted.extend(result.resumed)
             result.plans = self.plan(policy)
-            doomed = result.removals
+            doomed = self.catalog.get_archives([a.id for a in result.removals])
             if doomed:
                 self.catalog.set_state([a.id for a in doomed], DELETING, expect=COMMITTED)
                 self.catalog.acquire_lease(lease, self.holder, self.lease_ttl)  # renew before the slow part

@@ -464,7 +464,7 @@ def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None, now: d
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     # A plan allocates one Decision per archive and no reference cycles. With a million
     # archives the cyclic collector's full passes, set off by nothing but the allocation count,
     # cost more than the planning itself.
@@ -510,7 +510,7 @@ def plan(
     if not listed:
         return Plan(())
 
-    with _gc_paused():
+    with gc_paused():
         # Python's sort is stable with reverse=True too: equal times keep their input order.
         try:
             ordered = sorted(listed, key=_TIME, reverse=True)
