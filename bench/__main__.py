@@ -35,6 +35,23 @@ def wall(cmd: list[str] | str, **kwargs: object) -> float:
     return time.perf_counter() - started
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def cpu_of(server_pid: int) -> Iterator[dict[str, float]]:
+    """CPU seconds used meanwhile by child processes (the client) and by the S3 server."""
+    out: dict[str, float] = {}
+    before, server = os.times(), process_cpu(server_pid)
+    yield out
+    after = os.times()
+    out["client"] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    out["server"] = process_cpu(server_pid) - server
+
+
 def warm(path: Path) -> None:
     """Read a file once so baseline and backupd both start from the page cache."""
     with open(path, "rb") as f:
@@ -55,6 +72,12 @@ def ship(tar: Path, workdir: Path, **extra: str) -> dict:
 
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
+    with moto_process() as (url, _pid):
+        yield url
+
+
+@contextlib.contextmanager
+def moto_process() -> Iterator[tuple[str, int]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,7 +90,7 @@ def moto_server() -> Iterator[str]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             time.sleep(0.1)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -143,7 +166,7 @@ def bench_s3(work: Path, quick: bool) -> list[Row]:
         subprocess.run(["zstd", "-q", "-3", "-T2", "-f", str(tar), "-o", str(pre)], check=True)
     warm(tar)
     warm(pre)
-    with moto_server() as endpoint:
+    with moto_process() as (endpoint, server_pid):
         s3_client(endpoint).create_bucket(Bucket="bench")
 
         def aws_cp(path: Path, key: str) -> float:
@@ -157,6 +180,11 @@ def bench_s3(work: Path, quick: bool) -> list[Row]:
         raw = min(aws_cp(tar, f"raw-{i}") for i in range(2)) - startup
         precompressed = min(aws_cp(pre, f"pre-{i}") for i in range(2)) - startup
         runs = [ship(tar, work / "s3", s3_endpoint=endpoint, bucket="bench") for _ in range(2)]
+        # where the time goes when both ends share this machine's cores: CPU seconds of each
+        with cpu_of(server_pid) as cpu_aws:
+            aws_cp(pre, "pre-cpu")
+        with cpu_of(server_pid) as cpu_ours:
+            ship(tar, work / "s3", s3_endpoint=endpoint, bucket="bench")
     best = min(runs, key=lambda r: r["seconds"])
     ours = best["seconds"]
     return [
@@ -166,7 +194,9 @@ def bench_s3(work: Path, quick: bool) -> list[Row]:
         {"bench": "ship to S3", "case": f"{size // MiB} MiB: aws s3 cp of zstd -3 bytes vs backupd",
          "baseline s": round(precompressed, 2), "backupd s": round(ours, 2),
          "overhead": f"{(ours / precompressed - 1) * 100:+.0f}%", "target": "<= +10%",
-         "peak RSS MiB": round(best["vmhwm_kib"] / 1024)},
+         "peak RSS MiB": round(best["vmhwm_kib"] / 1024),
+         "CPU s client/server": f"aws {cpu_aws['client']:.2f}/{cpu_aws['server']:.2f}, "
+                                f"backupd {cpu_ours['client']:.2f}/{cpu_ours['server']:.2f}"},
     ]
 
 
