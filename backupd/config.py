@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from backupd.errors import ConfigError
+from backupd.errors import ConfigError, scrub
 from backupd.sizes import parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/backupd/config.toml")
@@ -33,6 +33,21 @@ class DatabaseConfig(_Section):
     url: str = "sqlite:////var/lib/backupd/catalog.db"
     #: a file holding the password, substituted into ``url`` (keeps it out of the config file)
     password_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        try:
+            backend = make_url(v).get_backend_name()
+        except Exception:
+            # the URL may hold a password: never repeat it
+            raise ValueError("not a database URL (e.g. sqlite:////var/lib/backupd/catalog.db or "
+                             "postgresql+psycopg://user@host/db)") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")
+        return v
 
     def resolved_url(self) -> str:
         """The URL to connect with; contains the password, so never log it (see ``safe_url``)."""
@@ -66,7 +81,7 @@ class KubeletConfig(_Section):
     @classmethod
     def _https_only(cls, v: str) -> str:
         if not v.startswith("https://"):
-            raise ValueError(f"the kubelet API is served over HTTPS; got {v!r}")
+            raise ValueError(f"the kubelet API is served over HTTPS; got {scrub(v)!r}")
         return v.rstrip("/")
 
     def request_timeout(self) -> float:
@@ -145,7 +160,7 @@ class S3BackendConfig(_BackendSection):
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://", v):
-            raise ValueError(f"expected an http(s) URL, got {v!r}")
+            raise ValueError(f"expected an http(s) URL, got {scrub(v)!r}")
         return v
 
     def credentials(self) -> tuple[str | None, str | None]:
@@ -281,8 +296,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in err and not _SECRET_HINT.search(path) and not isinstance(err["input"], dict | list):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"  {path}: {msg}")
+            msg = f"{msg} (got {scrub(repr(err['input']))})"
+        lines.append(f"  {path}: {scrub(msg)}")
     return "\n".join(lines)
 
 

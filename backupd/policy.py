@@ -94,10 +94,14 @@ class Retention(_Strict):
                 raise ValueError(str(exc)) from None
         return v
 
-    @field_validator("max_total_bytes")
+    @field_validator("max_total_bytes", mode="before")
     @classmethod
-    def _size(cls, v: int | str | None) -> int | str | None:
-        if v is not None and parse_size(v) <= 0:
+    def _size(cls, v: object) -> object:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            raise ValueError(f"must be a size such as 50Gi; got {v!r}")
+        if parse_size(v) <= 0:
             raise ValueError(f"must be a positive size such as 50Gi; got {v!r}")
         return v
 
@@ -260,13 +264,18 @@ def parse_policies(text: str, source: str = "<input>", backends: list[str] | Non
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(f"{source}: not valid YAML{at}: {problem}") from None
+    except (ValueError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
+        # PyYAML's scalar constructors raise these for values such as 2001-13-01 or !!int x
+        message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise PolicyError(f"{source}: not valid YAML: {message}") from None
     if not documents:
         raise PolicyError(f"{source}: no policy documents found")
     problems: list[str] = []
     policies: list[Policy] = []
     seen: dict[str, int] = {}
     for index, doc in enumerate(documents, start=1):
-        name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
+        metadata = doc.get("metadata") if isinstance(doc, dict) else None
+        name = metadata.get("name") if isinstance(metadata, dict) else None
         where = f"{source}: document {index}" + (f" ({name!r})" if isinstance(name, str) else "")
         if not isinstance(doc, dict):
             problems.append(f"{where}: expected a mapping, got {type(doc).__name__}")

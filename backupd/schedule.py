@@ -27,6 +27,7 @@ _MACROS = {
 _EVERY = re.compile(r"^@every\s+((?:\d+(?:ms|s|m|h))+)$")
 _EVERY_PART = re.compile(r"(\d+)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_MAX_EVERY_SECONDS = 366 * 24 * 3600
 
 
 _DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -78,8 +79,8 @@ class Schedule:
         text = " ".join(str(text).split())
         if m := _EVERY.match(text):
             seconds = sum(int(n) * _UNITS[u] for n, u in _EVERY_PART.findall(m.group(1)))
-            if seconds < 1:
-                raise ValueError(f"@every interval must be at least 1s, got {text!r}")
+            if not 1 <= seconds <= _MAX_EVERY_SECONDS:
+                raise ValueError(f"@every interval must be between 1s and 8760h (a year), got {text[:40]!r}")
             return cls(text, interval=timedelta(seconds=seconds), tz=zone)
         cron = _MACROS.get(text, text)
         if len(cron.split()) != 5:

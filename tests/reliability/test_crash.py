@@ -105,6 +105,9 @@ COMMIT_STEPS = {
 def test_sigkill_during_the_commit_protocol(rig: Rig, step: str) -> None:
     crashed = rig.run("checkpoint", faults=[{**COMMIT_STEPS[step], "kill": True}], expect=None)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    # The kubelet names tars by the second: a restart within the same second would get the
+    # killed run's file name again (the in-process one-second gate died with the process).
+    time.sleep(1.1)
     rig.run("checkpoint")  # restart: reconciles, then a full cycle
     rig.assert_consistent()
     c = rig.catalog()
