@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -76,10 +77,14 @@ class Pipeline:
         self.clock = clock
         self.sleep = sleep
 
-    def checkpoint(self, policy: Policy, pod: Pod, container: Container) -> Outcome:
+    def checkpoint(self, policy: Policy, pod: Pod, container: Container,
+                   kubelet_slot: AbstractContextManager[object] = nullcontext()) -> Outcome:
         """Checkpoint one container and commit the archive; never raises a BackupdError.
 
-        The outcome (and the run row) says what happened; the daemon keeps going either way.
+        ``kubelet_slot`` is held around each checkpoint request only (not the backoff between
+        attempts, nor the upload): it bounds what the node's runtime is asked to freeze and dump
+        at once. The outcome (and the run row) says what happened; the daemon keeps going
+        either way.
         """
         workload = str(pod.workload)
         target = Target(pod.namespace, pod.name, container.name)
@@ -97,9 +102,17 @@ class Pipeline:
             def on_retry(exc: BackupdError, attempt: int, pause: float) -> None:
                 bound.warning("kubelet_retry", error=str(exc), attempt=attempt, pause_seconds=round(pause, 2))
 
-            node_path = retry.call(lambda: self.kubelet.checkpoint(target), self.kubelet_backoff,
-                                   sleep=self.sleep, on_retry=on_retry)
-            checkpoint_seconds = time.monotonic() - started
+            checkpoint_seconds = 0.0
+
+            def request() -> Path:
+                nonlocal checkpoint_seconds
+                with kubelet_slot:
+                    asked = time.monotonic()
+                    path = self.kubelet.checkpoint(target)
+                    checkpoint_seconds = time.monotonic() - asked
+                    return path
+
+            node_path = retry.call(request, self.kubelet_backoff, sleep=self.sleep, on_retry=on_retry)
             self.metrics.checkpoint_seconds.observe(checkpoint_seconds)
             archive = self.commit(policy, pod, container, node_path, requested)
             if policy.spec.keep_on_node:

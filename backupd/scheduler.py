@@ -6,8 +6,11 @@ the catalog's policies at start-up and whenever their (name, generation) fingerp
 daemon was down is caught up once at start-up (the catalog knows when each policy last ran),
 never stampeded; APScheduler's ``coalesce`` does the same for runs missed while running.
 
-Concurrency: one cycle per policy at a time (``max_instances=1``); all checkpoints of the node
-go through one worker pool of ``daemon.max_concurrent_checkpoints`` threads; a container is
+Concurrency: one cycle per policy at a time (``max_instances=1``); the kubelet is asked for at
+most ``daemon.max_concurrent_checkpoints`` checkpoints at once (each freezes and dumps a
+container), and as many more archives may be shipping meanwhile: a worker gives its kubelet
+slot up when the checkpoint request returns, so uploads never hold the runtime back, and at
+most twice that many uncommitted tars sit on the node. A container is
 never checkpointed by two runs at once (a second policy selecting it at the same moment skips
 it), and never twice in one second (the kubelet's file name has second resolution and the
 runtimes open it without O_EXCL, so the second archive would overwrite the first).
@@ -98,7 +101,8 @@ class Runner:
         self.catalog = catalog
         self.kubelet = kubelet
         self.pipeline = pipeline
-        self.workers = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="checkpoint")
+        self.kubelet_slots = threading.BoundedSemaphore(max_concurrent)
+        self.workers = ThreadPoolExecutor(max_workers=2 * max_concurrent, thread_name_prefix="checkpoint")
         self.gate = ContainerGate()
         self.discovery_backoff = discovery_backoff
         self._inflight: set[Future[Outcome | None]] = set()
@@ -125,7 +129,7 @@ class Runner:
             if not self.catalog.acquire_lease(lease, self.holder, self.lease_ttl):
                 return None
             try:
-                return self.pipeline.checkpoint(policy, pod, container)
+                return self.pipeline.checkpoint(policy, pod, container, kubelet_slot=self.kubelet_slots)
             finally:
                 self.catalog.release_lease(lease, self.holder)
         finally:

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
+from backupd.backends.wrappers import Wrapper
 from backupd.catalog import RunRow, now_utc
 from backupd.policy import parse_policies
 
@@ -132,3 +133,40 @@ def test_a_second_daemon_for_the_same_node_refuses_to_start(app_factory) -> None
         daemon.stop(5)
     # a clean stop releases the node lease at once
     assert first.pipeline.node_lease("next-daemon:1:x")
+
+
+class _SlowPuts(Wrapper):
+    """The real backend, with each put taking a while longer (a slow link); records when."""
+
+    def __init__(self, inner, seconds: float) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(inner)
+        self.seconds = seconds
+        self.puts: list[tuple[float, float]] = []
+
+    def put(self, key, source):  # type: ignore[no-untyped-def]
+        started = time.time()
+        time.sleep(self.seconds)
+        info = self.inner.put(key, source)
+        self.puts.append((started, time.time()))
+        return info
+
+
+def test_uploads_do_not_hold_the_kubelet_back(app_factory, sim) -> None:  # type: ignore[no-untyped-def]
+    """At most max_concurrent_checkpoints requests reach the kubelet at once, and a slow
+    upload does not keep the next checkpoint waiting."""
+    app = app_factory()
+    app.config.daemon.max_concurrent_checkpoints = 1
+    slow = _SlowPuts(app.backends["local"], seconds=0.4)
+    app.backends["local"] = slow
+    sim.checkpoint_latency = 0.2
+    (p,) = parse_policies(POLICY.replace("NAME", "all").replace("SCHEDULE", "@every 1h")
+                          .replace("containers: [postgres]", "containers: ['*']"), "p.yaml")  # fmt: skip
+    app.catalog.apply_policies([(p.name, p.canonical_json())])
+    result = app.runner.cycle(app.runner.load_policy("all"))
+
+    assert len(result.outcomes) >= 2 and all(o.archive for o in result.outcomes)
+    asked = sorted((r.started, r.started + r.duration) for r in sim.requests if r.method == "POST")
+    assert len(asked) == len(result.outcomes)
+    assert all(end <= nxt + 0.01 for (_, end), (nxt, _) in zip(asked, asked[1:], strict=False)), asked
+    # some archive was shipping while the kubelet was dumping the next container
+    assert any(p0 < k1 and k0 < p1 for p0, p1 in slow.puts for k0, k1 in asked), (slow.puts, asked)

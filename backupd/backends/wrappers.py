@@ -31,7 +31,10 @@ T = TypeVar("T")
 OnRetry = Callable[[str, int, BackupdError, float], None]
 
 
-class _Wrapper(Backend):
+class Wrapper(Backend):
+    """A backend that passes every call to ``inner``: the base of the wrappers below (and of
+    a test's own), each overriding only what it changes."""
+
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
@@ -77,7 +80,7 @@ def _start_position(source: Readable) -> int | None:
         return None
 
 
-class RetryingBackend(_Wrapper):
+class RetryingBackend(Wrapper):
     """Retries whole operations that fail with an error whose ``retryable`` is true.
 
     Up to ``attempts`` attempts; after failed attempt ``n`` (1-based) it sleeps a delay drawn
@@ -204,7 +207,7 @@ class PlannedAction:
     size: int | None = None  # bytes a put would have written
 
 
-class DryRunBackend(_Wrapper):
+class DryRunBackend(Wrapper):
     """Reads pass through; writes are recorded in :attr:`planned` and change nothing.
 
     ``put`` checks the key, refuses an existing one as the real put would (:class:`ObjectExists`),
@@ -363,7 +366,7 @@ class _FaultyReader(io.RawIOBase):
                 super().close()
 
 
-class FaultInjectingBackend(_Wrapper):
+class FaultInjectingBackend(Wrapper):
     """A real backend (the wrapped one) that misbehaves as planned by a list of :class:`Fault`.
 
     Faults are consumed in list order; every fired fault is appended to :attr:`fired` as
