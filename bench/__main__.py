@@ -216,25 +216,49 @@ def bench_rss(work: Path, quick: bool) -> list[Row]:
     return rows
 
 
+@contextlib.contextmanager
+def simulator_process(state: Path, topology: dict, latency: float, memory: str) -> Iterator[dict[str, str]]:
+    """`backupd simulate-node` in a process of its own, as a kubelet is: yields its [kubelet]
+    config (url, ca_file, cert_file, key_file, checkpoint_dir, node_name)."""
+    state.mkdir(parents=True, exist_ok=True)
+    topo = state / "topology.json"
+    topo.write_text(json.dumps(topology))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backupd", "simulate-node", "--state-dir", str(state), "--port", "0",
+         "--topology", str(topo), "--latency", str(latency), "--memory-size", memory],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        config: dict[str, str] = {}
+        while not config.get("node_name"):
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"simulate-node exited: {proc.stderr.read()}")
+            name, sep, value = line.partition(" = ")
+            if sep and name.isidentifier():
+                config[name] = json.loads(value)
+        yield config
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def bench_cycle(work: Path, quick: bool) -> list[Row]:
-    """One cycle over 200 containers with 100 ms kubelet latency; ideal = n x latency / workers."""
+    """One cycle over 200 containers with 100 ms kubelet latency; ideal = n x latency / workers.
+    The kubelet stand-in runs in its own process, as the kubelet does."""
     from backupd.app import App
     from backupd.config import Config, DaemonConfig, DatabaseConfig, FilesystemBackendConfig, KubeletConfig
     from backupd.logs import configure
     from backupd.policy import parse_policies
-    from backupd.simulator.server import NodeSimulator
-    from backupd.simulator.topology import parse_topology
 
     configure(level="warning")
     n, latency, workers = (60 if quick else 200), 0.1, 2
-    topology = parse_topology({"pods": [{"namespace": "load", "owner": {"kind": "Deployment", "name": "app"},
-                                         "replicas": n, "labels": {"app": "load"},
-                                         "containers": [{"name": "app", "image": "example/app:1", "memory": "64Ki"}]}]})
-    with NodeSimulator(work / "node", topology=topology, checkpoint_latency=latency, memory_bytes=64 << 10) as sim:
+    topology = {"pods": [{"namespace": "load", "owner": {"kind": "Deployment", "name": "app"}, "replicas": n,
+                          "labels": {"app": "load"}, "containers": [{"name": "app", "image": "example/app:1"}]}]}
+    with simulator_process(work / "node", topology, latency, "64Ki") as kubelet:
         config = Config(
             database=DatabaseConfig(url=f"sqlite:///{work / 'cycle.db'}"),
-            kubelet=KubeletConfig(url=sim.url, ca_file=sim.ca_file, cert_file=sim.client_cert, key_file=sim.client_key,
-                                  checkpoint_dir=sim.checkpoint_dir, node_name="bench"),
+            kubelet=KubeletConfig(**kubelet),
             daemon=DaemonConfig(max_concurrent_checkpoints=workers, min_free_space=0),
             backends=[FilesystemBackendConfig(name="local", type="filesystem", path=work / "cycle-backend")],
         )
