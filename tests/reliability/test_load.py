@@ -243,7 +243,7 @@ def check(result: LoadResult, *, rss_growth_limit: int, workers: int = 4) -> Non
     first, second = warm[:half], warm[half:]
     assert max(s.rss for s in second) - max(s.rss for s in first) <= rss_growth_limit, \
         [round(s.rss / MiB, 1) for s in warm]
-    # threads: main, APScheduler's pool (16), the checkpoint workers, zstd's 2 per compression,
+    # threads: main, APScheduler's pool (16), the checkpoint workers (two per kubelet slot),
     # the HTTP server and its per-request threads -- a fixed ceiling, whatever the run length
     assert max(s.threads for s in result.samples) <= 24 + 3 * workers
     assert max(s.fds for s in second) <= max(s.fds for s in first) + 8
