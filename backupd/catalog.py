@@ -656,25 +656,27 @@ class Catalog:
 
     @_translated
     def fail_interrupted_runs(self, *, node: str | None = None, kind: str | None = None,
-                              policy: str | None = None) -> int:
-        """Runs left ``running`` by a crash are recorded as failed (``Interrupted``).
+                              policy: str | None = None) -> list[Run]:
+        """Runs left ``running`` by a crash are recorded as failed (``Interrupted``); returns
+        them as they now are.
 
         Only call this while holding the lease that the interrupted runs' owner would hold (the
         node lease for checkpoint runs, the policy's prune lease for prune runs).
         """
-        q = update(RunRow).where(RunRow.outcome == RUNNING)
+        conditions = [RunRow.outcome == RUNNING]
         if node is not None:
-            q = q.where(RunRow.node == node)
+            conditions.append(RunRow.node == node)
         if kind is not None:
-            q = q.where(RunRow.kind == kind)
+            conditions.append(RunRow.kind == kind)
         if policy is not None:
-            q = q.where(RunRow.policy == policy)
+            conditions.append(RunRow.policy == policy)
         with self.session() as s:
-            result = s.execute(
-                q.values(outcome=RUN_FAILED, error_kind="Interrupted", error="the daemon stopped during this run",
-                        finished_at=now_utc())
-            )
-            return result.rowcount or 0
+            rows = list(s.scalars(select(RunRow).where(*conditions).order_by(RunRow.id)))
+            for row in rows:
+                row.outcome, row.error_kind = RUN_FAILED, "Interrupted"
+                row.error, row.finished_at = "the daemon stopped during this run", now_utc()
+            s.flush()
+            return [_run(r) for r in rows]
 
     # -- leases -------------------------------------------------------------------------
 

@@ -19,6 +19,11 @@ from typing import BinaryIO
 from backupd.errors import NoSpace, StorageError, UnsafeCheckpointPath
 
 
+def node_tar_prefix(pod: str, namespace: str, container: str) -> str:
+    """The start of the kubelet's ``checkpoint-<pod>_<namespace>-<container>-<RFC3339>.tar``."""
+    return f"checkpoint-{pod}_{namespace}-{container}-"
+
+
 @dataclass(frozen=True)
 class NodeTar:
     name: str

@@ -29,7 +29,7 @@ from backupd.catalog import COMMITTED, FAILED, PENDING, RUN_FAILED, SUCCEEDED, A
 from backupd.errors import BackupdError, StorageNotFound
 from backupd.kubelet import KubeletClient, Target
 from backupd.metrics import Metrics
-from backupd.node import CheckpointDir
+from backupd.node import CheckpointDir, node_tar_prefix
 from backupd.policy import Policy
 from backupd.prune import release_dead_leases
 from backupd.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader, parse_recipients
@@ -244,10 +244,7 @@ class Pipeline:
         """
         if max_age <= timedelta(0):
             return []
-        kept = {
-            a.node_path for a in self.catalog.list_archives(node=self.node, states=(COMMITTED, PENDING))
-            if a.node_path and not a.node_tar_deleted
-        }
+        kept = self._kept_node_tars()
         cutoff = self.clock() - max_age
         removed = []
         for tar in self.checkpoint_dir.list():
@@ -255,6 +252,28 @@ class Pipeline:
                 removed.append(tar.name)
         if removed:
             log.info("stale_node_tars_removed", count=len(removed), files=removed[:20])
+        return removed
+
+    def _kept_node_tars(self) -> set[str]:
+        return {
+            a.node_path for a in self.catalog.list_archives(node=self.node, states=(COMMITTED, PENDING))
+            if a.node_path and not a.node_tar_deleted
+        }
+
+    def _remove_tars_of(self, interrupted: list[Run]) -> int:
+        """Tars the kubelet wrote for checkpoint requests of a crashed daemon that never got a
+        row: a request's own container, written after the run started, unknown to the catalog.
+        (Other unknown tars, such as an operator's manual checkpoints, wait for the stale sweep.)"""
+        asked = [(node_tar_prefix(r.pod, r.namespace, r.container), r.started_at - timedelta(seconds=1))
+                 for r in interrupted if r.pod and r.namespace and r.container]
+        if not asked:
+            return 0
+        kept = self._kept_node_tars()
+        removed = 0
+        for tar in self.checkpoint_dir.list():
+            if tar.name not in kept and any(tar.name.startswith(prefix) and tar.modified >= since
+                                            for prefix, since in asked):
+                removed += self._remove_node_tar(tar.name)
         return removed
 
     def reconcile(self) -> dict[str, int]:
@@ -266,10 +285,12 @@ class Pipeline:
         * ``pending`` archives: leftovers of their interrupted puts are removed; those whose
           manifest exists were committed (the row is completed from the manifest); those
           without a manifest are failed and any object is deleted;
-        * their node-local tars are removed.
+        * their node-local tars are removed, and so are the tars the kubelet wrote for
+          interrupted runs whose checkpoint request was answered but never got a row (with
+          several workers, one can be waiting on the kubelet when another is killed).
         """
-        counts = {"leases_released": len(release_dead_leases(self.catalog)),
-                  "interrupted_runs": self.catalog.fail_interrupted_runs(node=self.node, kind="checkpoint"),
+        interrupted = self.catalog.fail_interrupted_runs(node=self.node, kind="checkpoint")
+        counts = {"leases_released": len(release_dead_leases(self.catalog)), "interrupted_runs": len(interrupted),
                   "completed": 0, "failed": 0}
         for a in self.catalog.list_archives(states=(PENDING,), node=self.node):
             backend = self.backends.get(a.backend)
@@ -296,6 +317,7 @@ class Pipeline:
                 counts["failed"] += 1
             if a.node_path and self._remove_node_tar(a.node_path):
                 self.catalog.update_archive(a.id, node_tar_deleted=True)
+        counts["node_tars_removed"] = self._remove_tars_of(interrupted)
         if any(counts.values()):
             log.info("reconciled", **counts)
         return counts

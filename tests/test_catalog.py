@@ -131,7 +131,8 @@ def test_runs_record_every_attempt(catalog: Catalog) -> None:
 def test_interrupted_runs_are_failed_at_start(catalog: Catalog) -> None:
     catalog.start_run("checkpoint", policy="web", node="node-a")
     catalog.start_run("checkpoint", policy="web", node="node-b")
-    assert catalog.fail_interrupted_runs(node="node-a") == 1
+    (failed,) = catalog.fail_interrupted_runs(node="node-a")
+    assert (failed.node, failed.outcome, failed.error_kind) == ("node-a", RUN_FAILED, "Interrupted")
     outcomes = sorted((r.node, r.outcome) for r in catalog.list_runs())
     assert outcomes == [("node-a", RUN_FAILED), ("node-b", RUNNING)]
 

@@ -178,9 +178,17 @@ def test_reconcile_settles_what_a_crash_left(app_factory, sim: NodeSimulator, tm
     # crash after the object, before the manifest: an orphan
     backend.delete(layout.manifest_key(undone.key))
     app.catalog.update_archive(undone.id, state=PENDING, node_tar_deleted=False)
-    app.catalog.start_run("checkpoint", policy="web", node="sim-node")  # a run the crash interrupted
+    # a run the crash interrupted after the kubelet wrote its tar, before the row was added
+    app.catalog.start_run("checkpoint", policy="web", node="sim-node", namespace=done.namespace, pod=done.pod,
+                          workload=done.workload, container=done.container)
+    answered = sim.checkpoint_dir / f"checkpoint-{done.pod}_{done.namespace}-{done.container}-2099-01-01T00:00:00Z.tar"
+    answered.write_bytes(b"tar")
+    manual = sim.checkpoint_dir / f"checkpoint-{undone.pod}_{undone.namespace}-{undone.container}-x.tar"
+    manual.write_bytes(b"an operator's own checkpoint")  # no run asked for it: left to the stale sweep
     counts = app.pipeline.reconcile()
-    assert counts == {"interrupted_runs": 1, "completed": 1, "failed": 1, "leases_released": 0}
+    assert counts == {"interrupted_runs": 1, "completed": 1, "failed": 1, "leases_released": 0,
+                      "node_tars_removed": 1}
+    assert not answered.exists() and manual.exists()
     assert app.catalog.get_archive(done.id).state == COMMITTED
     assert app.catalog.get_archive(undone.id).state == FAILED
     assert backend.stat(undone.key) is None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backupd import criu_images as ci
+from backupd.node import node_tar_prefix
 from backupd.simulator.topology import Container, Pod
 
 __all__ = [
@@ -87,7 +88,7 @@ def go_rfc3339nano(t: dt.datetime) -> str:
 
 def checkpoint_file_name(pod: str, namespace: str, container: str, t: dt.datetime) -> str:
     """The kubelet's ``checkpoint-<pod>_<namespace>-<container>-<RFC3339>.tar``."""
-    return f"checkpoint-{pod}_{namespace}-{container}-{go_rfc3339(t)}.tar"
+    return f"{node_tar_prefix(pod, namespace, container)}{go_rfc3339(t)}.tar"
 
 
 # -- tar streaming ----------------------------------------------------------------------------
