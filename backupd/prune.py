@@ -50,9 +50,6 @@ from backupd.policy import Policy
 
 log = structlog.get_logger("backupd.prune")
 
-Group = tuple[str, str, str]  # namespace, workload, container
-
-
 Planned = Archive | ArchiveSummary  # anything with the fields retention reads
 
 
@@ -92,6 +89,7 @@ class GroupPlan:
 
 _GROUP = attrgetter("namespace", "workload", "container")
 _SELECTOR = attrgetter("state", "policy")
+_ID, _CHECKPOINT_TIME, _STORED_SIZE, _PINNED = map(attrgetter, ("id", "checkpoint_time", "stored_size", "pinned"))
 
 
 def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
@@ -111,9 +109,6 @@ def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
                                     map(_PINNED, members), len(members))
             plans.append(GroupPlan(namespace, workload, container, members, retention.plan(items, rules, tz=tz)))
     return plans
-
-
-_ID, _CHECKPOINT_TIME, _STORED_SIZE, _PINNED = map(attrgetter, ("id", "checkpoint_time", "stored_size", "pinned"))
 
 
 @dataclass
