@@ -195,6 +195,8 @@ class RegistryClient:
         self._sleep = sleep
         verify: ssl.SSLContext | bool = True
         if insecure:
+            # Only `restore --insecure-registry`, typed by the operator for a test or in-cluster
+            # registry without a certificate; no config key or environment variable leads here.
             verify = False
         elif ca_file is not None:
             try:
