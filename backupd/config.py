@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from backupd.errors import ConfigError, scrub
 from backupd.sizes import parse_size
 
+#: a workload's recovery point is MISSING after this many schedule intervals (report, alerts)
+DEFAULT_STALE_INTERVALS = 3
+
 DEFAULT_CONFIG_PATH = Path("/etc/backupd/config.toml")
 
 Size = Annotated[int, Field(ge=0)]
@@ -191,7 +194,7 @@ class AlertsConfig(BaseModel):
     webhook_url: SecretStr | None = None
     webhook_url_file: Path | None = None
     format: Literal["json", "slack"] = "json"
-    stale_intervals: int = Field(default=3, ge=1, le=1000)
+    stale_intervals: int = Field(default=DEFAULT_STALE_INTERVALS, ge=1, le=1000)
     min_interval_seconds: float = Field(default=60.0, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     ca_file: Path | None = None

@@ -14,14 +14,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from backupd import logs
-from backupd.app import App
-from backupd.catalog import RUN_FAILED, SUCCEEDED
 from backupd.config import Config, DaemonConfig, DatabaseConfig, FilesystemBackendConfig, KubeletConfig
-from backupd.policy import parse_policies
+
+if TYPE_CHECKING:  # the app (catalog, backends) is imported by the command, not by `backupd --help`
+    from backupd.app import App
 
 DEMO_POLICIES = """\
 apiVersion: backupd.io/v1
@@ -69,6 +70,8 @@ class Progress:
         self.bytes_in = self.bytes_out = 0
 
     def poll(self, elapsed: float) -> None:
+        from backupd.catalog import RUN_FAILED, SUCCEEDED
+
         for run in reversed(self.app.catalog.list_runs(kind="checkpoint", limit=200)):
             if run.id in self.seen or run.finished_at is None:
                 continue
@@ -122,6 +125,7 @@ def verify_all(app: App) -> tuple[int, list[str]]:
 @click.option("--keep", is_flag=True, help="Keep the state of the previous demo run instead of starting afresh.")
 def demo(duration: float, root: str, memory_size: str, criu: bool, keep: bool) -> None:
     """Run the daemon on embedded defaults against the built-in node simulator."""
+    from backupd.app import App
     from backupd.simulator.server import NodeSimulator
     from backupd.simulator.topology import parse_quantity
 
@@ -141,6 +145,8 @@ def demo(duration: float, root: str, memory_size: str, criu: bool, keep: bool) -
 
 
 def _run_demo(app: App, base: Path, duration: float, sim: object) -> None:
+    from backupd.policy import parse_policies
+
     click.echo(f"backupd demo: node simulator at {sim.url}, state in {base}")  # type: ignore[attr-defined]
     app.catalog.upgrade()
     policies = parse_policies(DEMO_POLICIES, "demo policies", backends=["local"])
@@ -170,6 +176,7 @@ def _run_demo(app: App, base: Path, duration: float, sim: object) -> None:
 
 
 def _summary(app: App, base: Path) -> None:
+    from backupd.catalog import RUN_FAILED, SUCCEEDED
     from backupd.cli.base import human_bytes, print_table
 
     archives = app.catalog.list_archives()

@@ -67,6 +67,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, Archive, Catalog, Run
+from backupd.config import DEFAULT_STALE_INTERVALS
 from backupd.policy import Policy
 from backupd.prune import plan_policy
 from backupd.schedule import Schedule
@@ -74,7 +75,6 @@ from backupd.sizes import human_bytes
 
 OK, LATE, MISSING, UNMANAGED = "OK", "LATE", "MISSING", "UNMANAGED"
 _SEVERITY = {OK: 0, UNMANAGED: 1, LATE: 2, MISSING: 3}
-DEFAULT_STALE_INTERVALS = 3
 FORMAT = "backupd.report/v1"
 
 # How many runs per policy and outcome the shell reads: enough for every target's latest success

@@ -12,7 +12,9 @@ from typing import NoReturn
 import click
 import structlog
 
-# Each module registers its commands on the group when imported.
+# Each module registers its commands on the group when imported. They import the core (catalog,
+# restore, inspect, doctor...) inside the command that needs it, so `backupd --help` and each
+# command pay only for what they use.
 import backupd.cli.inspect  # noqa: F401
 import backupd.cli.report  # noqa: F401
 import backupd.cli.restore  # noqa: F401

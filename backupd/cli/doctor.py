@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_json
-from backupd.doctor import diagnose, parse_target
-from backupd.kubelet import Target
+
+if TYPE_CHECKING:
+    from backupd.kubelet import Target
 
 _MARKS = {"ok": "✓", "failed": "✗", "warning": "!", "skipped": "-"}
 
@@ -14,6 +17,8 @@ _MARKS = {"ok": "✓", "failed": "✗", "warning": "!", "skipped": "-"}
 def _target(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Target | None:
     if value is None:
         return None
+    from backupd.doctor import parse_target
+
     try:
         return parse_target(value)
     except ValueError as exc:
@@ -33,6 +38,8 @@ def doctor(ctx: Context, checkpoint_test: Target | None, output: str) -> None:
     blocks checkpoints (warnings and untested checks do not count), else the code of the first
     blocking failure: 2 config, 4 catalog, 5 kubelet or runtime, 6 checkpoint directory or backend.
     """
+    from backupd.doctor import diagnose  # imported when used: see backupd.cli
+
     report = diagnose(ctx.config_path, checkpoint_test=checkpoint_test)
     if output == "json":
         print_json(report.to_json())

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json
 from backupd.errors import ConfigError
-from backupd.inspect import Inspection, inspect_catalog_archive, inspect_file, inspect_stream, looks_like_archive_id
-from backupd.transfer import load_identities
+
+if TYPE_CHECKING:
+    from backupd.inspect import Inspection
 
 Tree = tuple[str, list[Any]]  # (label, children)
 
@@ -144,6 +145,10 @@ def inspect_command(ctx: Context, target: str, identity_file: str | None, output
     like an id). Unsafe archives (absolute or `..` names, links, device files, enormous
     headers) are refused with exit code 7; a truncated or corrupt one too.
     """
+    # imported here: the CRIU decoders and the catalog are not needed for `backupd --help`
+    from backupd.inspect import inspect_catalog_archive, inspect_file, inspect_stream, looks_like_archive_id
+    from backupd.transfer import load_identities
+
     if target == "-":
         result = inspect_stream(sys.stdin.buffer, source="stdin")
     elif os.path.lexists(target) or not looks_like_archive_id(target):

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from backupd.cli.base import Context, cli, pass_ctx
+from backupd.config import DEFAULT_STALE_INTERVALS
 from backupd.errors import InvalidInput
-from backupd.report import DEFAULT_STALE_INTERVALS, load_report, render_html, render_table
 
 
 def write_private(path: Path, text: str) -> None:
@@ -53,6 +53,8 @@ def report(ctx: Context, output: str, out_path: Path | None, stale_intervals: in
     if stale_intervals is None:
         alerts = getattr(ctx.config, "alerts", None)
         stale_intervals = getattr(alerts, "stale_intervals", DEFAULT_STALE_INTERVALS)
+    from backupd.report import load_report, render_html, render_table  # the report's weight only when asked
+
     catalog = ctx.app.catalog
     catalog.check_schema()
     result = load_report(catalog, stale_intervals=stale_intervals)

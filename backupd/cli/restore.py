@@ -6,27 +6,18 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from backupd import oci, podmanifest
-from backupd.catalog import Archive
 from backupd.cli.base import Context, cli, human_bytes, pass_ctx, print_json
 from backupd.errors import InvalidInput
-from backupd.progress import Progress, ProgressReader
-from backupd.restore import (
-    CheckpointInfo,
-    ScanningReader,
-    checkpoint_info,
-    metadata_scanner,
-    open_archive,
-    restore_to_file,
-    select_archive,
-    verified_manifest,
-)
 from backupd.sizes import parse_size
-from backupd.transfer import load_identities
+
+if TYPE_CHECKING:
+    from backupd import oci
+    from backupd.catalog import Archive
+    from backupd.progress import ProgressReader
 
 PASSWORD_ENV = "BACKUPD_REGISTRY_PASSWORD"
 
@@ -108,6 +99,21 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
     The archive is streamed out of its backend and checked against the catalog and its manifest
     (SHA-256 and size) while it streams; a mismatch fails the restore and leaves nothing behind.
     """
+    # imported here: the restore machinery is not needed for `backupd --help` or other commands
+    from backupd import oci, podmanifest
+    from backupd.progress import Progress, ProgressReader
+    from backupd.restore import (
+        CheckpointInfo,
+        ScanningReader,
+        checkpoint_info,
+        metadata_scanner,
+        open_archive,
+        restore_to_file,
+        select_archive,
+        verified_manifest,
+    )
+    from backupd.transfer import load_identities
+
     destinations = [flag for flag, v in (("--output", output_file), ("--oci-layout", oci_dir), ("--image", image))
                     if v]  # fmt: skip
     if len(destinations) != 1:

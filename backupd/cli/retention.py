@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
@@ -13,7 +13,9 @@ import click
 from backupd import retention
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
 from backupd.errors import InvalidInput, PolicyError, RunsFailed
-from backupd.prune import PruneResult
+
+if TYPE_CHECKING:
+    from backupd.prune import PruneResult
 
 
 class _Count(click.ParamType):

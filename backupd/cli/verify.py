@@ -6,9 +6,6 @@ import click
 
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
 from backupd.errors import IntegrityError
-from backupd.rebuild import rebuild
-from backupd.transfer import load_identities
-from backupd.verify import choose_sample, verify
 
 
 @cli.command("verify")
@@ -28,6 +25,9 @@ def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, struct
     """
     app = ctx.app
     app.catalog.check_schema()
+    from backupd.transfer import load_identities
+    from backupd.verify import choose_sample, verify  # imported when used: see backupd.cli
+
     archives = choose_sample(app.catalog.list_archives(policy=policy_name), sample)
     identities = load_identities(identity_file, "--identity-file") if identity_file else []
     report = verify(app.catalog, app.backends, archives, structure=structure, identities=identities)
@@ -61,6 +61,8 @@ def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None
     app = ctx.app
     app.catalog.check_schema()
     names = [app.config.backend(backend_name).name] if backend_name else list(app.backends)
+    from backupd.rebuild import rebuild
+
     reports = [rebuild(app.catalog, app.backends[name]) for name in names]
     if output == "json":
         print_json([r.to_json() for r in reports])
