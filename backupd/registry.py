@@ -194,9 +194,9 @@ class RegistryClient:
         self._backoff = backoff
         self._sleep = sleep
         verify: ssl.SSLContext | bool = True
+        # `insecure` comes only from `restore --insecure-registry`, typed by the operator for a
+        # test or in-cluster registry without a certificate; no config key or variable leads here.
         if insecure:
-            # Only `restore --insecure-registry`, typed by the operator for a test or in-cluster
-            # registry without a certificate; no config key or environment variable leads here.
             verify = False
         elif ca_file is not None:
             try:
