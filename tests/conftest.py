@@ -6,6 +6,7 @@ own schema, dropped afterwards. Without the variable they are skipped with a vis
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -39,7 +40,15 @@ def pg_url() -> Iterator[str]:
         if os.environ.get("BACKUPD_REQUIRE_POSTGRES"):
             pytest.fail("BACKUPD_REQUIRE_POSTGRES is set but BACKUPD_TEST_DATABASE_URL is not")
         pytest.skip("PostgreSQL tests need BACKUPD_TEST_DATABASE_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
-    schema = "t_" + secrets.token_hex(6)
+    with postgres_schema("t_") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_schema(prefix: str) -> Iterator[str]:
+    """``PG_URL`` with its search_path on a fresh schema, dropped afterwards."""
+    assert PG_URL
+    schema = prefix + secrets.token_hex(6)
     admin = create_engine(PG_URL)
     with admin.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))

@@ -8,12 +8,13 @@ from backupd.policy import Policy, parse_policies
 
 
 def web_policy(*, backend: str = "local", retention: str = "{keepLast: 3}", keep_on_node: int = 0,
-               name: str = "web", extra: str = "") -> str:
-    """The nginx containers of the default namespace's web Deployment, hourly."""
+               name: str = "web", schedule: str = "@every 1h", extra: str = "") -> str:
+    """The nginx containers of the default namespace's web Deployment, hourly unless told."""
     return (
         f"apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {{name: {name}}}\nspec:\n"
         "  selector: {namespaces: [default], matchLabels: {app: web}, containers: [nginx]}\n"
-        f'  schedule: "@every 1h"\n  backend: {backend}\n  retention: {retention}\n  keepOnNode: {keep_on_node}\n{extra}'
+        f'  schedule: "{schedule}"\n  backend: {backend}\n  retention: {retention}\n'
+        f"  keepOnNode: {keep_on_node}\n{extra}"
     )
 
 

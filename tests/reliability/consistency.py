@@ -20,18 +20,11 @@ from backupd.backends.base import Backend
 from backupd.backends.filesystem import TEMP_PREFIX, FilesystemBackend
 from backupd.backends.s3 import S3Backend
 from backupd.catalog import COMMITTED, DELETING, PENDING, RUNNING, Archive
-from backupd.policy import Policy, parse_policies
+from backupd.policy import Policy
 from backupd.retry import Backoff
 from backupd.scheduler import CycleResult
 
 FAST = Backoff(attempts=2, base_delay=0.01, max_delay=0.01)
-
-
-def apply_policy(app: App, text: str) -> Policy:
-    """Validate one policy document and store it in the app's catalog, as ``policy apply`` does."""
-    (policy,) = parse_policies(text, "policy.yaml", backends=[b.name for b in app.config.backends])
-    app.catalog.apply_policies([(policy.name, policy.canonical_json())])
-    return policy
 
 
 def fast_retries(app: App) -> App:

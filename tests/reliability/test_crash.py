@@ -21,17 +21,9 @@ from backupd import layout
 from backupd.backends.filesystem import TEMP_PREFIX
 from backupd.catalog import PENDING, RUNNING, Catalog
 from backupd.simulator.server import NodeSimulator
+from tests.policies import web_policy
 
-POLICY = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}}
-  schedule: "@every 1h"
-  backend: local
-  retention: {keepLast: 1}
-"""
+POLICY = web_policy(retention="{keepLast: 1}")
 
 
 class Rig:

@@ -21,18 +21,11 @@ import pytest
 from backupd.app import App
 from backupd.simulator.server import NodeSimulator
 from tests.conftest import make_config
-from tests.reliability.consistency import apply_policy, assert_consistent, daemon_cycle, fast_retries
+from tests.policies import apply as apply_policy
+from tests.policies import web_policy
+from tests.reliability.consistency import assert_consistent, daemon_cycle, fast_retries
 
-POLICY = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}}
-  schedule: "@every 1h"
-  backend: local
-  retention: {keepLast: 50}
-"""
+POLICY = web_policy(retention="{keepLast: 50}")
 
 
 @pytest.fixture

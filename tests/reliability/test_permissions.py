@@ -13,17 +13,9 @@ import time
 from pathlib import Path
 
 from backupd.simulator.server import NodeSimulator
+from tests.policies import web_policy
 
-POLICY = """\
-apiVersion: backupd.io/v1
-kind: CheckpointPolicy
-metadata: {name: web}
-spec:
-  selector: {namespaces: [default], matchLabels: {app: web}}
-  schedule: "@every 1s"
-  backend: local
-  retention: {keepLast: 2}
-"""
+POLICY = web_policy(retention="{keepLast: 2}", schedule="@every 1s")
 
 
 def modes(*roots: Path) -> dict[str, str]:

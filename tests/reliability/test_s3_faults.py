@@ -26,7 +26,8 @@ from backupd.errors import StorageNotFound
 from backupd.simulator.server import NodeSimulator
 from backupd.verify import verify
 from tests.backends.test_s3 import FOREVER, PartFaults, s3_error
-from tests.reliability.consistency import FAST, apply_policy, assert_consistent, daemon_cycle, fast_retries, innermost
+from tests.policies import apply as apply_policy
+from tests.reliability.consistency import FAST, assert_consistent, daemon_cycle, fast_retries, innermost
 from tests.reliability.reset_proxy import ResetProxy
 
 MiB = 1 << 20

@@ -35,7 +35,7 @@ from backupd.catalog import Catalog
 from backupd.errors import CatalogUnavailable
 from backupd.retry import Backoff
 from backupd.simulator.server import NodeSimulator
-from tests.conftest import PG_URL
+from tests.conftest import PG_URL, postgres_schema
 from tests.reliability.inprocess import run_cli as run_in_process
 from tests.s3_rig import REGION, admin_client, empty_bucket, set_moto_auth
 
@@ -205,17 +205,8 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not PG_URL:
         yield f"sqlite:///{tmp_path_factory.mktemp('catalog') / 'catalog.db'}"
         return
-    schema = "secrets_" + secrets.token_hex(6)
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema("secrets_") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from backupd.config import Config
 from backupd.simulator.pki import Pki, generate_pki
 from backupd.simulator.server import NodeSimulator
 from tests.conftest import make_config
-from tests.reliability.consistency import apply_policy, fast_retries
+from tests.policies import apply as apply_policy
+from tests.reliability.consistency import fast_retries
 from tests.reliability.inprocess import run_cli
 
 PACKAGE = Path(__file__).resolve().parents[2] / "backupd"
