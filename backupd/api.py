@@ -38,15 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import structlog
 
 from backupd import __version__
-from backupd.catalog import ARCHIVE_STATES, COMMITTED, Catalog
+from backupd.catalog import ARCHIVE_STATES, COMMITTED, Catalog, Cursor
 from backupd.config import DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_TIMEOUT_SECONDS
-from backupd.errors import BackupdError, ConfigError
+from backupd.errors import BackupdError, ConfigError, InvalidInput
 from backupd.metrics import Metrics
 from backupd.policy import Policy
 
@@ -68,6 +68,11 @@ def _limit(query: dict[str, list[str]], default: int = 100) -> int:
     if not 1 <= value <= 1000:
         raise BadRequest(f"limit must be between 1 and 1000, got {value}")
     return value
+
+
+def _cursor(query: dict[str, list[str]], *, numeric_id: bool = False) -> Cursor | None:
+    text = _one(query, "after")
+    return Cursor.parse(text, "after", numeric_id=numeric_id) if text is not None else None
 
 
 def _one(query: dict[str, list[str]], name: str, choices: tuple[str, ...] | None = None) -> str | None:
@@ -93,10 +98,23 @@ def openapi_document() -> dict[str, Any]:
     unauthorized = {"description": "Missing or wrong bearer token",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
+    after = param("after", _STRING, "Start after this page cursor: the X-Next-Cursor of the previous page, "
+                  "which is also `<time>/<id>` of its last item (checkpoint_time of archives, started_at of runs).")
+    next_page = {
+        "X-Next-Cursor": {"description": "Present when more items follow: pass it as `after` for the next page.",
+                          "schema": _STRING},
+        "Link": {"description": 'Present when more items follow: `<URL of the next page>; rel="next"` (RFC 8288).',
+                 "schema": _STRING},
+    }
+
     def listing(ref: str, description: str, params: list[dict[str, Any]]) -> dict[str, Any]:
         return {"get": {"summary": description, "parameters": params, "security": [{"bearer": []}, {}],
-                        "responses": {"200": {"description": description, "content": {"application/json": {
-                            "schema": {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}}}},
+                        "description": "One page (`limit` items at most) of a keyset-paginated listing: the "
+                                       "X-Next-Cursor and Link headers lead to the next page; their absence means "
+                                       "this is the last one. Pages stay consistent while items are added.",
+                        "responses": {"200": {"description": description, "headers": next_page,
+                                              "content": {"application/json": {"schema": {
+                                                  "type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}}}},
                                       "400": error, "401": unauthorized}}}
 
     archive_props = {name: _STRING for name in ("id", "state", "policy", "backend", "key", "node", "namespace", "pod",
@@ -129,12 +147,12 @@ def openapi_document() -> dict[str, Any]:
                 param("pod", _STRING, "Only this pod."), param("workload", _STRING, "e.g. deployment/web"),
                 param("container", _STRING, "Only this container."),
                 param("state", {"type": "string", "enum": list(ARCHIVE_STATES)}, "Archive state (default committed)."),
-                limit]),
+                limit, after]),
             "/api/v1/runs": listing("Run", "Runs, newest first", [
                 param("policy", _STRING, "Only this policy."),
                 param("kind", {"type": "string", "enum": ["checkpoint", "prune", "verify"]}, "Run kind."),
                 param("outcome", {"type": "string", "enum": ["running", "succeeded", "failed", "skipped"]}, "Outcome."),
-                limit]),
+                limit, after]),
             "/api/v1/report": {"get": {
                 "summary": "The retention report (as `backupd report --output json`)", "security": [{"bearer": []}, {}],
                 "responses": {"200": {"description": "Report", "content": {"application/json": {"schema": {
@@ -198,16 +216,16 @@ class Api:
         expected = f"Bearer {self.token}".encode()
         return header is not None and hmac.compare_digest(header.encode(), expected)
 
-    def handle(self, path: str, query: dict[str, list[str]], auth: str | None) -> tuple[int, str, bytes]:
-        """(status, content type, body) for a GET."""
+    def handle(self, path: str, query: dict[str, list[str]], auth: str | None) -> Answer:
+        """The answer to a GET."""
         if path == "/healthz":
-            return 200, "text/plain; charset=utf-8", b"ok\n"
+            return Answer(200, "text/plain; charset=utf-8", b"ok\n")
         if path == "/readyz":
             problems = self.readiness()
             body = "ok\n" if not problems else "".join(f"{p}\n" for p in problems)
-            return (200 if not problems else 503), "text/plain; charset=utf-8", body.encode()
+            return Answer(200 if not problems else 503, "text/plain; charset=utf-8", body.encode())
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.exposition()
+            return Answer(200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.exposition())
         if path == "/openapi.json":
             return _json(200, openapi_document())
         if not path.startswith("/api/v1/"):
@@ -220,30 +238,50 @@ class Api:
                                    for p in self.catalog.list_policies()])
             if path == "/api/v1/archives":
                 state = _one(query, "state", ARCHIVE_STATES) or COMMITTED
-                archives = self.catalog.list_archives(
+                archives, following = self.catalog.archive_page(
                     policy=_one(query, "policy"), namespace=_one(query, "namespace"), pod=_one(query, "pod"),
                     workload=_one(query, "workload"), container=_one(query, "container"), states=(state,),
+                    limit=_limit(query), after=_cursor(query),
                 )
-                return _json(200, [a.to_json() for a in archives[: _limit(query)]])
+                return _page(path, query, [a.to_json() for a in archives], following)
             if path == "/api/v1/runs":
+                limit = _limit(query)
                 runs = self.catalog.list_runs(
                     policy=_one(query, "policy"), kind=_one(query, "kind", ("checkpoint", "prune", "verify")),
-                    outcome=_one(query, "outcome", ("running", "succeeded", "failed", "skipped")), limit=_limit(query),
+                    outcome=_one(query, "outcome", ("running", "succeeded", "failed", "skipped")), limit=limit + 1,
+                    after=_cursor(query, numeric_id=True),
                 )
-                return _json(200, [r.to_json() for r in runs])
+                following = Cursor.of_run(runs[limit - 1]) if len(runs) > limit else None
+                return _page(path, query, [r.to_json() for r in runs[:limit]], following)
             if path == "/api/v1/report":
                 if self.report is None:
                     return _json(503, {"error": "the report is not available in this build"})
                 return _json(200, self.report())
-        except BadRequest as exc:
+        except (BadRequest, InvalidInput) as exc:
             return _json(400, {"error": str(exc)})
         except BackupdError as exc:
             return _json(503, {"error": str(exc)})
         return _json(404, {"error": f"no such path {path!r}"})
 
 
-def _json(status: int, value: Any) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(value, default=str).encode()
+class Answer(NamedTuple):
+    status: int
+    content_type: str
+    body: bytes
+    headers: dict[str, str] = {}
+
+
+def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> Answer:
+    return Answer(status, "application/json", json.dumps(value, default=str).encode(), headers or {})
+
+
+def _page(path: str, query: dict[str, list[str]], items: list[Any], following: Cursor | None) -> Answer:
+    """A page of a listing: the items as a JSON array; when more follow, the next page's cursor
+    in ``X-Next-Cursor`` and its URL in ``Link: <...>; rel="next"`` (RFC 8288)."""
+    if following is None:
+        return _json(200, items)
+    next_query = urlencode({**{k: v for k, v in query.items() if k != "after"}, "after": [str(following)]}, doseq=True)
+    return _json(200, items, {"X-Next-Cursor": str(following), "Link": f'<{path}?{next_query}>; rel="next"'})
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -287,39 +325,39 @@ class _Handler(BaseHTTPRequestHandler):
         if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
             self.request_version = "HTTP/1.1"
         self.close_connection = True
-        self._answer(code, "application/json", json.dumps({"error": message or HTTPStatus(code).phrase}).encode(), {})
+        self._answer(_json(code, {"error": message or HTTPStatus(code).phrase}))
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         url = urlsplit(self.path)
         try:
-            status, ctype, body = self.server.api.handle(url.path, parse_qs(url.query),
-                                                         self.headers.get("Authorization"))
+            answer = self.server.api.handle(url.path, parse_qs(url.query), self.headers.get("Authorization"))
         except Exception:
             log.exception("api_error", path=url.path)
-            status, ctype, body = _json(500, {"error": "internal error"})
+            answer = _json(500, {"error": "internal error"})
         if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
             self.close_connection = True  # a body nobody reads must not be taken for the next request
-        self._answer(status, ctype, body, {"WWW-Authenticate": 'Bearer realm="backupd"'} if status == 401 else {})
+        if answer.status == 401:
+            answer = answer._replace(headers={**answer.headers, "WWW-Authenticate": 'Bearer realm="backupd"'})
+        self._answer(answer)
 
     def _not_allowed(self) -> None:
         self.close_connection = True  # its body, if any, is never read
-        self._answer(405, "application/json", json.dumps({"error": "read-only API: only GET"}).encode(),
-                     {"Allow": "GET"})
+        self._answer(_json(405, {"error": "read-only API: only GET"}, {"Allow": "GET"}))
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815
 
-    def _answer(self, status: int, ctype: str, body: bytes, headers: dict[str, str]) -> None:
+    def _answer(self, answer: Answer) -> None:
         if self.conn.served + 1 >= KEEPALIVE_REQUESTS:
             self.close_connection = True
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        for name, value in answer.headers.items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(answer.body)
 
 
 class _SocketWriter(io.BufferedIOBase):

@@ -37,7 +37,9 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    literal,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -130,6 +132,7 @@ class ArchiveRow(Base):
         Index(None, "policy", "namespace", "workload", "container", "checkpoint_time"),
         Index(None, "state"),
         Index(None, "backend", "key", unique=True),
+        Index(None, "checkpoint_time", "id"),  # the listing order: pages are read from it
     )
 
 
@@ -157,6 +160,7 @@ class RunRow(Base):
     __table_args__ = (
         Index(None, "policy", "kind", "started_at"),
         Index(None, "namespace", "workload", "container", "started_at"),
+        Index(None, "started_at", "id"),  # the listing order (newest first) and the history purge
     )
 
 
@@ -172,13 +176,60 @@ class LeaseRow(Base):
 # Plain values handed to the rest of backupd (no ORM objects escape this module).
 
 
+def rfc3339(moment: datetime) -> str:
+    """An aware time as RFC 3339 UTC with ``Z``, as every JSON output of backupd writes it."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def _json_fields(value: Any) -> dict[str, Any]:
     """A catalog dataclass as JSON-ready fields, times in RFC 3339 UTC."""
     d = {f: getattr(value, f) for f in value.__dataclass_fields__}
     for k, v in d.items():
         if isinstance(v, datetime):
-            d[k] = v.isoformat().replace("+00:00", "Z")
+            d[k] = rfc3339(v)
     return d
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of a listing ended: the sort key of its last row.
+
+    Written ``<time>/<id>``: the row's own ``checkpoint_time`` (archives) or ``started_at``
+    (runs) and ``id`` exactly as the JSON output shows them, so a client can also build it from
+    the last item it holds. The next page starts strictly after it in the listing's order
+    (archives oldest first, runs newest first), which stays right while rows are added or
+    removed between two pages.
+    """
+
+    time: datetime
+    id: str
+
+    def __str__(self) -> str:
+        return f"{rfc3339(self.time)}/{self.id}"
+
+    @classmethod
+    def of_archive(cls, archive: Archive) -> Cursor:
+        return cls(archive.checkpoint_time, archive.id)
+
+    @classmethod
+    def of_run(cls, run: Run) -> Cursor:
+        return cls(run.started_at, str(run.id))
+
+    @classmethod
+    def parse(cls, text: str, field: str, *, numeric_id: bool = False) -> Cursor:
+        """Read a cursor given as ``field`` (an option or query parameter, named in the error)."""
+        time_text, sep, ident = text.rpartition("/")
+        moment: datetime | None = None
+        try:
+            parsed = datetime.fromisoformat(time_text) if sep else None
+            if parsed is not None and parsed.tzinfo is not None:
+                moment = parsed.astimezone(UTC)
+        except (ValueError, OverflowError):  # OverflowError: an offset that moves year 1 into year 0
+            pass
+        if moment is None or not ident or len(ident) > 32 or (numeric_id and not ident.isdigit()):
+            raise InvalidInput(f"{field}: {text[:100]!r} is not a page cursor: give the one the previous page "
+                               "ended with (<time>/<id> of its last item)")
+        return cls(moment, ident)
 
 
 @dataclass(frozen=True)
@@ -536,12 +587,18 @@ class Catalog:
         states: Sequence[str] = (COMMITTED,),
         backend: str | None = None,
         node: str | None = None,
+        after: Cursor | None = None,
+        limit: int | None = None,
     ) -> list[Archive]:
-        """Archives matching every given filter, oldest first."""
+        """Archives matching every given filter, oldest first (by checkpoint time, then id).
+
+        ``after`` and ``limit`` read one page of that order: at most ``limit`` archives that
+        come after the cursor (:meth:`archive_pages` reads them all, a page at a time).
+        """
         # Plain column tuples, not ORM entities: prune plans read every archive of a policy,
         # and identity-map bookkeeping per row costs more than the query itself.
         q = select(*_ARCHIVE_COLUMNS)
-        if states:
+        if states and set(states) != set(ARCHIVE_STATES):
             q = q.where(ArchiveRow.state.in_(states))
         for column, value in (
             (ArchiveRow.policy, policy),
@@ -554,9 +611,33 @@ class Catalog:
         ):
             if value is not None:
                 q = q.where(column == value)
+        if after is not None:
+            # a row comparison, which both databases answer from the (checkpoint_time, id) index
+            q = q.where(tuple_(ArchiveRow.checkpoint_time, ArchiveRow.id) > tuple_(
+                literal(after.time, UTCDateTime()), literal(after.id, ArchiveRow.id.type)))
         q = q.order_by(ArchiveRow.checkpoint_time, ArchiveRow.id)
+        if limit is not None:
+            q = q.limit(limit)
         with self.session() as s:
             return [Archive(*row) for row in s.execute(q)]
+
+    def archive_page(self, *, limit: int, after: Cursor | None = None,
+                     **filters: Any) -> tuple[list[Archive], Cursor | None]:
+        """One page of :meth:`list_archives`: at most ``limit`` archives after ``after``, and the
+        cursor of the next page (None when this is the last one)."""
+        rows = self.list_archives(after=after, limit=limit + 1, **filters)
+        return rows[:limit], (Cursor.of_archive(rows[limit - 1]) if len(rows) > limit else None)
+
+    def archive_pages(self, *, size: int = 1000, after: Cursor | None = None,
+                      **filters: Any) -> Iterator[list[Archive]]:
+        """Every archive :meth:`list_archives` would return, a page of ``size`` at a time, so a
+        listing of millions of rows needs the memory of one page."""
+        while True:
+            page, after = self.archive_page(limit=size, after=after, **filters)
+            if page:
+                yield page
+            if after is None:
+                return
 
     @_translated
     def list_archive_summaries(self, policy: str, states: Sequence[str] = (COMMITTED,)) -> list[ArchiveSummary]:
@@ -622,9 +703,15 @@ class Catalog:
 
     @_translated
     def list_runs(
-        self, *, policy: str | None = None, kind: str | None = None, limit: int = 100, outcome: str | None = None
+        self, *, policy: str | None = None, kind: str | None = None, limit: int = 100, outcome: str | None = None,
+        after: Cursor | None = None,
     ) -> list[Run]:
+        """Runs newest first (by start, then id); ``after``: only those after that cursor in this
+        order (older ones)."""
         q = select(RunRow)
+        if after is not None:
+            q = q.where(tuple_(RunRow.started_at, RunRow.id) < tuple_(
+                literal(after.time, UTCDateTime()), literal(int(after.id), RunRow.id.type)))
         if policy is not None:
             q = q.where(RunRow.policy == policy)
         if kind is not None:

@@ -7,6 +7,7 @@ package named after what it manages and registers itself on :data:`cli`.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -35,15 +36,37 @@ def _cell(value: Any) -> str:
 
 
 def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print_table_pages([rows], headers)
+
+
+def print_table_pages(pages: Iterable[Iterable[Sequence[Any]]], headers: Sequence[str]) -> None:
+    """A table printed as its pages arrive: columns are as wide as the first page needs (a
+    longer cell later widens only its own row), so a million rows need one page of memory."""
+    widths: list[int] | None = None
+    for page in pages:
+        cells = [[_cell(v) for v in row] for row in page]
+        if widths is None:
+            widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+            click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        for r in cells:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if widths is None:
+        print_table_pages([[]], headers)
 
 
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def print_json_pages(pages: Iterable[Iterable[Any]]) -> None:
+    """A JSON array printed as its pages arrive; the same document :func:`print_json` prints."""
+    first = True
+    for page in pages:
+        for item in page:
+            click.echo("[\n" if first else ",\n", nl=False)
+            click.echo(textwrap.indent(json.dumps(item, indent=2, default=str), "  "), nl=False)
+            first = False
+    click.echo("[]" if first else "\n]")
 
 
 class Context:
