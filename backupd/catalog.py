@@ -33,9 +33,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    and_,
+    case,
     create_engine,
     delete,
     event,
+    extract,
     func,
     literal,
     select,
@@ -283,6 +286,26 @@ class ArchiveSummary:
     pinned: bool
 
 
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """Aggregates of one retention group's committed archives (:meth:`Catalog.group_stats`)."""
+
+    policy: str
+    namespace: str
+    workload: str
+    container: str
+    archives: int
+    stored_bytes: int
+    oldest: datetime
+    newest: datetime
+    pinned: int
+    pinned_bytes: int
+
+    @property
+    def group(self) -> tuple[str, str, str, str]:
+        return (self.policy, self.namespace, self.workload, self.container)
+
+
 @dataclass(frozen=True)
 class Run:
     id: int
@@ -317,6 +340,21 @@ class StoredPolicy:
 
 
 _ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
+_SUMMARY_COLUMNS = [getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__]
+
+
+def _utc(moment: datetime) -> datetime:
+    # aggregates (min, max) bypass the column type on SQLite: naive text comes back
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _epoch_seconds(session: Session, column: Any) -> Any:
+    """Seconds since the epoch of a time column, in the session's SQL dialect."""
+    if session.get_bind().dialect.name == "sqlite":
+        return (func.julianday(column) - 2440587.5) * 86400.0
+    return extract("epoch", column)
 
 
 def _archive(row: ArchiveRow) -> Archive:
@@ -642,11 +680,84 @@ class Catalog:
     @_translated
     def list_archive_summaries(self, policy: str, states: Sequence[str] = (COMMITTED,)) -> list[ArchiveSummary]:
         """The policy's archives as :class:`ArchiveSummary`, oldest first."""
-        q = (select(*[getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__])
+        q = (select(*_SUMMARY_COLUMNS)
              .where(ArchiveRow.policy == policy, ArchiveRow.state.in_(states))
              .order_by(ArchiveRow.checkpoint_time, ArchiveRow.id))
         with self.session() as s:
             return [ArchiveSummary(*row) for row in s.execute(q)]
+
+    # -- aggregates (the report) ---------------------------------------------------------
+
+    @_translated
+    def group_stats(self) -> list[GroupStats]:
+        """Count, stored bytes, oldest, newest and pinned ones of every retention group's
+        committed archives: one aggregate query, whatever the number of archives."""
+        size = func.coalesce(ArchiveRow.stored_size, 0)
+        pinned = case((ArchiveRow.pinned, 1), else_=0)
+        columns = (ArchiveRow.policy, ArchiveRow.namespace, ArchiveRow.workload, ArchiveRow.container)
+        q = (select(*columns, func.count(), func.sum(size), func.min(ArchiveRow.checkpoint_time),
+                    func.max(ArchiveRow.checkpoint_time), func.sum(pinned), func.sum(pinned * size))
+             .where(ArchiveRow.state == COMMITTED).group_by(*columns).order_by(*columns))
+        with self.session() as s:
+            return [GroupStats(*row[:4], int(row[4]), int(row[5]), _utc(row[6]), _utc(row[7]), int(row[8]),
+                               int(row[9])) for row in s.execute(q)]
+
+    @_translated
+    def group_head(self, group: tuple[str, str, str, str], unpinned: int) -> tuple[list[ArchiveSummary], bool]:
+        """The newest committed archives of one retention group (``group_stats().group``), oldest
+        first: every archive at or after the ``unpinned``-th newest unpinned one's time (ties
+        and pinned ones in that time included), or all of them when it has fewer unpinned ones;
+        and whether that is all of them."""
+        policy, namespace, workload, container = group
+        of_group = (ArchiveRow.policy == policy, ArchiveRow.namespace == namespace,
+                    ArchiveRow.workload == workload, ArchiveRow.container == container,
+                    ArchiveRow.state == COMMITTED)
+        with self.session() as s:
+            since = s.scalar(select(ArchiveRow.checkpoint_time).where(*of_group, ArchiveRow.pinned.is_(False))
+                             .order_by(ArchiveRow.checkpoint_time.desc()).offset(unpinned - 1).limit(1))
+            q = select(*_SUMMARY_COLUMNS).where(*of_group)
+            if since is not None:
+                q = q.where(ArchiveRow.checkpoint_time >= since)
+            rows = s.execute(q.order_by(ArchiveRow.checkpoint_time, ArchiveRow.id))
+            return [ArchiveSummary(*row) for row in rows], since is None
+
+    @_translated
+    def storage_series(self, policy: str, oldest: datetime, newest: datetime,
+                       points: int) -> list[tuple[datetime, int]]:
+        """The policy's committed archives as ``(time, stored bytes)`` steps, oldest first: per
+        checkpoint time, or, with more than ``points`` archives, per ``points`` equal spans of
+        ``[oldest, newest]`` (each step at the newest archive of its span, so a running sum is
+        exact at every step's time)."""
+        size = func.coalesce(func.sum(ArchiveRow.stored_size), 0)
+        of_policy = (ArchiveRow.policy == policy, ArchiveRow.state == COMMITTED)
+        with self.session() as s:
+            count = s.scalar(select(func.count()).where(*of_policy)) or 0
+            if count <= points:
+                q = select(ArchiveRow.checkpoint_time, size).where(*of_policy).group_by(ArchiveRow.checkpoint_time)
+            else:
+                width = max((newest - oldest).total_seconds() / points, 1e-6)
+                span = func.floor((_epoch_seconds(s, ArchiveRow.checkpoint_time) - oldest.timestamp()) / width)
+                q = select(func.max(ArchiveRow.checkpoint_time), size).where(*of_policy).group_by(span)
+            return sorted((_utc(t), int(b)) for t, b in s.execute(q))
+
+    @_translated
+    def latest_runs(self) -> list[Run]:
+        """The latest finished (succeeded or failed) checkpoint, prune and verify run of every
+        policy, target, pod and outcome: what a report says about runs, in two aggregate queries."""
+        keys = (RunRow.policy, RunRow.kind, RunRow.namespace, RunRow.workload, RunRow.container, RunRow.pod,
+                RunRow.outcome)
+        finished = (RunRow.kind.in_(("checkpoint", "prune", "verify")), RunRow.outcome.in_((SUCCEEDED, RUN_FAILED)))
+        latest = select(*keys, func.max(RunRow.started_at).label("started_at")).where(*finished).group_by(*keys)
+        latest = latest.subquery()
+        q = (select(RunRow).join(latest, and_(RunRow.started_at == latest.c.started_at,
+                                               *(k.is_not_distinct_from(latest.c[k.key]) for k in keys)))
+             .order_by(RunRow.id))
+        chosen: dict[tuple[Any, ...], Run] = {}
+        with self.session() as s:
+            for row in s.scalars(q):  # several runs started at the same moment: the last id wins
+                run = _run(row)
+                chosen[tuple(getattr(run, k.key) for k in keys)] = run
+        return list(chosen.values())
 
     @_translated
     def get_archives(self, archive_ids: Sequence[str]) -> list[Archive]:
