@@ -18,6 +18,7 @@ from backupd.api import Api, HttpServer
 from backupd.backends import Backend, open_backends
 from backupd.catalog import RUN_FAILED, SUCCEEDED, Catalog, now_utc
 from backupd.config import Config
+from backupd.delete import Deleter
 from backupd.errors import BackupdError, IntegrityError, LeaseHeld
 from backupd.kubelet import KubeletClient
 from backupd.metrics import Metrics
@@ -88,6 +89,10 @@ class App:
     @functools.cached_property
     def pruner(self) -> Pruner:
         return Pruner(self.catalog, self.backends, holder=self.holder, node=self.node, metrics=self.metrics)
+
+    @functools.cached_property
+    def deleter(self) -> Deleter:
+        return Deleter(self.catalog, self.backends, holder=self.holder, node=self.node, metrics=self.metrics)
 
     def after_cycle(self, policy: Policy, result: CycleResult) -> None:
         """After each policy's runs: apply its retention, then tidy the node directory."""

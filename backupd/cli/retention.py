@@ -37,7 +37,9 @@ class _Count(click.ParamType):
         return n
 
 
-class _Duration(click.ParamType):
+class DurationParam(click.ParamType):
+    """A restic duration (``7d``, ``36h``, ``1y6m``) as :class:`backupd.retention.Duration`."""
+
     name = "duration"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> retention.Duration:
@@ -60,7 +62,8 @@ def retention_group() -> None:
 
 def _keep_options(fn: Any) -> Any:
     for name in reversed(WITHIN_FLAGS):
-        fn = click.option(f"--keep-{name}", type=_Duration(), help=f"restic --keep-{name} (e.g. 7d, 1y6m, 36h).")(fn)
+        fn = click.option(f"--keep-{name}", type=DurationParam(),
+                          help=f"restic --keep-{name} (e.g. 7d, 1y6m, 36h).")(fn)
     for name in reversed(COUNT_FLAGS):
         fn = click.option(f"--keep-{name}", type=_Count(), default=0, show_default=False,
                           help=f"restic --keep-{name} (n, or 'unlimited').")(fn)
