@@ -105,7 +105,8 @@ class App:
         self.pipeline.sweep_node(timedelta(hours=self.config.daemon.stale_tar_hours))
 
     def maintenance(self) -> None:
-        """Hourly: forget old run records, sweep orphans and dead multipart uploads.
+        """Hourly: forget old run records, finish deletes that crashed in policies deleted since,
+        sweep orphans and dead multipart uploads.
 
         Full backend listings are costly on big buckets, so one daemon of the cluster does
         them per interval: the lease is taken for the interval and not released.
@@ -113,6 +114,7 @@ class App:
         daemon = self.config.daemon
         now = now_utc()
         self.catalog.purge_runs(now - timedelta(days=daemon.run_history_days))
+        self.deleter.finish_leftovers({p.name for p in self.catalog.list_policies()})
         for name, backend in self.backends.items():
             if not self.catalog.acquire_lease(f"orphans/{name}", self.holder, timedelta(minutes=55)):
                 continue

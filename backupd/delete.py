@@ -17,13 +17,14 @@ nothing:
 each affected policy's ``prune/<policy>`` lease so no prune races it, and records one
 ``delete`` run per policy (bytes freed in ``bytes_in``, as prune does).
 
-A crash leaves ``deleting`` rows, finished by the same delete run again or by the policy's
-next prune.
+A crash leaves ``deleting`` rows. Those of an existing policy are finished by its next prune;
+those of a policy that no longer exists have no prune, so :meth:`Deleter.finish_leftovers`
+finishes them, from ``backupd prune`` and the daemon's hourly maintenance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -32,9 +33,10 @@ import structlog
 from backupd import retention
 from backupd.backends.base import Backend
 from backupd.catalog import COMMITTED, DELETING, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive, Catalog, now_utc
-from backupd.errors import BackupdError, InvalidInput
+from backupd.errors import BackupdError, InvalidInput, LeaseHeld, NotFound
 from backupd.metrics import Metrics
-from backupd.prune import check_backends, delete_archives, lease_holder, take_policy_lease
+from backupd.prune import PruneResult, check_backends, delete_archives, lease_holder, take_policy_lease
+from backupd.sizes import human_bytes
 
 log = structlog.get_logger("backupd.delete")
 
@@ -234,3 +236,42 @@ class Deleter:
             log.error("delete_finished", **fields, left=len(archives) - len(done), error=str(error),
                       error_kind=error.kind)
         return run_id, error
+
+    def finish_leftovers(self, existing: Collection[str], *, dry_run: bool = False) -> list[PruneResult]:
+        """Finish the ``deleting`` rows of policies not in ``existing`` (a crash during a delete
+        or a prune of a policy deleted since): nothing else would, since only a policy's own
+        prune resumes its rows. A policy whose lease a live holder has is skipped: that holder
+        is at it. Results in prune's shape (``resumed``, ``deleted``, ``error``)."""
+        results = []
+        leftovers = [a for a in self.catalog.list_archives(states=(DELETING,)) if a.policy not in existing]
+        for name, members in _by_policy(leftovers).items():
+            if dry_run:
+                results.append(PruneResult(name, dry_run, resumed=members))
+                continue
+            try:
+                lease = take_policy_lease(self.catalog, name, self.holder, self.lease_ttl)
+            except LeaseHeld as exc:
+                log.info("leftovers_skipped", policy=name, reason=str(exc))
+                continue
+            try:
+                result = PruneResult(name, dry_run, resumed=self.catalog.list_archives(policy=name, states=(DELETING,)))
+                if result.resumed:
+                    log.info("delete_resumed", policy=name, archives=len(result.resumed))
+                    _run_id, result.error = self._delete_policy(name, result.resumed, result.deleted)
+                    results.append(result)
+            finally:
+                self.catalog.release_lease(lease, self.holder)
+        return results
+
+
+def policy_gone(catalog: Catalog, name: str) -> NotFound:
+    """The error for a policy that is not in the catalog, saying what to do about the archives
+    it left (nothing prunes them)."""
+    left = catalog.list_archives(policy=name)
+    if not left:
+        return NotFound(f"no policy named {name!r}")
+    return NotFound(
+        f"no policy named {name!r}, but it still has {len(left)} archive(s) ({human_bytes(stored_bytes(left))}) that "
+        f"nothing prunes: delete them with `backupd delete --policy {name} --yes` (add --dry-run first to list "
+        "them), or pin what must stay"
+    )

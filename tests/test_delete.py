@@ -23,7 +23,7 @@ from backupd import layout
 from backupd.api import Api
 from backupd.app import App
 from backupd.backends.wrappers import Fault, FaultInjectingBackend
-from backupd.catalog import COMMITTED, DELETING, PENDING, RUN_FAILED, SUCCEEDED, Archive
+from backupd.catalog import COMMITTED, DELETING, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive
 from backupd.config import load_config
 from backupd.delete import Deleter, Selection
 from backupd.errors import StorageUnavailable
@@ -225,10 +225,15 @@ def test_archives_of_a_deleted_policy(rig: Rig) -> None:
     out, _ = rig.cli("policy", "delete", "web")
     assert "2 archive(s) are kept" in out and "`backupd delete --policy web --yes`" in out and "--purge" in out
     rig.assert_intact(archives)
+    _, err = rig.cli("prune", "--policy", "web", code=3)
+    assert "no policy named 'web', but it still has 2 archive(s) (200 B)" in err
+    assert "`backupd delete --policy web --yes`" in err
     assert len(rig.json("delete", "--policy", "web", "--yes")["deleted"]) == 2
     rig.assert_gone(archives)
     (run,) = rig.catalog.list_runs(kind="delete")
     assert (run.policy, run.outcome, run.bytes_in) == ("web", SUCCEEDED, 200)
+    _, err = rig.cli("prune", "--policy", "web", code=3)
+    assert "error: no policy named 'web'\n" in err and "still has" not in err
 
 
 def test_policy_delete_purge(rig: Rig) -> None:
@@ -296,6 +301,40 @@ def test_a_failed_delete_is_finished_by_the_next_prune_of_the_policy(rig: Rig) -
     rig.assert_gone(doomed)
     rig.assert_intact([kept])
     assert [r.outcome for r in rig.catalog.list_runs(kind="prune")] == [SUCCEEDED]
+
+
+def test_leftovers_of_a_deleted_policy_are_finished_by_prune_and_by_maintenance(rig: Rig) -> None:
+    """Nothing prunes a deleted policy: ``backupd prune`` (every policy) and the daemon's hourly
+    maintenance finish the deletes a crash interrupted in it."""
+    apply(rig.app, web_policy())
+    apply(rig.app, web_policy(name="batch", retention="{keepLast: 5}"))
+    gone = [rig.add(3), rig.add(2), rig.add(1, policy="old")]
+    batch = rig.add(1, policy="batch")
+    failed = rig.add(4, state=FAILED)  # a failed commit's row and leftover object: the protocol takes those too
+    crashed = Deleter(rig.catalog, {"local": FaultInjectingBackend(
+        rig.app.backends["local"], [Fault("delete_many", key="*", error=StorageUnavailable("crash"), times=None)])})
+    for policy in ("web", "old"):
+        assert crashed.delete(crashed.plan(Selection(policy=policy))).error is not None
+    rig.catalog.delete_policy("web")
+    assert {a.id for a in rig.catalog.list_archives(states=(DELETING,))} == {a.id for a in gone} | {failed.id}
+
+    dry = rig.json("prune", "--dry-run")
+    assert {r["policy"]: len(r["resumed"]) for r in dry} == {"batch": 0, "old": 1, "web": 3}
+    assert len(rig.catalog.list_archives(states=(DELETING,))) == 4
+    done = rig.json("prune")
+    assert {r["policy"]: sorted(r["deleted"]) for r in done if r["deleted"]} == {
+        "old": [gone[2].id], "web": sorted([gone[0].id, gone[1].id, failed.id])}
+    rig.assert_gone([*gone, failed])
+    rig.assert_intact([batch])
+    assert rig.catalog.list_runs(outcome="running") == []
+    assert sorted((r.policy, r.outcome) for r in rig.catalog.list_runs(kind="delete")) == [
+        ("old", RUN_FAILED), ("old", SUCCEEDED), ("web", RUN_FAILED), ("web", SUCCEEDED)]
+
+    # the daemon's maintenance does the same, hourly
+    later = rig.add(1, policy="old")
+    rig.catalog.set_state([later.id], DELETING, expect=COMMITTED)
+    rig.app.maintenance()
+    rig.assert_gone([later])
 
 
 def test_confirmation_prompt_on_a_terminal(rig: Rig) -> None:
