@@ -87,8 +87,8 @@ class Rig:
             keys = self.raw_keys(a.backend)
             assert a.key in keys and layout.manifest_key(a.key) in keys, f"{a.id} lost its object or manifest"
 
-    def cli(self, *args: str, code: int = 0) -> tuple[str, str]:
-        status, out, err = run_cli(self.config, *args)
+    def cli(self, *args: str, code: int = 0, env: dict[str, str] | None = None) -> tuple[str, str]:
+        status, out, err = run_cli(self.config, *args, env=env)
         assert status == code, (status, out, err)
         return out, err
 
@@ -288,6 +288,23 @@ def test_a_failure_at_each_delete_step_is_finished_by_deleting_again(backend: tu
     rig.assert_gone(doomed)
     rig.assert_intact([kept])
     consistent(rig.catalog, real)  # type: ignore[arg-type]
+
+
+def test_a_refused_object_delete_exits_with_its_code_and_says_how_to_finish(rig: Rig) -> None:
+    """The backend refuses to delete objects (an IAM policy without s3:DeleteObject, say)."""
+    doomed = [rig.add(2), rig.add(1)]
+    refused = json.dumps([{"operation": "delete_many", "key": "*.tar.zst", "error": "StorageAuthError",
+                           "message": "access denied", "times": None}])
+    out, err = rig.cli("delete", *(a.id for a in doomed), "-o", "json", code=6, env={"BACKUPD_FAULTS": refused})
+    assert json.loads(out) | {"dry_run": None} == {"dry_run": None, "deleted": [], "bytes_freed": 0,
+                                                   "pending_skipped": [], "error": "access denied"}
+    assert "Run the same command again" in err and "error: access denied" in err
+    assert rig.catalog.list_archives() == []  # marked deleting: no longer listed, though their objects are there
+    assert {a.key for a in doomed} <= rig.raw_keys()
+    (run,) = rig.catalog.list_runs(kind="delete")
+    assert (run.outcome, run.error_kind, run.error) == (RUN_FAILED, "StorageAuthError", "access denied")
+    rig.cli("delete", *(a.id for a in doomed))
+    rig.assert_gone(doomed)
 
 
 def test_a_failed_delete_is_finished_by_the_next_prune_of_the_policy(rig: Rig) -> None:
