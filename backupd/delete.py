@@ -17,9 +17,10 @@ nothing:
 each affected policy's ``prune/<policy>`` lease so no prune races it, and records one
 ``delete`` run per policy (bytes freed in ``bytes_in``, as prune does).
 
-A crash leaves ``deleting`` rows. Those of an existing policy are finished by its next prune;
-those of a policy that no longer exists have no prune, so :meth:`Deleter.finish_leftovers`
-finishes them, from ``backupd prune`` and the daemon's hourly maintenance.
+A crash leaves ``deleting`` rows, which the same delete run again finishes (a selection
+still names them). Otherwise those of an existing policy are finished by its next prune; those
+of a policy that no longer exists have no prune, so :meth:`Deleter.finish_leftovers` finishes
+them, from ``backupd prune`` and the daemon's hourly maintenance.
 """
 
 from __future__ import annotations
