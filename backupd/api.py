@@ -66,6 +66,7 @@ def _one(query: dict[str, list[str]], name: str, choices: tuple[str, ...] | None
 
 _STRING = {"type": "string"}
 _NULLABLE_STRING = {"type": "string", "nullable": True}
+RUN_KINDS = ("checkpoint", "prune", "verify", "delete")
 
 
 def openapi_document() -> dict[str, Any]:
@@ -116,7 +117,7 @@ def openapi_document() -> dict[str, Any]:
                 limit]),
             "/api/v1/runs": listing("Run", "Runs, newest first", [
                 param("policy", _STRING, "Only this policy."),
-                param("kind", {"type": "string", "enum": ["checkpoint", "prune", "verify"]}, "Run kind."),
+                param("kind", {"type": "string", "enum": list(RUN_KINDS)}, "Run kind."),
                 param("outcome", {"type": "string", "enum": ["running", "succeeded", "failed", "skipped"]}, "Outcome."),
                 limit]),
             "/api/v1/report": {"get": {
@@ -211,7 +212,7 @@ class Api:
                 return _json(200, [a.to_json() for a in archives[: _limit(query)]])
             if path == "/api/v1/runs":
                 runs = self.catalog.list_runs(
-                    policy=_one(query, "policy"), kind=_one(query, "kind", ("checkpoint", "prune", "verify")),
+                    policy=_one(query, "policy"), kind=_one(query, "kind", RUN_KINDS),
                     outcome=_one(query, "outcome", ("running", "succeeded", "failed", "skipped")), limit=_limit(query),
                 )
                 return _json(200, [r.to_json() for r in runs])

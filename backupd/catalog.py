@@ -137,7 +137,7 @@ class RunRow(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))  # checkpoint | prune | verify | reconcile
+    kind: Mapped[str] = mapped_column(String(16))  # checkpoint | prune | delete | verify | reconcile
     policy: Mapped[str | None] = mapped_column(String(63), nullable=True)
     node: Mapped[str] = mapped_column(String(253), default="")
     namespace: Mapped[str | None] = mapped_column(String(63), nullable=True)
