@@ -17,7 +17,7 @@ ReplicaSet or Job are interchangeable and renamed on every rollout, so they are 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from backupd.errors import KubeletProtocolError
 
@@ -51,8 +51,8 @@ class Workload:
 KINDS = ("deployment", "statefulset", "daemonset", "job", "cronjob", "replicaset", "pod")
 
 #: a policy's ``groupBy``: ``replica`` (the default, see :func:`replica_of`) or ``pod``
-GROUP_BY_REPLICA, GROUP_BY_POD = "replica", "pod"
-GROUP_BY = (GROUP_BY_REPLICA, GROUP_BY_POD)
+GROUP_BY_REPLICA: Final = "replica"
+GROUP_BY_POD: Final = "pod"
 
 
 @dataclass(frozen=True)
