@@ -1,9 +1,10 @@
 """Pruning: retention plans applied to the catalog and backends, safely.
 
 :func:`plan_policy` is pure: a policy and its committed archives in, one retention plan per
-group (namespace + workload + container) out. Archives of workloads whose pods are gone are
-planned like any other: their groups still exist in the catalog, so the same rules keep them
-(and the newest archive of a group is never removed).
+group (namespace + workload + replica + container) out: the replicas of a StatefulSet or a
+DaemonSet each keep their own archives (see :func:`backupd.workload.replica_of`). Archives of
+workloads whose pods are gone are planned like any other: their groups still exist in the
+catalog, so the same rules keep them (and the newest archive of a group is never removed).
 
 :class:`Pruner` executes a plan with the delete protocol, the reverse of the commit protocol::
 
@@ -70,6 +71,7 @@ class GroupPlan:
 
     namespace: str
     workload: str
+    replica: str
     container: str
     archives: tuple[Planned, ...]
     plan: retention.Plan
@@ -90,7 +92,7 @@ class GroupPlan:
         return [by_id[d.item.id] for d in self.plan.remove]
 
 
-_GROUP = attrgetter("namespace", "workload", "container")
+_GROUP = attrgetter("namespace", "workload", "replica", "container")
 _SELECTOR = attrgetter("state", "policy")
 _ID, _CHECKPOINT_TIME, _STORED_SIZE, _PINNED = map(attrgetter, ("id", "checkpoint_time", "stored_size", "pinned"))
 
@@ -105,12 +107,13 @@ def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
         # over a million archives the loop cost more than the retention plan itself.
         mine = list(compress(listed, map(eq, map(_SELECTOR, listed), repeat((COMMITTED, policy.name)))))
         mine.sort(key=_GROUP)  # stable: each group keeps its input order
-        for (namespace, workload, container), grouped in groupby(mine, _GROUP):
+        for (namespace, workload, replica, container), grouped in groupby(mine, _GROUP):
             members = tuple(grouped)
             sizes = [size or 0 for size in map(_STORED_SIZE, members)]
             items = retention.items(map(_ID, members), map(_CHECKPOINT_TIME, members), sizes,
                                     map(_PINNED, members), len(members))
-            plans.append(GroupPlan(namespace, workload, container, members, retention.plan(items, rules, tz=tz)))
+            plans.append(GroupPlan(namespace, workload, replica, container, members,
+                                   retention.plan(items, rules, tz=tz)))
     return plans
 
 

@@ -20,13 +20,13 @@ if TYPE_CHECKING:
 
 def _archive_rows(archives: Iterable[Any]) -> list[tuple[Any, ...]]:
     return [
-        (a.id, a.checkpoint_time, a.namespace, a.pod, a.workload, a.container, human_bytes(a.tar_size),
-         human_bytes(a.stored_size), a.policy, a.backend, "pinned" if a.pinned else a.state)
+        (a.id, a.checkpoint_time, a.namespace, a.pod, a.workload, a.replica or "-", a.container,
+         human_bytes(a.tar_size), human_bytes(a.stored_size), a.policy, a.backend, "pinned" if a.pinned else a.state)
         for a in archives
     ]
 
 
-ARCHIVE_HEADERS = ["id", "time", "namespace", "pod", "workload", "container", "size", "stored", "policy",
+ARCHIVE_HEADERS = ["id", "time", "namespace", "pod", "workload", "replica", "container", "size", "stored", "policy",
                    "backend", "state"]
 
 
@@ -83,7 +83,7 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
 @cli.command("list")
 @click.option("--policy", "policy_name")
 @click.option("--namespace")
-@click.option("--pod")
+@click.option("--pod", help="A pod name or a replica (a StatefulSet pod, a DaemonSet pod's node).")
 @click.option("--workload", help="e.g. deployment/web")
 @click.option("--container")
 @click.option("--all-states", is_flag=True, help="Include pending, failed and deleting archives.")
@@ -96,7 +96,7 @@ def list_archives(ctx: Context, policy_name: str | None, namespace: str | None, 
 
     ctx.app.catalog.check_schema()
     archives = ctx.app.catalog.list_archives(
-        policy=policy_name, namespace=namespace, pod=pod, workload=workload, container=container,
+        policy=policy_name, namespace=namespace, pod_or_replica=pod, workload=workload, container=container,
         states=ARCHIVE_STATES if all_states else (COMMITTED,),
     )
     if output == "json":

@@ -124,6 +124,7 @@ def _prune_json(result: PruneResult) -> dict[str, Any]:
             {
                 "namespace": p.namespace,
                 "workload": p.workload,
+                "replica": p.replica,
                 "container": p.container,
                 "decisions": [
                     {"id": d.archive.id, "time": d.archive.checkpoint_time.isoformat().replace("+00:00", "Z"),
@@ -171,12 +172,13 @@ def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> 
                        f"{human_bytes(sum(a.stored_size or 0 for a in removals))}"
                        + (f" (finishing {len(r.resumed)} left by an interrupted prune or delete)" if r.resumed else ""))
             rows = [
-                (p.namespace, p.workload, p.container, d.archive.id, d.archive.checkpoint_time,
+                (p.namespace, p.workload, p.replica or "-", p.container, d.archive.id, d.archive.checkpoint_time,
                  "keep" if d.keep else "REMOVE", ", ".join(d.reasons))
                 for p in r.plans for d in p.decisions
             ]
             if rows:
-                print_table(rows, ["namespace", "workload", "container", "archive", "time", "decision", "reasons"])
+                print_table(rows, ["namespace", "workload", "replica", "container", "archive", "time", "decision",
+                                   "reasons"])
             if r.error:
                 click.echo(f"error: {r.error}", err=True)
     if any(r.error for r in results):
