@@ -35,11 +35,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
-    print_table_pages([rows], headers)
+def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str], *, err: bool = False) -> None:
+    print_table_pages([rows], headers, err=err)
 
 
-def print_table_pages(pages: Iterable[Iterable[Sequence[Any]]], headers: Sequence[str]) -> None:
+def print_table_pages(pages: Iterable[Iterable[Sequence[Any]]], headers: Sequence[str], *, err: bool = False) -> None:
     """A table printed as its pages arrive: columns are as wide as the first page needs (a
     longer cell later widens only its own row), so a million rows need one page of memory."""
     widths: list[int] | None = None
@@ -47,11 +47,11 @@ def print_table_pages(pages: Iterable[Iterable[Sequence[Any]]], headers: Sequenc
         cells = [[_cell(v) for v in row] for row in page]
         if widths is None:
             widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-            click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+            click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), err=err)
         for r in cells:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), err=err)
     if widths is None:
-        print_table_pages([[]], headers)
+        print_table_pages([[]], headers, err=err)
 
 
 def print_json(value: Any) -> None:

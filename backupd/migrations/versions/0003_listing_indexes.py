@@ -4,8 +4,8 @@
 with a keyset cursor; with the indexes a page costs the same at the millionth archive as at the
 first (before them, every page sorted the whole table).
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-03 10:30:00.000000
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = '0002'
-down_revision = '0001'
+revision = '0003'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 
