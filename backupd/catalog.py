@@ -297,6 +297,7 @@ class GroupStats:
     policy: str
     namespace: str
     workload: str
+    replica: str
     container: str
     archives: int
     stored_bytes: int
@@ -306,8 +307,9 @@ class GroupStats:
     pinned_bytes: int
 
     @property
-    def group(self) -> tuple[str, str, str, str]:
-        return (self.policy, self.namespace, self.workload, self.container)
+    def group(self) -> tuple[str, str, str, str, str]:
+        """What retention groups by, as :attr:`Archive.group`."""
+        return (self.policy, self.namespace, self.workload, self.replica, self.container)
 
 
 @dataclass(frozen=True)
@@ -705,23 +707,25 @@ class Catalog:
         committed archives: one aggregate query, whatever the number of archives."""
         size = func.coalesce(ArchiveRow.stored_size, 0)
         pinned = case((ArchiveRow.pinned, 1), else_=0)
-        columns = (ArchiveRow.policy, ArchiveRow.namespace, ArchiveRow.workload, ArchiveRow.container)
+        columns = (ArchiveRow.policy, ArchiveRow.namespace, ArchiveRow.workload, ArchiveRow.replica,
+                   ArchiveRow.container)
         q = (select(*columns, func.count(), func.sum(size), func.min(ArchiveRow.checkpoint_time),
                     func.max(ArchiveRow.checkpoint_time), func.sum(pinned), func.sum(pinned * size))
              .where(ArchiveRow.state == COMMITTED).group_by(*columns).order_by(*columns))
         with self.session() as s:
-            return [GroupStats(*row[:4], int(row[4]), int(row[5]), _utc(row[6]), _utc(row[7]), int(row[8]),
-                               int(row[9])) for row in s.execute(q)]
+            return [GroupStats(*row[:5], int(row[5]), int(row[6]), _utc(row[7]), _utc(row[8]), int(row[9]),
+                               int(row[10])) for row in s.execute(q)]
 
     @_translated
-    def group_head(self, group: tuple[str, str, str, str], unpinned: int) -> tuple[list[ArchiveSummary], bool]:
+    def group_head(self, group: tuple[str, str, str, str, str],
+                   unpinned: int) -> tuple[list[ArchiveSummary], bool]:
         """The newest committed archives of one retention group (``group_stats().group``), oldest
         first: every archive at or after the ``unpinned``-th newest unpinned one's time (ties
         and pinned ones in that time included), or all of them when it has fewer unpinned ones;
         and whether that is all of them."""
-        policy, namespace, workload, container = group
+        policy, namespace, workload, replica, container = group
         of_group = (ArchiveRow.policy == policy, ArchiveRow.namespace == namespace,
-                    ArchiveRow.workload == workload, ArchiveRow.container == container,
+                    ArchiveRow.workload == workload, ArchiveRow.replica == replica, ArchiveRow.container == container,
                     ArchiveRow.state == COMMITTED)
         with self.session() as s:
             since = s.scalar(select(ArchiveRow.checkpoint_time).where(*of_group, ArchiveRow.pinned.is_(False))

@@ -11,9 +11,11 @@ target, pod and outcome. Both give the same report (tested); the catalog's way c
 number of workloads and their rules' reach cost, not what the number of archives does.
 :func:`render_table` and :func:`render_html` present a report.
 
-Workloads are retention groups: policy + namespace + workload (owning controller) + container.
-They come from the policy's committed archives *and* from its checkpoint runs, so a container
-whose every run failed (runs, no archive) is listed too.
+Workloads are retention groups: policy + namespace + workload (owning controller) + replica +
+container (the replica of a StatefulSet pod is the pod, of a DaemonSet pod its node, ``""``
+for interchangeable pods: :func:`backupd.workload.replica_of`). They come from the policy's
+committed archives *and* from its checkpoint runs (a run's replica is derived from its pod and
+node), so a container whose every run failed (runs, no archive) is listed too.
 
 **Status** of a workload, precisely. Let ``newest`` be the checkpoint time of its newest
 committed archive, ``f1 = schedule.next_after(newest)`` the first scheduled run after it,
@@ -52,7 +54,7 @@ Times are RFC 3339 UTC with ``Z``, sizes bytes, durations seconds::
                                                # at most STORAGE_POINTS steps
         "error",                               # why a stored policy cannot be applied, else null
         "workloads": [{
-           "policy", "namespace", "workload", "container", "status", "reason", "failing",
+           "policy", "namespace", "workload", "replica", "container", "status", "reason", "failing",
            "archives", "stored_bytes", "oldest", "newest", "recovery_point_age_seconds",
            "due_at", "late_after", "missing_after", "next_run", "last_success", "last_failure",
            "prune": {"remove_archives", "remove_bytes",  # all of the workload's archives
@@ -73,7 +75,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -85,6 +87,7 @@ from backupd.policy import Policy
 from backupd.prune import Planned
 from backupd.schedule import Schedule
 from backupd.sizes import human_bytes
+from backupd.workload import GROUP_BY_REPLICA, replica_identity
 
 OK, LATE, MISSING, UNMANAGED = "OK", "LATE", "MISSING", "UNMANAGED"
 _SEVERITY = {OK: 0, UNMANAGED: 1, LATE: 2, MISSING: 3}
@@ -164,6 +167,7 @@ class WorkloadStatus:
     policy: str
     namespace: str
     workload: str
+    replica: str  # "" for workloads whose pods are interchangeable (backupd.workload.replica_of)
     container: str
     status: str
     reason: str
@@ -185,7 +189,9 @@ class WorkloadStatus:
 
     @property
     def target(self) -> str:
-        return f"{self.namespace}/{self.workload}/{self.container}"
+        """``namespace/workload/container``, with ``[replica]`` after the workload when it has one."""
+        replica = f"[{self.replica}]" if self.replica else ""
+        return f"{self.namespace}/{self.workload}{replica}/{self.container}"
 
     @property
     def timeline_complete(self) -> bool:
@@ -199,7 +205,7 @@ class WorkloadStatus:
     def to_json(self) -> dict[str, Any]:
         age = self.recovery_point_age
         return {
-            "policy": self.policy, "namespace": self.namespace, "workload": self.workload,
+            "policy": self.policy, "namespace": self.namespace, "workload": self.workload, "replica": self.replica,
             "container": self.container, "status": self.status, "reason": self.reason, "failing": self.failing,
             "archives": self.archives, "stored_bytes": self.stored_bytes,
             "oldest": _ts(self.oldest), "newest": _ts(self.newest),
@@ -372,7 +378,7 @@ def _next_run(schedule: Schedule, last_started: datetime | None, now: datetime) 
     return schedule.next_after(now)
 
 
-Target = tuple[str, str, str]  # namespace, workload, container
+Target = tuple[str, str, str, str]  # namespace, workload, replica, container
 RunKey = tuple[str, Target | None, str | None, str]  # kind, target, pod, outcome
 
 
@@ -388,7 +394,7 @@ class GroupFacts:
 
     @property
     def target(self) -> Target:
-        return (self.stats.namespace, self.stats.workload, self.stats.container)
+        return (self.stats.namespace, self.stats.workload, self.stats.replica, self.stats.container)
 
 
 @dataclass(frozen=True)
@@ -524,21 +530,25 @@ def _bucketed(archives: list[Planned], points: int) -> list[tuple[datetime, int]
     return [buckets[k] for k in sorted(buckets)]
 
 
-def _target(run: Run) -> Target | None:
+def _target(run: Run, group_by: str) -> Target | None:
+    """The retention group a checkpoint run's container is in (runs record no replica: it is
+    derived from the run's pod and node as the pipeline derived the archive's)."""
     if run.namespace and run.workload and run.container:
-        return (run.namespace, run.workload, run.container)
+        replica = replica_identity(run.workload.partition("/")[0], run.pod or "", run.node, group_by)
+        return (run.namespace, run.workload, replica, run.container)
     return None
 
 
-def runs_facts(runs: Iterable[Run]) -> dict[str, PolicyRuns]:
-    """Per policy: the latest finished run of each kind, target, pod and outcome."""
+def runs_facts(runs: Iterable[Run], group_by: Mapping[str, str] | None = None) -> dict[str, PolicyRuns]:
+    """Per policy: the latest finished run of each kind, target, pod and outcome. ``group_by``:
+    each policy's ``groupBy`` (``replica`` for those not named)."""
     latest: dict[str, dict[RunKey, RunSummary]] = {}
     starts: dict[str, datetime] = {}
     targets: dict[str, set[Target]] = {}
     for r in runs:
         if r.policy is None:
             continue
-        target = _target(r)
+        target = _target(r, (group_by or {}).get(r.policy, GROUP_BY_REPLICA))
         if r.kind == "checkpoint":
             if r.policy not in starts or r.started_at > starts[r.policy]:
                 starts[r.policy] = r.started_at
@@ -559,23 +569,23 @@ def facts_from_lists(policies: Sequence[Policy | PolicyProblem], archives: Itera
                      runs: Iterable[Run]) -> ReportFacts:
     """The facts of a report, from every archive and run (the pure path: tests, small inputs)."""
     valid = {p.name: p for p in policies if isinstance(p, Policy)}
-    grouped: dict[tuple[str, str, str, str], list[Planned]] = {}
+    grouped: dict[tuple[str, str, str, str, str], list[Planned]] = {}
     for a in archives:
         if a.state == COMMITTED:
-            grouped.setdefault((a.policy, a.namespace, a.workload, a.container), []).append(a)
+            grouped.setdefault(a.group, []).append(a)
     groups: dict[str, list[GroupFacts]] = {}
     storage: dict[str, list[Planned]] = {}
-    for (name, namespace, workload, container), members in sorted(grouped.items()):
+    for (name, namespace, workload, replica, container), members in sorted(grouped.items()):
         decided = decide(valid.get(name), members)
         assert decided is not None  # every archive given: always decided
         points, removed, removed_bytes = decided
         times = [a.checkpoint_time for a in members]
         pinned = [a.stored_size or 0 for a in members if a.pinned]
-        stats = GroupStats(name, namespace, workload, container, len(members),
+        stats = GroupStats(name, namespace, workload, replica, container, len(members),
                            sum(a.stored_size or 0 for a in members), min(times), max(times), len(pinned), sum(pinned))
         groups.setdefault(name, []).append(GroupFacts(stats, points[-TIMELINE_POINTS:], removed, removed_bytes))
         storage.setdefault(name, []).extend(members)
-    return ReportFacts(tuple(policies), groups, runs_facts(runs),
+    return ReportFacts(tuple(policies), groups, runs_facts(runs, _group_by(policies)),
                        {name: storage_steps(_bucketed(members, STORAGE_POINTS)) for name, members in storage.items()})
 
 
@@ -635,7 +645,8 @@ def _policy_report(policy: Policy, groups: list[GroupFacts], runs: PolicyRuns, s
         newest = group.stats.newest if group else None
         status, due, late_after, missing_after = assess(schedule, newest, now, stale_intervals)
         workloads.append(WorkloadStatus(
-            policy=policy.name, namespace=target[0], workload=target[1], container=target[2], status=status,
+            policy=policy.name, namespace=target[0], workload=target[1], replica=target[2], container=target[3],
+            status=status,
             reason=_reason(status, newest, now, due, failing, last_failure, stale_intervals), failing=failing,
             **_archive_fields(group), recovery_point_age=max(now - newest, timedelta(0)) if newest else None,
             due_at=due, late_after=late_after, missing_after=missing_after, next_run=next_run,
@@ -667,7 +678,8 @@ def _unmanaged_report(name: str, groups: list[GroupFacts], runs: PolicyRuns, sto
     for group in sorted(groups, key=lambda g: g.target):
         workloads.append(WorkloadStatus(
             policy=name, namespace=group.stats.namespace, workload=group.stats.workload,
-            container=group.stats.container, status=UNMANAGED, reason=reason, failing=False,
+            replica=group.stats.replica, container=group.stats.container, status=UNMANAGED, reason=reason,
+            failing=False,
             **_archive_fields(group), recovery_point_age=max(now - group.stats.newest, timedelta(0)),
             due_at=None, late_after=None, missing_after=None, next_run=None,
             last_success=runs.last("checkpoint", SUCCEEDED, group.target),
@@ -707,8 +719,12 @@ def facts_from_catalog(catalog: Catalog, policies: Sequence[Policy | PolicyProbl
     for name, members in groups.items():
         first, last = min(g.stats.oldest for g in members), max(g.stats.newest for g in members)
         storage[name] = storage_steps(catalog.storage_series(name, first, last, STORAGE_POINTS))
-    runs = runs_facts(catalog.latest_runs())
+    runs = runs_facts(catalog.latest_runs(), _group_by(policies))
     return ReportFacts(tuple(policies), groups, runs, storage)
+
+
+def _group_by(policies: Sequence[Policy | PolicyProblem]) -> dict[str, str]:
+    return {p.name: p.spec.group_by for p in policies if isinstance(p, Policy)}
 
 
 def _older(stats: GroupStats, newest: list[ArchiveSummary]) -> tuple[int, int, int, int]:
@@ -797,17 +813,20 @@ def render_table(report: Report) -> str:
         if not p.workloads:
             out.append("  no workload has been checkpointed yet")
             continue
+        replicas = any(w.replica for w in p.workloads)  # a column only where some workload has them
         rows = []
         for w in p.workloads:
             rows.append([
-                w.status + ("!" if w.failing else ""), w.namespace, w.workload, w.container, str(w.archives),
+                w.status + ("!" if w.failing else ""), w.namespace, w.workload,
+                *([w.replica or "-"] if replicas else []), w.container, str(w.archives),
                 human_bytes(w.stored_bytes), _cell(w.oldest), _cell(w.newest),
                 _age(w.recovery_point_age) if w.recovery_point_age is not None else "-",
                 _cell(w.last_success.started_at if w.last_success else None),
                 _cell(w.last_failure.started_at if w.last_failure else None),
                 f"{w.remove_archives} ({human_bytes(w.remove_bytes)})" if w.remove_archives else "0",
             ])
-        headers = ["status", "namespace", "workload", "container", "archives", "stored", "oldest", "newest", "age",
+        headers = ["status", "namespace", "workload", *(["replica"] if replicas else []), "container", "archives",
+                   "stored", "oldest", "newest", "age",
                    "last success", "last failure", "prune removes"]
         out += ["  " + line for line in _table(rows, headers)]
         notes = [w for w in p.workloads if w.status != OK or w.failing]
@@ -1066,7 +1085,7 @@ def _workload_rows(p: PolicyReport) -> str:
         rows.append(
             "<tr>"
             f"<td>{_badge(w.status)}{failing}</td>"
-            f'<td class="mono target">{_e(w.namespace)}/{_e(w.workload)}/{_e(w.container)}</td>'
+            f'<td class="mono target">{_e(w.target)}</td>'
             f'<td class="num">{w.archives}</td><td class="num">{_e(human_bytes(w.stored_bytes))}</td>'
             f'<td class="mono time">{_e(_cell(w.oldest))}<br>{_e(_cell(w.newest))}</td>'
             f'<td><strong>{age}</strong><br><span class="muted">{_e(w.reason)}</span></td>'
@@ -1076,7 +1095,7 @@ def _workload_rows(p: PolicyReport) -> str:
         )
     return (
         '<div class="scroll"><table><caption class="muted">Workloads of this policy</caption><thead><tr>'
-        '<th scope="col">Status</th><th scope="col">Namespace/workload/container</th>'
+        '<th scope="col">Status</th><th scope="col">Namespace/workload[replica]/container</th>'
         '<th scope="col" class="num">Archives</th><th scope="col" class="num">Stored</th>'
         '<th scope="col">Oldest<br>newest</th><th scope="col">Recovery point age</th>'
         '<th scope="col">Last successful run</th><th scope="col">Last failed run</th>'

@@ -4,6 +4,7 @@ newest archives only; and no stored policy, however broken, makes it fail."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +15,16 @@ from sqlalchemy import delete, insert
 
 from backupd.catalog import FAILED, RUN_FAILED, SUCCEEDED, ArchiveRow, Catalog, PolicyRow, RunRow
 from backupd.policy import parse_policies
-from backupd.report import STORAGE_POINTS, TIMELINE_POINTS, UNMANAGED, build_report, load_report, render_html
+from backupd.report import (
+    STORAGE_POINTS,
+    TIMELINE_POINTS,
+    UNMANAGED,
+    build_report,
+    load_report,
+    render_html,
+    render_table,
+)
+from backupd.workload import replica_identity
 from tests.report.test_build import archive, policy
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)
@@ -51,8 +61,10 @@ def catalogs(draw):  # type: ignore[no-untyped-def]
             step = draw(st.sampled_from([timedelta(minutes=20), timedelta(hours=1), timedelta(hours=7)]))
             for k in range(count):
                 at = T0 + step * (k // draw(st.sampled_from([1, 1, 1, 2])))  # ties now and then
+                pod = draw(st.sampled_from(["p-0", "p-1"]))  # two replicas of a StatefulSet or DaemonSet
                 archives.append(archive(i, at, policy_name=name, workload=workload, stored_size=1000 + i % 97,
-                                        pinned=draw(st.integers(0, 40)) == 0,
+                                        pinned=draw(st.integers(0, 40)) == 0, pod=pod, node=f"node-{pod}",
+                                        replica=replica_identity(workload.partition("/")[0], pod, f"node-{pod}"),
                                         state=FAILED if draw(st.integers(0, 50)) == 0 else "committed"))
                 i += 1
             for pod in draw(st.lists(st.sampled_from(["p-0", "p-1"]), unique=True, max_size=2)):
@@ -72,7 +84,7 @@ def _run(i: int, at: datetime, outcome: str, name: str, workload: str | None, po
 
     r = run(i, at, outcome, kind=kind, policy_name=name, workload=workload, container="nginx" if workload else None,
             error_kind="CheckpointFailed" if outcome == RUN_FAILED else None)
-    return replace(r, pod=pod, namespace="default" if workload else None)
+    return replace(r, pod=pod, node=f"node-{pod}", namespace="default" if workload else None)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -154,3 +166,25 @@ def test_no_stored_policy_makes_the_report_fail(app_factory, db_url: str) -> Non
         server.stop()
     assert answer.status_code == 200, answer.text
     assert {p["name"]: p["error"] for p in answer.json()["policies"]}["never-fires"] == problems["never-fires"]
+
+
+def test_each_replica_is_a_workload_of_its_own(catalog: Catalog) -> None:
+    """A StatefulSet's two pods: one fresh, one whose checkpoints fail -- two rows, two statuses."""
+    p = policy(schedule="@hourly")
+    now = T0 + timedelta(hours=6)
+
+    def replica(i: int, pod: str, at: datetime):  # type: ignore[no-untyped-def]
+        return archive(i, at, workload="statefulset/db", container="pg", pod=pod, replica=pod)
+
+    archives = [replica(1, "db-0", now - timedelta(minutes=20)), replica(2, "db-1", now - timedelta(hours=5))]
+    runs = [replace(_run(1, now - timedelta(minutes=20), SUCCEEDED, "web", "statefulset/db", "db-0"), container="pg"),
+            replace(_run(2, now - timedelta(minutes=19), RUN_FAILED, "web", "statefulset/db", "db-1"), container="pg")]
+    store(catalog, [p], archives, runs)
+    report = load_report(catalog, now=now)
+    assert report == build_report([p], archives, runs, now)
+    got = {w.replica: (w.status, w.failing, w.archives) for w in report.workloads()}
+    assert got == {"db-0": ("OK", False, 1), "db-1": ("MISSING", True, 1)}
+    assert [w["replica"] for w in report.to_json()["policies"][0]["workloads"]] == ["db-0", "db-1"]
+    table = render_table(report)
+    assert "REPLICA" in table and re.search(r"MISSING!\s+default\s+statefulset/db\s+db-1\s+pg\s+1\s", table)
+    assert "default/statefulset/db[db-1]/pg" in render_html(report)
