@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +33,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
-    and_,
     case,
     create_engine,
     delete,
@@ -42,6 +41,7 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    text,
     tuple_,
     update,
 )
@@ -75,8 +75,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is None:
-            return None
+        if value is None or value.tzinfo is UTC:
+            return value
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -134,7 +134,10 @@ class ArchiveRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
-        Index(None, "policy", "namespace", "workload", "replica", "container", "checkpoint_time"),
+        # The report's aggregates read only this index on PostgreSQL (an index-only scan: the
+        # included columns are what they sum and filter on).
+        Index(None, "policy", "namespace", "workload", "replica", "container", "checkpoint_time",
+              postgresql_include=["state", "pinned", "stored_size", "id"]),
         Index(None, "state"),
         Index(None, "backend", "key", unique=True),
         Index(None, "checkpoint_time", "id"),  # the listing order: pages are read from it
@@ -166,6 +169,8 @@ class RunRow(Base):
         Index(None, "policy", "kind", "started_at"),
         Index(None, "namespace", "workload", "container", "started_at"),
         Index(None, "started_at", "id"),  # the listing order (newest first) and the history purge
+        # the report's latest run of each kind, target, pod and outcome, from the index alone
+        Index(None, "policy", "kind", "outcome", "namespace", "workload", "container", "pod", "started_at"),
     )
 
 
@@ -347,12 +352,15 @@ class StoredPolicy:
 
 _ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
 _SUMMARY_COLUMNS = [getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__]
+_GROUP_KEY = ("policy", "namespace", "workload", "replica", "container")
 
 
 def _utc(moment: datetime) -> datetime:
     # aggregates (min, max) bypass the column type on SQLite: naive text comes back
     if isinstance(moment, str):
         moment = datetime.fromisoformat(moment)
+    if moment.tzinfo is UTC:
+        return moment
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
@@ -373,6 +381,7 @@ def _run(row: RunRow) -> Run:
 
 P = ParamSpec("P")
 T = TypeVar("T")
+H = TypeVar("H", bound=Hashable)
 
 
 _nested = contextvars.ContextVar("backupd_catalog_call", default=False)
@@ -456,6 +465,8 @@ class Catalog:
         engine = create_engine(parsed, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(engine, "connect", _postgres_utc, insert=True)
         return cls(engine, parsed.render_as_string(hide_password=True), retry_backoff=retry_backoff)
 
     def close(self) -> None:
@@ -737,41 +748,96 @@ class Catalog:
             return [ArchiveSummary(*row) for row in rows], since is None
 
     @_translated
-    def storage_series(self, policy: str, oldest: datetime, newest: datetime,
-                       points: int) -> list[tuple[datetime, int]]:
-        """The policy's committed archives as ``(time, stored bytes)`` steps, oldest first: per
-        checkpoint time, or, with more than ``points`` archives, per ``points`` equal spans of
-        ``[oldest, newest]`` (each step at the newest archive of its span, so a running sum is
-        exact at every step's time)."""
+    def group_heads(self, groups: Sequence[tuple[str, str, str, str, str]],
+                    unpinned: int) -> dict[tuple[str, str, str, str, str], tuple[list[ArchiveSummary], bool]]:
+        """:meth:`group_head` of several groups; on PostgreSQL in one statement per 1,000 groups
+        (each group an index range: a lateral join), elsewhere one group at a time."""
+        if self.engine.dialect.name != "postgresql":
+            return {group: self.group_head(group, unpinned) for group in groups}
+        out: dict[tuple[str, str, str, str, str], tuple[list[ArchiveSummary], bool]] = {}
+        for chunk in range(0, len(groups), 1000):
+            part = list(groups[chunk:chunk + 1000])
+            values = ", ".join(f"(:i{n}, :p{n}, :n{n}, :w{n}, :r{n}, :c{n})" for n in range(len(part)))
+            params: dict[str, Any] = {"skip": unpinned - 1}
+            for n, (policy, namespace, workload, replica, container) in enumerate(part):
+                params.update({f"i{n}": n, f"p{n}": policy, f"n{n}": namespace, f"w{n}": workload,
+                               f"r{n}": replica, f"c{n}": container})
+            same = " AND ".join(f"x.{c} = g.{c}" for c in _GROUP_KEY)
+            # MATERIALIZED: each group's cut-off time is looked up once, not once per row joined
+            statement = text(
+                f"WITH g(i, {', '.join(_GROUP_KEY)}) AS (VALUES {values}), "
+                f"c AS MATERIALIZED (SELECT g.*, (SELECT x.checkpoint_time FROM archives x WHERE {same} "
+                "AND x.state = 'committed' AND NOT x.pinned ORDER BY x.checkpoint_time DESC "
+                "OFFSET :skip LIMIT 1) AS since FROM g) "
+                "SELECT c.i, c.since IS NULL AS complete, a.id, a.checkpoint_time, a.stored_size, a.pinned FROM c "
+                f"JOIN archives a ON {same.replace('x.', 'a.').replace('g.', 'c.')} AND a.state = 'committed' "
+                "AND a.checkpoint_time >= COALESCE(c.since, '-infinity') "
+                "ORDER BY c.i, a.checkpoint_time, a.id")
+            found: dict[int, tuple[list[ArchiveSummary], bool]] = {}
+            with self.session() as s:
+                for i, complete, archive_id, moment, stored_size, pinned in s.execute(statement, params).all():
+                    rows = found.setdefault(i, ([], bool(complete)))[0]
+                    rows.append(ArchiveSummary(archive_id, COMMITTED, *part[i], _utc(moment), stored_size, pinned))
+            for n, group in enumerate(part):
+                out[group] = found.get(n, ([], True))
+        return out
+
+    @_translated
+    def storage_series(self, policies: Sequence[tuple[str, int]],
+                       steps: int) -> dict[str, list[tuple[datetime, int]]]:
+        """Each policy's committed archives as ``(time, stored bytes)`` steps, oldest first.
+        ``policies``: (name, archive count). A policy with at most ``steps`` archives gets a
+        step per checkpoint time; the others a step per span of a grid of ``10 * steps`` equal
+        spans over all their archives' times, at the newest archive in the span (so a running
+        sum is exact at every step's time). Two aggregate queries, whatever the catalog holds."""
+        out: dict[str, list[tuple[datetime, int]]] = {name: [] for name, _count in policies}
         size = func.coalesce(func.sum(ArchiveRow.stored_size), 0)
-        of_policy = (ArchiveRow.policy == policy, ArchiveRow.state == COMMITTED)
+        few = [name for name, count in policies if count <= steps]
+        many = [name for name, count in policies if count > steps]
         with self.session() as s:
-            count = s.scalar(select(func.count()).where(*of_policy)) or 0
-            if count <= points:
-                q = select(ArchiveRow.checkpoint_time, size).where(*of_policy).group_by(ArchiveRow.checkpoint_time)
-            else:
-                width = max((newest - oldest).total_seconds() / points, 1e-6)
-                span = func.floor((_epoch_seconds(s, ArchiveRow.checkpoint_time) - oldest.timestamp()) / width)
-                q = select(func.max(ArchiveRow.checkpoint_time), size).where(*of_policy).group_by(span)
-            return sorted((_utc(t), int(b)) for t, b in s.execute(q))
+            queries = []
+            for chunk in _chunks(few):
+                queries.append(select(ArchiveRow.policy, ArchiveRow.checkpoint_time, size)
+                               .where(ArchiveRow.state == COMMITTED, ArchiveRow.policy.in_(chunk))
+                               .group_by(ArchiveRow.policy, ArchiveRow.checkpoint_time))
+            if many:
+                committed = (ArchiveRow.state == COMMITTED, ArchiveRow.policy.in_(many))
+                first, last = s.execute(select(func.min(ArchiveRow.checkpoint_time),
+                                               func.max(ArchiveRow.checkpoint_time)).where(*committed)).one()
+                width = max((_utc(last) - _utc(first)).total_seconds() / (10 * steps), 1e-6)
+                span = func.floor((_epoch_seconds(s, ArchiveRow.checkpoint_time) - _utc(first).timestamp()) / width)
+                queries.append(select(ArchiveRow.policy, func.max(ArchiveRow.checkpoint_time), size)
+                               .where(*committed).group_by(ArchiveRow.policy, span))
+            for q in queries:
+                for name, moment, total in s.execute(q).all():
+                    out[name].append((_utc(moment), int(total)))
+        for series in out.values():
+            series.sort()
+        return out
 
     @_translated
     def latest_runs(self) -> list[Run]:
         """The latest finished (succeeded or failed) checkpoint, prune and verify run of every
-        policy, target, pod and outcome: what a report says about runs, in two aggregate queries."""
-        keys = (RunRow.policy, RunRow.kind, RunRow.namespace, RunRow.workload, RunRow.container, RunRow.pod,
-                RunRow.outcome)
-        finished = (RunRow.kind.in_(("checkpoint", "prune", "verify")), RunRow.outcome.in_((SUCCEEDED, RUN_FAILED)))
-        latest = select(*keys, func.max(RunRow.started_at).label("started_at")).where(*finished).group_by(*keys)
-        latest = latest.subquery()
-        q = (select(RunRow).join(latest, and_(RunRow.started_at == latest.c.started_at,
-                                               *(k.is_not_distinct_from(latest.c[k.key]) for k in keys)))
-             .order_by(RunRow.id))
+        policy, target, pod and outcome: what a report says about runs. One aggregate over the
+        runs index, then the chosen runs by their start times."""
+        # in the order of ix_runs_policy_kind_outcome_...: PostgreSQL aggregates from the index alone
+        keys = (RunRow.policy, RunRow.kind, RunRow.outcome, RunRow.namespace, RunRow.workload, RunRow.container,
+                RunRow.pod)
+        q = (select(*keys, func.max(RunRow.started_at))
+             .where(RunRow.policy.is_not(None), RunRow.kind.in_(("checkpoint", "prune", "verify")),
+                    RunRow.outcome.in_((SUCCEEDED, RUN_FAILED)))
+             .group_by(*keys))
         chosen: dict[tuple[Any, ...], Run] = {}
         with self.session() as s:
-            for row in s.scalars(q):  # several runs started at the same moment: the last id wins
-                run = _run(row)
-                chosen[tuple(getattr(run, k.key) for k in keys)] = run
+            latest = {tuple(row[:-1]): _utc(row[-1]) for row in s.execute(q).all()}
+            for chunk in _chunks(sorted(set(latest.values()))):
+                for row in s.scalars(select(RunRow).where(RunRow.started_at.in_(chunk))).all():
+                    run = _run(row)
+                    key = tuple(getattr(run, k.key) for k in keys)
+                    known = chosen.get(key)
+                    # several runs started at the same moment: the last id wins
+                    if latest.get(key) == run.started_at and (known is None or run.id > known.id):
+                        chosen[key] = run
         return list(chosen.values())
 
     @_translated
@@ -927,11 +993,21 @@ class Catalog:
             s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
 
 
-def _chunks(values: Sequence[str], size: int = 500) -> Iterator[list[str]]:
+def _chunks(values: Sequence[H], size: int = 500) -> Iterator[list[H]]:
     """Bounded IN lists: SQLite limits bound parameters, and huge statements help nobody."""
     items = list(dict.fromkeys(values))
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _postgres_utc(dbapi_conn: Any, _record: Any) -> None:
+    # Times come back in the session's zone: in UTC they are datetime.UTC already, and the
+    # million conversions a big listing or report would make from the server's zone go away.
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+    dbapi_conn.autocommit = autocommit
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

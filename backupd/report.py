@@ -73,6 +73,7 @@ would do (:func:`backupd.prune.plan_policy`).
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -406,16 +407,24 @@ class PolicyRuns:
     last_checkpoint_start: datetime | None = None
     targets: frozenset[Target] = frozenset()  # every target a checkpoint run names
 
-    def last(self, kind: str, outcome: str | None = None, target: Target | None | bool = False,
-             pod: str | None | bool = False) -> RunSummary | None:
-        """The latest run of ``kind`` (and ``outcome``, ``target``, ``pod`` where given)."""
-        return max((r for (k, t, p, o), r in self.latest.items()
-                    if k == kind and (outcome is None or o == outcome) and (target is False or t == target)
-                    and (pod is False or p == pod)), key=lambda r: (r.started_at, r.id), default=None)
+    @functools.cached_property
+    def _by_kind_target(self) -> dict[tuple[str, Target | None], list[tuple[str | None, str, RunSummary]]]:
+        index: dict[tuple[str, Target | None], list[tuple[str | None, str, RunSummary]]] = {}
+        for (kind, target, pod, outcome), run in self.latest.items():
+            index.setdefault((kind, target), []).append((pod, outcome, run))
+            if target is not None:
+                index.setdefault((kind, None), []).append((pod, outcome, run))
+        return index
+
+    def last(self, kind: str, outcome: str | None = None, target: Target | None = None) -> RunSummary | None:
+        """The latest run of ``kind`` (and ``outcome`` and ``target`` where given; any target
+        when ``target`` is None, runs without a target included)."""
+        return max((r for _p, o, r in self._by_kind_target.get((kind, target), ()) if outcome is None or o == outcome),
+                   key=lambda r: (r.started_at, r.id), default=None)
 
     def failing(self, target: Target, period: timedelta) -> bool:
         """The target's latest cycle had a failure (module docstring: ``failing``)."""
-        mine = [(p, r) for (k, t, p, _o), r in self.latest.items() if k == "checkpoint" and t == target]
+        mine = [(p, r) for p, _o, r in self._by_kind_target.get(("checkpoint", target), ())]
         if not mine:
             return False
         latest_by_pod: dict[str | None, RunSummary] = {}
@@ -479,14 +488,16 @@ def decide(policy: Policy | None, newest: Sequence[Planned], older: tuple[int, i
     its older unpinned and (count, bytes) of its older pinned archives. Returns (timeline
     points oldest first, archives removed, bytes removed), or None when the rules look beyond
     ``newest`` (:func:`backupd.retention.plan_head`): give more. ``policy`` None: a policy
-    nothing applies (unmanaged), which keeps everything.
+    nothing applies (unmanaged), which keeps everything. The points are the newest
+    ``TIMELINE_POINTS``.
     """
     ordered = sorted(newest, key=lambda a: (a.checkpoint_time, a.id))  # as the catalog lists them
     if policy is None:
         return tuple(ArchivePoint(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned, True, ("no policy",))
-                     for a in ordered), 0, 0
+                     for a in ordered[-TIMELINE_POINTS:]), 0, 0
     older_count, older_bytes, older_pinned, older_pinned_bytes = older
-    items = [retention.Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in ordered]
+    items = retention.items((a.id for a in ordered), (a.checkpoint_time for a in ordered),
+                            (a.stored_size or 0 for a in ordered), (a.pinned for a in ordered), len(ordered))
     if not any(older):
         result: retention.Plan | None = retention.plan(items, policy.rules, tz=policy.tz)
     else:
@@ -496,11 +507,11 @@ def decide(policy: Policy | None, newest: Sequence[Planned], older: tuple[int, i
         result = retention.plan_head(items, policy.rules, tz=policy.tz)
     if result is None:
         return None
-    by_id = {a.id: a for a in ordered}
-    points = tuple(ArchivePoint(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned, d.keep, d.reasons or ("no rule",))
-                   for d in reversed(result.decisions) if (a := by_id.get(d.item.id)) is not None)
-    removed = [p for p in points if not p.keep]
-    return points, len(removed) + older_count, sum(p.stored_size for p in removed) + older_bytes
+    removed = result.remove  # the stand-in is pinned: never among them
+    shown = [d for d in result.decisions[:TIMELINE_POINTS + 1] if d.item.id][:TIMELINE_POINTS]
+    points = tuple(ArchivePoint(d.item.id, d.item.time, d.item.size, d.item.pinned, d.keep, d.reasons or ("no rule",))
+                   for d in reversed(shown))
+    return points, len(removed) + older_count, sum(d.item.size for d in removed) + older_bytes
 
 
 def storage_steps(steps: Iterable[tuple[datetime, int]]) -> tuple[StoragePoint, ...]:
@@ -515,19 +526,19 @@ def storage_steps(steps: Iterable[tuple[datetime, int]]) -> tuple[StoragePoint, 
     return tuple(series)
 
 
-def _bucketed(archives: list[Planned], points: int) -> list[tuple[datetime, int]]:
-    """The steps :meth:`backupd.catalog.Catalog.storage_series` gives, computed from a list."""
-    ordered = sorted(archives, key=lambda a: (a.checkpoint_time, a.id))
-    if len(ordered) <= points:
-        return [(a.checkpoint_time, a.stored_size or 0) for a in ordered]
-    oldest, newest = ordered[0].checkpoint_time, ordered[-1].checkpoint_time
+def downsample(steps: Sequence[tuple[datetime, int]], points: int) -> list[tuple[datetime, int]]:
+    """At most ``points`` of ``(time, bytes)`` steps (oldest first): those in each of ``points``
+    equal spans of their time range merged into one, at the newest time of the span, so a
+    running sum stays exact at every time it is given for."""
+    if len(steps) <= points:
+        return list(steps)
+    oldest, newest = steps[0][0], steps[-1][0]
     width = max((newest - oldest).total_seconds() / points, 1e-6)
-    buckets: dict[int, tuple[datetime, int]] = {}
-    for a in ordered:
-        key = math.floor((a.checkpoint_time - oldest).total_seconds() / width)
-        _t, size = buckets.get(key, (a.checkpoint_time, 0))
-        buckets[key] = (a.checkpoint_time, size + (a.stored_size or 0))
-    return [buckets[k] for k in sorted(buckets)]
+    merged: dict[int, tuple[datetime, int]] = {}
+    for moment, size in steps:
+        key = math.floor((moment - oldest).total_seconds() / width)
+        merged[key] = (moment, merged.get(key, (moment, 0))[1] + size)
+    return [merged[k] for k in sorted(merged)]
 
 
 def _target(run: Run, group_by: str) -> Target | None:
@@ -583,10 +594,12 @@ def facts_from_lists(policies: Sequence[Policy | PolicyProblem], archives: Itera
         pinned = [a.stored_size or 0 for a in members if a.pinned]
         stats = GroupStats(name, namespace, workload, replica, container, len(members),
                            sum(a.stored_size or 0 for a in members), min(times), max(times), len(pinned), sum(pinned))
-        groups.setdefault(name, []).append(GroupFacts(stats, points[-TIMELINE_POINTS:], removed, removed_bytes))
+        groups.setdefault(name, []).append(GroupFacts(stats, points, removed, removed_bytes))
         storage.setdefault(name, []).extend(members)
+    steps = {name: sorted((a.checkpoint_time, a.stored_size or 0) for a in members)
+             for name, members in storage.items()}
     return ReportFacts(tuple(policies), groups, runs_facts(runs, _group_by(policies)),
-                       {name: storage_steps(_bucketed(members, STORAGE_POINTS)) for name, members in storage.items()})
+                       {name: storage_steps(downsample(series, STORAGE_POINTS)) for name, series in steps.items()})
 
 
 def build_report(
@@ -703,28 +716,57 @@ def facts_from_catalog(catalog: Catalog, policies: Sequence[Policy | PolicyProbl
     number of workloads and what their rules keep, not the number of archives."""
     usable = {p.name: p for p in policies if isinstance(p, Policy) and policy_problem(p, now) is None}
     groups: dict[str, list[GroupFacts]] = {}
-    for stats in catalog.group_stats():
-        policy = usable.get(stats.policy)
-        unpinned = TIMELINE_POINTS
-        while True:
-            newest, complete = catalog.group_head(stats.group, unpinned)
-            older = (0, 0, 0, 0) if complete else _older(stats, newest)
-            decided = decide(policy, newest, older)
-            if decided is not None:
-                break
-            unpinned *= 8  # the rules reach further back than these: read more of the group
-        points, removed, removed_bytes = decided
-        groups.setdefault(stats.policy, []).append(GroupFacts(stats, points[-TIMELINE_POINTS:], removed, removed_bytes))
-    storage = {}
-    for name, members in groups.items():
-        first, last = min(g.stats.oldest for g in members), max(g.stats.newest for g in members)
-        storage[name] = storage_steps(catalog.storage_series(name, first, last, STORAGE_POINTS))
+    pending = {stats.group: (stats, first_read(usable.get(stats.policy), stats)) for stats in catalog.group_stats()}
+    while pending:
+        reads: dict[int, list[tuple[str, str, str, str, str]]] = {}
+        for group, (_stats, unpinned) in pending.items():
+            reads.setdefault(unpinned, []).append(group)
+        for unpinned, batch in reads.items():
+            for group, (newest, complete) in catalog.group_heads(batch, unpinned).items():
+                stats = pending[group][0]
+                decided = decide(usable.get(stats.policy), newest, (0, 0, 0, 0) if complete else _older(stats, newest))
+                if decided is None:  # the rules reach further back than these: read more of the group
+                    pending[group] = (stats, unpinned * 4)
+                    continue
+                del pending[group]
+                points, removed, removed_bytes = decided
+                groups.setdefault(stats.policy, []).append(GroupFacts(stats, points, removed, removed_bytes))
+    for members in groups.values():
+        members.sort(key=lambda g: g.target)
+    series = catalog.storage_series([(name, sum(g.stats.archives for g in members))
+                                     for name, members in groups.items()], STORAGE_POINTS)
+    storage = {name: storage_steps(downsample(steps, STORAGE_POINTS)) for name, steps in series.items()}
     runs = runs_facts(catalog.latest_runs(), _group_by(policies))
     return ReportFacts(tuple(policies), groups, runs, storage)
 
 
 def _group_by(policies: Sequence[Policy | PolicyProblem]) -> dict[str, str]:
     return {p.name: p.spec.group_by for p in policies if isinstance(p, Policy)}
+
+
+_BUCKET = {"hourly": timedelta(hours=1), "daily": timedelta(days=1), "weekly": timedelta(days=7),
+           "monthly": timedelta(days=31), "yearly": timedelta(days=366)}
+
+
+def first_read(policy: Policy | None, stats: GroupStats) -> int:
+    """How many of a group's newest unpinned archives to read first: as many as the policy's
+    rules reach back over, at the group's average spacing (plus a quarter), and at least a
+    timeline's. Only a guess to save round trips: :func:`decide` says when it was too few."""
+    if policy is None:
+        return TIMELINE_POINTS
+    rules = policy.rules
+    counts = {name: getattr(rules, name) for name in ("last", *_BUCKET)}
+    if -1 in counts.values():
+        return max(stats.archives, 1)  # unlimited: every archive counts
+    reach = [_BUCKET[name] * count for name, count in counts.items() if name in _BUCKET]
+    for name in ("within", "within_hourly", "within_daily", "within_weekly", "within_monthly", "within_yearly"):
+        d = getattr(rules, name)
+        if d is not None:
+            reach.append(timedelta(days=366 * d.years + 31 * d.months + d.days, hours=d.hours))
+    spacing = (stats.newest - stats.oldest) / max(stats.archives - 1, 1)
+    within = max(reach, default=timedelta(0)) / spacing if spacing else 0
+    # every rule walks from the newest archive at once: the one reaching furthest decides
+    return max(TIMELINE_POINTS, int(max(counts["last"], within) * 1.25) + 1)
 
 
 def _older(stats: GroupStats, newest: list[ArchiveSummary]) -> tuple[int, int, int, int]:
