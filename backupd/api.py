@@ -48,7 +48,7 @@ from backupd.catalog import ARCHIVE_STATES, COMMITTED, Catalog, Cursor
 from backupd.config import DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_TIMEOUT_SECONDS
 from backupd.errors import BackupdError, ConfigError, InvalidInput
 from backupd.metrics import Metrics
-from backupd.policy import Policy
+from backupd.report import stored_policies
 
 log = structlog.get_logger("backupd.api")
 
@@ -167,7 +167,9 @@ def openapi_document() -> dict[str, Any]:
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": _STRING}, "required": ["error"]},
                 "Policy": {"type": "object", "properties": {
-                    "apiVersion": _STRING, "kind": _STRING, "metadata": {"type": "object"}, "spec": {"type": "object"}}},
+                    "apiVersion": _STRING, "kind": _STRING, "metadata": {"type": "object"}, "spec": {"type": "object"},
+                    "error": {"type": "string", "description": "Only for a stored policy that no longer validates "
+                                                              "(then without spec)."}}},
                 "Archive": {"type": "object", "properties": archive_props},
                 "Run": {"type": "object", "properties": run_props},
             },
@@ -220,8 +222,13 @@ class Api:
         expected = f"Bearer {self.token}".encode()
         return header is not None and hmac.compare_digest(header.encode(), expected)
 
-    def handle(self, path: str, query: dict[str, list[str]], auth: str | None) -> Answer:
-        """The answer to a GET."""
+    def handle(self, path: str, query: dict[str, list[str]], auth: str | None) -> tuple[int, str, bytes]:
+        """(status, content type, body) of a GET: :meth:`answer` without its headers."""
+        status, content_type, body, _headers = self.answer(path, query, auth)
+        return status, content_type, body
+
+    def answer(self, path: str, query: dict[str, list[str]], auth: str | None) -> Answer:
+        """The answer to a GET, with its extra headers (a listing's next page)."""
         if path == "/healthz":
             return Answer(200, "text/plain; charset=utf-8", b"ok\n")
         if path == "/readyz":
@@ -237,9 +244,8 @@ class Api:
         if not self.authorized(auth):
             return _json(401, {"error": "missing or wrong bearer token"})
         try:
-            if path == "/api/v1/policies":
-                return _json(200, [Policy.from_spec_json(p.name, p.spec_json).to_document()
-                                   for p in self.catalog.list_policies()])
+            if path == "/api/v1/policies":  # one that no longer validates is listed with its error
+                return _json(200, [p.to_document() for p in stored_policies(self.catalog)])
             if path == "/api/v1/archives":
                 state = _one(query, "state", ARCHIVE_STATES) or COMMITTED
                 archives, following = self.catalog.archive_page(
@@ -335,7 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         url = urlsplit(self.path)
         try:
-            answer = self.server.api.handle(url.path, parse_qs(url.query), self.headers.get("Authorization"))
+            answer = self.server.api.answer(url.path, parse_qs(url.query), self.headers.get("Authorization"))
         except Exception:
             log.exception("api_error", path=url.path)
             answer = _json(500, {"error": "internal error"})

@@ -84,7 +84,7 @@ from typing import Any
 from backupd import retention
 from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, ArchiveSummary, Catalog, GroupStats, Run
 from backupd.config import DEFAULT_STALE_INTERVALS
-from backupd.policy import Policy
+from backupd.policy import API_VERSION, KIND, Policy
 from backupd.prune import Planned
 from backupd.schedule import Schedule
 from backupd.sizes import human_bytes
@@ -443,6 +443,10 @@ class PolicyProblem:
 
     name: str
     error: str
+
+    def to_document(self) -> dict[str, Any]:
+        """As :meth:`backupd.policy.Policy.to_document` would give it, with the error instead of a spec."""
+        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": self.name}, "error": self.error}
 
 
 @dataclass(frozen=True)

@@ -162,8 +162,13 @@ def test_no_stored_policy_makes_the_report_fail(app_factory, db_url: str) -> Non
     host, port = server.start()
     try:
         answer = httpx.get(f"http://{host}:{port}/api/v1/report", timeout=30)
+        listed = httpx.get(f"http://{host}:{port}/api/v1/policies", timeout=30)
     finally:
         server.stop()
+    assert listed.status_code == 200, listed.text
+    documents = {d["metadata"]["name"]: d for d in listed.json()}
+    assert documents["good"]["spec"]["schedule"] == "@hourly" and "error" not in documents["good"]
+    assert "spec" not in documents["keeps-nothing"] and "keep rule" in documents["keeps-nothing"]["error"]
     assert answer.status_code == 200, answer.text
     assert {p["name"]: p["error"] for p in answer.json()["policies"]}["never-fires"] == problems["never-fires"]
 
