@@ -37,7 +37,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    extract,
     func,
     literal,
     select,
@@ -368,7 +367,7 @@ def _epoch_seconds(session: Session, column: Any) -> Any:
     """Seconds since the epoch of a time column, in the session's SQL dialect."""
     if session.get_bind().dialect.name == "sqlite":
         return (func.julianday(column) - 2440587.5) * 86400.0
-    return extract("epoch", column)
+    return func.date_part("epoch", column)  # a double; extract() gives a numeric, slower per row
 
 
 def _archive(row: ArchiveRow) -> Archive:
@@ -829,6 +828,10 @@ class Catalog:
              .group_by(*keys))
         chosen: dict[tuple[Any, ...], Run] = {}
         with self.session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                # The planner expects a group per few runs and sorts a parallel scan; walking the
+                # index in order (a group per target and pod) takes half the time.
+                s.execute(text("SET LOCAL enable_sort = off"))
             latest = {tuple(row[:-1]): _utc(row[-1]) for row in s.execute(q).all()}
             for chunk in _chunks(sorted(set(latest.values()))):
                 for row in s.scalars(select(RunRow).where(RunRow.started_at.in_(chunk))).all():
