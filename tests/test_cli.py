@@ -118,3 +118,25 @@ def test_run_logs_json_and_stops_cleanly_on_sigterm(cfg: Path) -> None:
     assert len(finished) >= 4 and all(e["outcome"] == "succeeded" for e in finished)
     assert all({"bytes_in", "bytes_out", "duration_seconds", "policy", "container"} <= e.keys() for e in finished)
     assert any(e["event"] == "daemon_stopped" and e["clean"] for e in lines)
+
+
+def test_policy_apply_refuses_a_schedule_that_never_fires_and_list_survives_a_stored_one(cfg: Path,
+                                                                                        tmp_path: Path) -> None:
+    from backupd.catalog import Catalog
+
+    backupd(cfg, "db", "upgrade")
+    proc = backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY.replace("@every 2s", "0 0 30 2 *"), check=2)
+    assert "spec.schedule: cron expression '0 0 30 2 *' never fires" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY)
+    # one stored by an older backupd, which accepted it
+    catalog = Catalog.open(f"sqlite:///{tmp_path / 'catalog.db'}")
+    catalog.apply_policies([("feb30", '{"schedule": "0 0 30 2 *", "backend": "local", "retention": {"keepLast": 1}}')])
+    catalog.close()
+    proc = backupd(cfg, "policy", "list")
+    assert "stored policy 'feb30': spec.schedule: cron expression '0 0 30 2 *' never fires" in proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert "INVALID" in rows["feb30"] and "keepLast=3" in rows["web"]
+    listed = {p["metadata"]["name"]: p for p in json.loads(backupd(cfg, "policy", "list", "-o", "json").stdout)}
+    assert listed["feb30"]["spec"]["schedule"] == "0 0 30 2 *" and "never fires" in listed["feb30"]["error"]
+    assert listed["web"]["error"] is None and listed["web"]["generation"] == 1 and "updated_at" in listed["web"]

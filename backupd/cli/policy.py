@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_json, print_table
 from backupd.errors import PolicyError
+
+if TYPE_CHECKING:
+    from backupd.catalog import StoredPolicy
 
 
 @cli.group()
@@ -44,19 +49,35 @@ def policy_apply(ctx: Context, path: str, output: str) -> None:
 @OUTPUT
 @pass_ctx
 def policy_list(ctx: Context, output: str) -> None:
-    """Show the policies in the catalog."""
-    from backupd.policy import Policy
+    """Show the policies in the catalog.
+
+    A stored policy this backupd refuses (e.g. a schedule that never fires, kept from an older
+    version) is listed with its error, and is not scheduled by the daemon.
+    """
+    from backupd.policy import API_VERSION, KIND, Policy
 
     catalog = ctx.app.catalog
     catalog.check_schema()
-    stored = catalog.list_policies()
-    policies = [(s, Policy.from_spec_json(s.name, s.spec_json)) for s in stored]
+    listed: list[tuple[StoredPolicy, Policy | None, str | None]] = []
+    for s in catalog.list_policies():
+        try:
+            listed.append((s, Policy.from_spec_json(s.name, s.spec_json), None))
+        except PolicyError as exc:
+            listed.append((s, None, str(exc)))
+            click.echo(f"warning: {exc}\n  (not scheduled: apply a corrected policy)", err=True)
     if output == "json":
-        print_json([{**p.to_document(), "generation": s.generation, "updatedAt": s.updated_at.isoformat()}
-                    for s, p in policies])
+        print_json([{**(p.to_document() if p else {"apiVersion": API_VERSION, "kind": KIND,
+                                                     "metadata": {"name": s.name}, "spec": _raw_spec(s)}),
+                     "generation": s.generation, "updated_at": s.updated_at.isoformat(), "error": error}
+                    for s, p, error in listed])
         return
     rows = []
-    for s, p in policies:
+    for s, p, _error in listed:
+        if p is None:
+            spec = _raw_spec(s)
+            rows.append((s.name, spec.get("schedule"), spec.get("backend"), "-", "INVALID: not scheduled (see above)",
+                         s.updated_at))
+            continue
         sel = p.spec.selector
         selector = ",".join(sel.namespaces) if sel.namespaces else "*"
         if sel.match_labels:
@@ -67,6 +88,15 @@ def policy_list(ctx: Context, output: str) -> None:
         rows.append((s.name, p.spec.schedule, p.spec.backend, selector,
                      " ".join(f"{k}={v}" for k, v in rules.items()), s.updated_at))
     print_table(rows, ["name", "schedule", "backend", "selector", "retention", "updated"])
+
+
+def _raw_spec(stored: StoredPolicy) -> dict[str, Any]:
+    """The stored spec as it is, for showing a policy that no longer validates."""
+    try:
+        spec = json.loads(stored.spec_json)
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 @policy.command("delete")
