@@ -39,10 +39,13 @@ def cfg(tmp_path: Path, sim: NodeSimulator) -> Path:
     return path
 
 
-def backupd(cfg: Path, *args: str, stdin: str | None = None, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
-    proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(cfg), *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=120)
+def backupd(cfg: Path | None, *args: str, stdin: str | None = None, check: int | None = 0,
+            env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``backupd [--config CFG] ARGS`` in a new process; the test's BACKUPD_* variables are hidden, ``env`` adds."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")} | (env or {})
+    config = ["--config", str(cfg)] if cfg is not None else []
+    proc = subprocess.run([sys.executable, "-m", "backupd", *config, *args], input=stdin,
+                          capture_output=True, text=True, env=environment, timeout=120, cwd=cwd)
     if check is not None:
         assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
     return proc
@@ -140,3 +143,45 @@ def test_policy_apply_refuses_a_schedule_that_never_fires_and_list_survives_a_st
     listed = {p["metadata"]["name"]: p for p in json.loads(backupd(cfg, "policy", "list", "-o", "json").stdout)}
     assert listed["feb30"]["spec"]["schedule"] == "0 0 30 2 *" and "never fires" in listed["feb30"]["error"]
     assert listed["web"]["error"] is None and listed["web"]["generation"] == 1 and "updated_at" in listed["web"]
+
+
+@pytest.mark.parametrize(("change", "env", "expected"), [
+    (None, {"BACKUPD_DATABSE__URL": "sqlite:////tmp/x.db"},
+     "BACKUPD_DATABSE__URL: unknown variable: no config section 'databse'"),
+    (None, {"BACKUPD_BACKENDS": '[{"name": "x"'}, "BACKUPD_BACKENDS: not valid JSON ("),
+    (lambda text: text.encode() + b"# caf\xe9\n", {}, "not UTF-8 text (byte"),
+    (lambda text: text.replace("[daemon]", "[daemon"), {}, "not valid TOML: "),
+    (lambda text: text.replace(text.split("path = ")[1].split("\n")[0], '""'), {},
+     "backends.0.filesystem.path: must not be empty"),
+    (lambda text: text.replace(text.split("ca_file = ")[1].split("\n")[0], '""'), {},
+     "kubelet.ca_file: must not be empty"),
+    (lambda text: text.replace(text.split("checkpoint_dir = ")[1].split("\n")[0], '""'), {},
+     "kubelet.checkpoint_dir: must not be empty"),
+])
+def test_config_errors_exit_2_naming_the_key_without_a_traceback(cfg: Path, change, env: dict[str, str],  # type: ignore[no-untyped-def]
+                                                                 expected: str) -> None:
+    if change is not None:
+        changed = change(cfg.read_text())
+        cfg.write_bytes(changed if isinstance(changed, bytes) else changed.encode())
+    proc = backupd(cfg, "list", env=env, check=2)
+    assert expected in proc.stderr and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+NEEDS_CONFIG = [("list",), ("report",), ("policy", "list"), ("checkpoint",), ("prune", "--dry-run"), ("verify",),
+                ("db", "upgrade"), ("run",), ("pin", "abcdef12"), ("restore", "abcdef12", "--oci-layout", "x"),
+                ("inspect", "abcdef12"), ("catalog", "rebuild"), ("doctor",)]
+
+
+@pytest.mark.skipif(Path("/etc/backupd/config.toml").exists(), reason="/etc/backupd/config.toml exists here")
+@pytest.mark.parametrize("args", NEEDS_CONFIG, ids=" ".join)
+def test_without_a_config_file_a_command_says_so_and_creates_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    default_catalog_dir = Path("/var/lib/backupd")
+    existed = default_catalog_dir.exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = backupd(None, *args, env={"HOME": str(home)}, cwd=home, check=2)
+    assert ("no config file: give --config FILE, set BACKUPD_CONFIG, or create /etc/backupd/config.toml "
+            "(see config/example.toml)") in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(home.iterdir()) == [] and default_catalog_dir.exists() == existed
