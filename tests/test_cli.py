@@ -185,3 +185,20 @@ def test_without_a_config_file_a_command_says_so_and_creates_nothing(tmp_path: P
             "(see config/example.toml)") in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(home.iterdir()) == [] and default_catalog_dir.exists() == existed
+
+
+def test_retention_simulate_measures_windows_from_now_by_default(tmp_path: Path) -> None:
+    """As restic's forget: an archive dated in the future does not anchor keep-within windows
+    (before, the default anchor was the newest archive, wherever it was). Needs no config."""
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    recent, future = now - timedelta(hours=2), now + timedelta(days=30)
+    times = tmp_path / "times.json"
+    times.write_text(json.dumps([t.isoformat().replace("+00:00", "Z") for t in (future, recent)]))
+    by_default = json.loads(backupd(None, "retention", "simulate", "-i", str(times), "--keep-within", "1d",
+                                    cwd=tmp_path).stdout)
+    assert len(by_default["keep"]) == 2 and by_default["remove"] == []  # recent: within a day of now
+    anchored = json.loads(backupd(None, "retention", "simulate", "-i", str(times), "--keep-within", "1d",
+                                  "--now", (future + timedelta(hours=1)).isoformat(), cwd=tmp_path).stdout)
+    assert [k["reasons"] for k in anchored["keep"]] == [["within"]] and len(anchored["remove"]) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -72,12 +73,15 @@ def _keep_options(fn: Any) -> Any:
               help="JSON list of RFC 3339 timestamps, one per archive ('-' = stdin).")
 @_keep_options
 @click.option("--timezone", "tz_name", help="Compute buckets in this IANA zone (default: each time's own offset).")
-@click.option("--now", "now_text", help="RFC 3339; archives at or after it do not anchor keep-within windows.")
+@click.option("--now", "now_text", metavar="TIME",
+              help="RFC 3339 (default: the current time, as restic's forget); archives at or after it do not "
+                   "anchor keep-within windows.")
 @click.option("--output", "-o", type=click.Choice(["json", "table"]), default="json", show_default=True)
 def simulate(input_path: str, tz_name: str | None, now_text: str | None, output: str, **flags: Any) -> None:
     """What a rule set keeps of a list of archive times (restic forget semantics).
 
-    Prints {"keep": [{"time", "reasons"}], "remove": [{"time"}]}, newest first.
+    Prints {"keep": [{"time", "reasons"}], "remove": [{"time"}]}, newest first. keep-within
+    windows are measured from the newest archive before --now (default: the current time).
     """
     try:
         raw = sys.stdin.read() if input_path == "-" else Path(input_path).read_text()
@@ -100,7 +104,7 @@ def simulate(input_path: str, tz_name: str | None, now_text: str | None, output:
         **{name: flags[f"keep_{name}"] for name in COUNT_FLAGS},
         **{name.replace("-", "_"): flags[f"keep_{name.replace('-', '_')}"] for name in WITHIN_FLAGS},
     )
-    now = retention.parse_rfc3339(now_text) if now_text else None
+    now = retention.parse_rfc3339(now_text) if now_text else datetime.now(UTC)
     result = retention.simulate(times, rules, tz=tz, now=now)
     if output == "json":
         click.echo(json.dumps(result, indent=2))
