@@ -169,7 +169,7 @@ def test_config_errors_exit_2_naming_the_key_without_a_traceback(cfg: Path, chan
 
 
 NEEDS_CONFIG = [("list",), ("report",), ("policy", "list"), ("checkpoint",), ("prune", "--dry-run"), ("verify",),
-                ("db", "upgrade"), ("run",), ("pin", "abcdef12"), ("restore", "abcdef12", "--oci-layout", "x"),
+                ("db", "upgrade"), ("run",), ("pin", "abcdef12"), ("restore", "abcdef12", "--to", "x.tar"),
                 ("inspect", "abcdef12"), ("catalog", "rebuild"), ("doctor",)]
 
 
@@ -202,3 +202,68 @@ def test_retention_simulate_measures_windows_from_now_by_default(tmp_path: Path)
     anchored = json.loads(backupd(None, "retention", "simulate", "-i", str(times), "--keep-within", "1d",
                                   "--now", (future + timedelta(hours=1)).isoformat(), cwd=tmp_path).stdout)
     assert [k["reasons"] for k in anchored["keep"]] == [["within"]] and len(anchored["remove"]) == 1
+
+
+HOURLY = POLICY.replace("@every 2s", "@hourly")
+#: values that depend on the moment a command runs, not on the data
+VOLATILE = {"generated_at", "recovery_point_age_seconds", "reason", "next_run", "bytes_read"}
+
+
+def _stable(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def test_yaml_output_is_the_json_data_for_every_listing_command(cfg: Path, tmp_path: Path) -> None:
+    import structlog
+    import yaml
+
+    from tests.reliability.inprocess import run_cli  # the same entry point, without an interpreter per call
+
+    backupd(cfg, "db", "upgrade")
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(HOURLY)
+    backupd(cfg, "policy", "apply", "-f", str(policy_file))
+    taken = yaml.safe_load(backupd(cfg, "checkpoint", "-o", "yaml").stdout)
+    assert [r["outcome"] for r in taken[0]["runs"]] == ["succeeded", "succeeded"]
+    archive = json.loads(backupd(cfg, "list", "-o", "json").stdout)[0]["id"]
+    times = tmp_path / "times.json"
+    times.write_text('["2026-01-02T03:04:05Z", "2026-01-01T03:04:05Z"]')
+    commands = [("list",), ("list", "--all-states"), ("policy", "list"), ("policy", "apply", "-f", str(policy_file)),
+                ("prune", "--dry-run"), ("verify",), ("catalog", "rebuild"), ("report",), ("inspect", archive),
+                ("retention", "simulate", "-i", str(times), "--keep-last", "1", "--now", "2026-02-01T00:00:00Z")]
+    saved = structlog.get_config()
+    try:
+        for args in commands:
+            code, out, err = run_cli(cfg, *args, "-o", "json")
+            assert code == 0, (args, err)
+            as_json = json.loads(out)
+            code, text, err = run_cli(cfg, *args, "-o", "yaml")
+            assert code == 0, (args, err)
+            assert not text.lstrip().startswith(("{", "[")), (args, text[:200])  # block style, not JSON
+            assert as_json and _stable(yaml.safe_load(text)) == _stable(as_json), args
+    finally:
+        structlog.configure(**saved)
+    # keys are snake_case everywhere (the policy document itself is Kubernetes-style camelCase)
+    pruned = json.loads(backupd(cfg, "prune", "--dry-run", "-o", "json").stdout)[0]
+    assert {"dry_run", "bytes_freed"} <= pruned.keys() and "stored_size" in pruned["groups"][0]["decisions"][0]
+    assert "bytes_read" in json.loads(backupd(cfg, "verify", "-o", "json").stdout)
+    assert "'xml' is not one of 'table', 'json', 'yaml'" in backupd(cfg, "list", "-o", "xml", check=2).stderr
+
+
+def test_n_is_namespace(cfg: Path, tmp_path: Path) -> None:
+    backupd(cfg, "db", "upgrade")
+    backupd(cfg, "policy", "apply", "-f", "-", stdin=HOURLY)
+    backupd(cfg, "checkpoint")
+    everything = json.loads(backupd(cfg, "list", "-o", "json").stdout)
+    assert everything and json.loads(backupd(cfg, "list", "-n", "default", "-o", "json").stdout) == everything
+    assert json.loads(backupd(cfg, "list", "-n", "nowhere", "-o", "json").stdout) == []
+    out = tmp_path / "latest.tar"
+    newest = max(everything, key=lambda a: (a["checkpoint_time"], a["id"]))
+    restored = json.loads(backupd(cfg, "restore", "--latest", "-n", "default", "--workload", "deployment/web",
+                                  "--container", newest["container"], "--to", str(out), "-o", "json").stdout)
+    assert restored["archive"]["id"] == newest["id"] and restored["to"] == str(out)
+    assert out.stat().st_size == restored["bytes"] == newest["tar_size"]

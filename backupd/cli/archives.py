@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
+from backupd.cli.base import OUTPUT, Context, cli, human_bytes, namespace_option, pass_ctx, print_data, print_table
 from backupd.errors import PolicyError, RunsFailed
 
 
@@ -44,8 +44,8 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
     finally:
         if owns_node:
             app.pipeline.release_node_lease(app.holder)
-    if output == "json":
-        print_json([
+    if output != "table":
+        print_data([
             {
                 "policy": r.policy,
                 "error": str(r.error) if r.error else None,
@@ -53,7 +53,7 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
                 "runs": [{**o.run.to_json(), "archive": o.archive.to_json() if o.archive else None} for o in r.outcomes],
             }
             for r in results
-        ])
+        ], output)
     else:
         rows = []
         for r in results:
@@ -75,7 +75,7 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
 
 @cli.command("list")
 @click.option("--policy", "policy_name")
-@click.option("--namespace")
+@namespace_option()
 @click.option("--pod")
 @click.option("--workload", help="e.g. deployment/web")
 @click.option("--container")
@@ -92,7 +92,7 @@ def list_archives(ctx: Context, policy_name: str | None, namespace: str | None, 
         policy=policy_name, namespace=namespace, pod=pod, workload=workload, container=container,
         states=ARCHIVE_STATES if all_states else (COMMITTED,),
     )
-    if output == "json":
-        print_json([a.to_json() for a in archives])
+    if output != "table":
+        print_data([a.to_json() for a in archives], output)
     else:
         print_table(_archive_rows(archives), ARCHIVE_HEADERS)

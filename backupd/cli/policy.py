@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_json, print_table
+from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_data, print_table
 from backupd.errors import PolicyError
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ def policy_apply(ctx: Context, path: str, output: str) -> None:
     policies = parse_policies(text, source, backends=[b.name for b in ctx.config.backends])
     ctx.app.catalog.check_schema()
     results = ctx.app.catalog.apply_policies([(p.name, p.canonical_json()) for p in policies])
-    if output == "json":
-        print_json([{"name": n, "result": r} for n, r in results])
+    if output != "table":
+        print_data([{"name": n, "result": r} for n, r in results], output)
     else:
         for name, result in results:
             click.echo(f"checkpointpolicy/{name} {result}")
@@ -65,11 +65,11 @@ def policy_list(ctx: Context, output: str) -> None:
         except PolicyError as exc:
             listed.append((s, None, str(exc)))
             click.echo(f"warning: {exc}\n  (not scheduled: apply a corrected policy)", err=True)
-    if output == "json":
-        print_json([{**(p.to_document() if p else {"apiVersion": API_VERSION, "kind": KIND,
+    if output != "table":
+        print_data([{**(p.to_document() if p else {"apiVersion": API_VERSION, "kind": KIND,
                                                      "metadata": {"name": s.name}, "spec": _raw_spec(s)}),
                      "generation": s.generation, "updated_at": s.updated_at.isoformat(), "error": error}
-                    for s, p, error in listed])
+                    for s, p, error in listed], output)
         return
     rows = []
     for s, p, _error in listed:
