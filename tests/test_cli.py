@@ -267,3 +267,35 @@ def test_n_is_namespace(cfg: Path, tmp_path: Path) -> None:
                                   "--container", newest["container"], "--to", str(out), "-o", "json").stdout)
     assert restored["archive"]["id"] == newest["id"] and restored["to"] == str(out)
     assert out.stat().st_size == restored["bytes"] == newest["tar_size"]
+
+
+def _demo_hints(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith("the catalog and the archives stay. Try:"))
+    return [line.strip() for line in lines[start + 1:] if line.startswith("  ")]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "backupd"
+
+
+@pytest.mark.parametrize("how", ["console script from the repo root", "python -m backupd"])
+def test_every_command_the_demo_prints_at_the_end_works_as_printed(tmp_path: Path, how: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
+    if how == "python -m backupd":
+        cwd, start = tmp_path, [sys.executable, "-m", "backupd"]
+        state = "demo"  # relative to cwd, as `make demo` gives .backupd/demo
+    else:
+        if not SCRIPT.is_file():
+            pytest.skip(f"no console script beside {sys.executable}")
+        cwd, start = ROOT, [os.path.relpath(SCRIPT, ROOT)]  # what `make demo` runs: .venv/bin/backupd
+        state = str(tmp_path / "demo")
+    demo = subprocess.run([*start, "demo", "--duration", "2", "--dir", state], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    hints = _demo_hints(demo.stdout)
+    assert [h.split()[-1 if "inspect" not in h else -2] for h in hints] == ["list", "inspect", "report", "verify"]
+    for hint in hints:
+        proc = subprocess.run(hint, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (hint, proc.stdout, proc.stderr)
+        assert proc.stdout.strip(), hint
