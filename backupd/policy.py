@@ -248,6 +248,20 @@ class Policy:
         return selected
 
 
+def stored_document(name: str, spec_json: str) -> dict[str, Any]:
+    """A stored policy's document, for listing every policy whatever its state: as applied, or,
+    when this backupd refuses it (see :meth:`Policy.from_spec_json`), its spec as stored with
+    ``error`` saying why it is not scheduled."""
+    try:
+        return Policy.from_spec_json(name, spec_json).to_document()
+    except PolicyError as exc:
+        try:
+            spec = json.loads(spec_json)
+        except ValueError:
+            spec = None
+        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec, "error": str(exc)}
+
+
 def _format_error(exc: ValidationError, where: str, prefix: str | None = None) -> list[str]:
     lines = []
     for err in exc.errors():

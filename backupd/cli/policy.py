@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_data, print_table
 from backupd.errors import PolicyError
-
-if TYPE_CHECKING:
-    from backupd.catalog import StoredPolicy
 
 
 @cli.group()
@@ -54,49 +50,39 @@ def policy_list(ctx: Context, output: str) -> None:
     A stored policy this backupd refuses (e.g. a schedule that never fires, kept from an older
     version) is listed with its error, and is not scheduled by the daemon.
     """
-    from backupd.policy import API_VERSION, KIND, Policy
+    from backupd.policy import stored_document
 
     catalog = ctx.app.catalog
     catalog.check_schema()
-    listed: list[tuple[StoredPolicy, Policy | None, str | None]] = []
-    for s in catalog.list_policies():
-        try:
-            listed.append((s, Policy.from_spec_json(s.name, s.spec_json), None))
-        except PolicyError as exc:
-            listed.append((s, None, str(exc)))
-            click.echo(f"warning: {exc}\n  (not scheduled: apply a corrected policy)", err=True)
+    listed = [(s, stored_document(s.name, s.spec_json)) for s in catalog.list_policies()]
+    for _, doc in listed:
+        if doc.get("error"):
+            click.echo(f"warning: {doc['error']}\n  (not scheduled: apply a corrected policy)", err=True)
     if output != "table":
-        print_data([{**(p.to_document() if p else {"apiVersion": API_VERSION, "kind": KIND,
-                                                     "metadata": {"name": s.name}, "spec": _raw_spec(s)}),
-                     "generation": s.generation, "updated_at": s.updated_at.isoformat(), "error": error}
-                    for s, p, error in listed], output)
+        print_data([{**doc, "generation": s.generation, "updated_at": s.updated_at.isoformat(),
+                     "error": doc.get("error")} for s, doc in listed], output)
         return
     rows = []
-    for s, p, _error in listed:
-        if p is None:
-            spec = _raw_spec(s)
-            rows.append((s.name, spec.get("schedule"), spec.get("backend"), "-", "INVALID: not scheduled (see above)",
-                         s.updated_at))
-            continue
-        sel = p.spec.selector
-        selector = ",".join(sel.namespaces) if sel.namespaces else "*"
-        if sel.match_labels:
-            selector += " " + ",".join(f"{k}={v}" for k, v in sel.match_labels.items())
-        if sel.containers:
-            selector += " [" + ",".join(sel.containers) + "]"
-        rules = p.spec.retention.model_dump(by_alias=True, exclude_none=True)
-        rows.append((s.name, p.spec.schedule, p.spec.backend, selector,
-                     " ".join(f"{k}={v}" for k, v in rules.items()), s.updated_at))
+    for s, doc in listed:
+        spec = doc["spec"] if isinstance(doc["spec"], dict) else {}
+        if doc.get("error"):
+            retention = "INVALID: not scheduled (see above)"
+        else:
+            retention = " ".join(f"{k}={v}" for k, v in spec["retention"].items())
+        rows.append((s.name, spec.get("schedule"), spec.get("backend"), _selector(spec.get("selector")), retention,
+                     s.updated_at))
     print_table(rows, ["name", "schedule", "backend", "selector", "retention", "updated"])
 
 
-def _raw_spec(stored: StoredPolicy) -> dict[str, Any]:
-    """The stored spec as it is, for showing a policy that no longer validates."""
-    try:
-        spec = json.loads(stored.spec_json)
-    except ValueError:
-        return {}
-    return spec if isinstance(spec, dict) else {}
+def _selector(selector: Any) -> str:
+    if not isinstance(selector, dict):
+        return "*"
+    text = ",".join(selector.get("namespaces") or ["*"])
+    if selector.get("matchLabels"):
+        text += " " + ",".join(f"{k}={v}" for k, v in selector["matchLabels"].items())
+    if selector.get("containers"):
+        text += " [" + ",".join(selector["containers"]) + "]"
+    return text
 
 
 @policy.command("delete")
