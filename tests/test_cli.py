@@ -281,6 +281,9 @@ def test_n_is_namespace(cfg: Path, tmp_path: Path) -> None:
                                   "--container", newest["container"], "--to", str(out), "-o", "json").stdout)
     assert restored["archive"]["id"] == newest["id"] and restored["to"] == str(out)
     assert out.stat().st_size == restored["bytes"] == newest["tar_size"]
+    # a local archive needs no config
+    inspected = json.loads(backupd(None, "inspect", str(out), "-o", "json", cwd=tmp_path).stdout)
+    assert inspected["container_name"] == newest["container"]
 
 
 def _demo_hints(stdout: str) -> list[str]:
