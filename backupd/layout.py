@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backupd.errors import IntegrityError
+from backupd.workload import recorded_replica
 
 FORMAT_VERSION = 1
 ARCHIVE_SUFFIXES = (".tar.zst", ".tar.zst.age")
@@ -98,6 +99,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     #: the pod's labels when it was checkpointed (restores recreate them); absent in old manifests
     labels: dict[str, str] = field(default_factory=dict)
+    #: the pod's replica identity (backupd.workload.replica_of); derived when absent (old manifests)
+    replica: str = ""
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -115,6 +118,8 @@ class Manifest:
                 raise ValueError(f"unsupported format_version {version!r}")
             known = {f.name for f in fields(cls)}
             d = {k: v for k, v in d.items() if k in known}
+            if "replica" not in d:
+                d["replica"] = recorded_replica(*(str(d.get(k, "")) for k in ("workload", "pod", "node")))
             d["checkpoint_time"] = datetime.fromisoformat(d["checkpoint_time"])
             if not isinstance(d.get("labels", {}), dict):
                 raise ValueError("labels must be an object")

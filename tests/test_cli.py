@@ -243,7 +243,8 @@ def test_yaml_output_is_the_json_data_for_every_listing_command(cfg: Path, tmp_p
     times = tmp_path / "times.json"
     times.write_text('["2026-01-02T03:04:05Z", "2026-01-01T03:04:05Z"]')
     commands = [("list",), ("list", "--all-states"), ("policy", "list"), ("policy", "apply", "-f", str(policy_file)),
-                ("prune", "--dry-run"), ("verify",), ("catalog", "rebuild"), ("report",), ("inspect", archive),
+                ("prune", "--dry-run"), ("delete", "-n", "default", "--dry-run"), ("verify",), ("catalog", "rebuild"),
+                ("report",), ("inspect", archive),
                 ("retention", "simulate", "-i", str(times), "--keep-last", "1", "--now", "2026-02-01T00:00:00Z")]
     saved = structlog.get_config()
     try:
