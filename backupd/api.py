@@ -32,7 +32,7 @@ from backupd import __version__
 from backupd.catalog import ARCHIVE_STATES, COMMITTED, Catalog
 from backupd.errors import BackupdError, ConfigError
 from backupd.metrics import Metrics
-from backupd.policy import Policy
+from backupd.policy import stored_document
 
 log = structlog.get_logger("backupd.api")
 
@@ -133,7 +133,9 @@ def openapi_document() -> dict[str, Any]:
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": _STRING}, "required": ["error"]},
                 "Policy": {"type": "object", "properties": {
-                    "apiVersion": _STRING, "kind": _STRING, "metadata": {"type": "object"}, "spec": {"type": "object"}}},
+                    "apiVersion": _STRING, "kind": _STRING, "metadata": {"type": "object"}, "spec": {"type": "object"},
+                    "error": {"type": "string", "description": "Only on a stored policy this backupd refuses (it "
+                              "is not scheduled), e.g. a schedule that never fires"}}},
                 "Archive": {"type": "object", "properties": archive_props},
                 "Run": {"type": "object", "properties": run_props},
             },
@@ -204,8 +206,7 @@ class Api:
             return _json(401, {"error": "missing or wrong bearer token"})
         try:
             if path == "/api/v1/policies":
-                return _json(200, [Policy.from_spec_json(p.name, p.spec_json).to_document()
-                                   for p in self.catalog.list_policies()])
+                return _json(200, [stored_document(p.name, p.spec_json) for p in self.catalog.list_policies()])
             if path == "/api/v1/archives":
                 state = _one(query, "state", ARCHIVE_STATES) or COMMITTED
                 archives = self.catalog.list_archives(

@@ -244,7 +244,19 @@ class Policy:
 
     @classmethod
     def from_spec_json(cls, name: str, spec_json: str) -> Policy:
-        return cls(name, PolicySpec.model_validate(json.loads(spec_json)))
+        """A policy as stored in the catalog, validated as ``policy apply`` validates it.
+
+        Raises :class:`PolicyError` naming the policy and the field when the stored spec is not
+        valid for this backupd (stored by an older version, e.g. with a schedule that never
+        fires): callers skip that policy and say so, never crash on it.
+        """
+        where = f"stored policy {name!r}"
+        try:
+            return cls(name, PolicySpec.model_validate(json.loads(spec_json)))
+        except ValidationError as exc:
+            raise PolicyError("\n".join(_format_error(exc, where, prefix="spec"))) from None
+        except ValueError as exc:
+            raise PolicyError(f"{where}: spec: not valid JSON ({exc})") from None
 
     def targets(self, pods: list[Pod]) -> list[tuple[Pod, Container]]:
         """The running containers this policy selects, in a stable order."""
@@ -258,10 +270,25 @@ class Policy:
         return selected
 
 
-def _format_error(exc: ValidationError, where: str) -> list[str]:
+def stored_document(name: str, spec_json: str) -> dict[str, Any]:
+    """A stored policy's document, for listing every policy whatever its state: as applied, or,
+    when this backupd refuses it (see :meth:`Policy.from_spec_json`), its spec as stored with
+    ``error`` saying why it is not scheduled."""
+    try:
+        return Policy.from_spec_json(name, spec_json).to_document()
+    except PolicyError as exc:
+        try:
+            spec = json.loads(spec_json)
+        except ValueError:
+            spec = None
+        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec, "error": str(exc)}
+
+
+def _format_error(exc: ValidationError, where: str, prefix: str | None = None) -> list[str]:
     lines = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_not_empty(), Retention]",))
+        loc = [str(p) for p in err["loc"] if p not in ("function-after[_not_empty(), Retention]",)]
+        path = ".".join([prefix, *loc] if prefix else loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"

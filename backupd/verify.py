@@ -63,7 +63,7 @@ class VerifyReport:
             "ok": sum(f.status == OK for f in self.findings),
             "problems": [f.__dict__ for f in self.problems],
             "orphans": self.orphans,
-            "bytesRead": self.bytes_read,
+            "bytes_read": self.bytes_read,
         }
 
 

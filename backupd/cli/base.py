@@ -7,9 +7,9 @@ package named after what it manages and registers itself on :data:`cli`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,8 +20,39 @@ from backupd.sizes import human_bytes  # noqa: F401  (commands import it from he
 if TYPE_CHECKING:
     from backupd.app import App
 
-OUTPUT = click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
-                      help="Output format.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: what ``-o/--output`` means in every command: a format (files are ``--out FILE`` or ``--to FILE``)
+FORMATS = ("table", "json", "yaml")
+
+
+class OutputFormat(click.Choice):
+    """A format name; ``misuse`` turns a value that is no format into the command's own hint
+    (``restore --output x.tar`` wrote a file before ``--output`` meant the format)."""
+
+    def __init__(self, choices: Sequence[str], misuse: Callable[[str], str] | None = None) -> None:
+        super().__init__(choices)
+        self.misuse = misuse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self.misuse is not None and value not in self.choices:
+            raise click.UsageError(self.misuse(value), ctx)
+        return super().convert(value, param, ctx)
+
+
+def output_option(*extra: str, default: str = "table", help: str = "Output format (yaml: the json data as YAML).",
+                  misuse: Callable[[str], str] | None = None) -> Callable[[F], F]:
+    """``-o/--output table|json|yaml`` (plus ``extra`` formats), the same in every command."""
+    return click.option("--output", "-o", "output", type=OutputFormat([*FORMATS, *extra], misuse), default=default,
+                        show_default=True, help=help)
+
+
+OUTPUT = output_option()
+
+
+def namespace_option(help: str = "Only this namespace.") -> Callable[[F], F]:
+    """``-n/--namespace``, as kubectl spells it."""
+    return click.option("--namespace", "-n", "namespace", metavar="NAMESPACE", help=help)
 
 
 def _cell(value: Any) -> str:
@@ -42,8 +73,24 @@ def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str], *, err: b
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), err=err)
 
 
+def render(value: Any, output: str) -> str:
+    """``value`` as ``json`` or ``yaml`` text. YAML holds exactly the JSON data (times and other
+    values JSON shows as strings are strings there too), in block style."""
+    text = json.dumps(value, indent=2, default=str)
+    if output == "json":
+        return text + "\n"
+    import yaml  # only the commands that print YAML pay for it
+
+    return yaml.safe_dump(json.loads(text), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def print_data(value: Any, output: str) -> None:
+    """Print ``value`` in a data format (``-o json`` or ``-o yaml``)."""
+    click.echo(render(value, output), nl=False)
+
+
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+    print_data(value, "json")
 
 
 class Context:

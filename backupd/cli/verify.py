@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
+from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_data, print_table
 from backupd.errors import IntegrityError
 
 
@@ -31,8 +31,8 @@ def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, struct
     archives = choose_sample(app.catalog.list_archives(policy=policy_name), sample)
     identities = load_identities(identity_file, "--identity-file") if identity_file else []
     report = verify(app.catalog, app.backends, archives, structure=structure, identities=identities)
-    if output == "json":
-        print_json(report.to_json())
+    if output != "table":
+        print_data(report.to_json(), output)
     else:
         rows = [(f.archive_id, f.backend, f.status.upper(), f.detail or f.key) for f in report.findings]
         rows += [("-", name, "ORPHAN", key) for name, keys in report.orphans.items() for key in keys]
@@ -64,8 +64,8 @@ def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None
     from backupd.rebuild import rebuild
 
     reports = [rebuild(app.catalog, app.backends[name]) for name in names]
-    if output == "json":
-        print_json([r.to_json() for r in reports])
+    if output != "table":
+        print_data([r.to_json() for r in reports], output)
         return
     for r in reports:
         click.echo(f"backend {r.backend}: added {len(r.added)}, already catalogued {r.agreeing}, "
