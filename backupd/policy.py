@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -29,14 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from backupd import retention
-from backupd.errors import PolicyError
+from backupd.errors import PolicyError, validation_problems
 from backupd.schedule import Schedule
 from backupd.sizes import parse_size
-from backupd.workload import Container, Pod
+from backupd.workload import DNS_LABEL, Container, Pod
 
 API_VERSION = "backupd.io/v1"
 KIND = "CheckpointPolicy"
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class _Strict(BaseModel):
@@ -177,7 +175,7 @@ class Metadata(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
+        if not DNS_LABEL.match(v):
             raise ValueError(f"must be a DNS label (lower-case letters, digits, '-', at most 63); got {v!r}")
         return v
 
@@ -236,21 +234,6 @@ class Policy:
         return selected
 
 
-def _format_error(exc: ValidationError, where: str) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_not_empty(), Retention]",))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        elif "input" in err and not isinstance(err["input"], dict | list) and repr(err["input"]) not in msg:
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{where}: {path or '(document)'}: {msg}")
-    return lines
-
-
 def parse_policies(text: str, source: str = "<input>", backends: list[str] | None = None) -> list[Policy]:
     """Parse and validate every document of a policy file; all or nothing.
 
@@ -283,7 +266,7 @@ def parse_policies(text: str, source: str = "<input>", backends: list[str] | Non
         try:
             parsed = PolicyDocument.model_validate(doc)
         except ValidationError as exc:
-            problems.extend(_format_error(exc, where))
+            problems.extend(validation_problems(exc.errors(), where))
             continue
         p = Policy(parsed.metadata.name, parsed.spec)
         if p.name in seen:

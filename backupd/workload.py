@@ -9,10 +9,16 @@ alone, without reading ReplicaSets from the API server (backupd has no RBAC for 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from backupd.errors import KubeletProtocolError
+
+#: an RFC 1123 label: namespaces, container names, policy names
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+#: an RFC 1123 subdomain (without the 253-character bound): names of pods and controllers
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
