@@ -66,6 +66,7 @@ def _one(query: dict[str, list[str]], name: str, choices: tuple[str, ...] | None
 
 _STRING = {"type": "string"}
 _NULLABLE_STRING = {"type": "string", "nullable": True}
+RUN_KINDS = ("checkpoint", "prune", "verify", "delete")
 
 
 def openapi_document() -> dict[str, Any]:
@@ -84,7 +85,8 @@ def openapi_document() -> dict[str, Any]:
                                       "400": error, "401": unauthorized}}}
 
     archive_props = {name: _STRING for name in ("id", "state", "policy", "backend", "key", "node", "namespace", "pod",
-                                                "workload", "container", "image", "compression", "encryption")}
+                                                "workload", "replica", "container", "image", "compression",
+                                                "encryption")}
     archive_props.update({name: {"type": "string", "format": "date-time", "nullable": True}
                           for name in ("checkpoint_time", "created_at", "committed_at")})
     archive_props.update({name: {"type": "integer", "nullable": True} for name in ("tar_size", "stored_size")})
@@ -110,13 +112,15 @@ def openapi_document() -> dict[str, Any]:
                               "401": unauthorized}}},
             "/api/v1/archives": listing("Archive", "Archives in the catalog, oldest first", [
                 param("policy", _STRING, "Only this policy."), param("namespace", _STRING, "Only this namespace."),
-                param("pod", _STRING, "Only this pod."), param("workload", _STRING, "e.g. deployment/web"),
+                param("pod", _STRING, "Only this pod name or replica (as `backupd list --pod`)."),
+                param("replica", _STRING, "Only this replica: a StatefulSet pod, a DaemonSet pod's node."),
+                param("workload", _STRING, "e.g. deployment/web"),
                 param("container", _STRING, "Only this container."),
                 param("state", {"type": "string", "enum": list(ARCHIVE_STATES)}, "Archive state (default committed)."),
                 limit]),
             "/api/v1/runs": listing("Run", "Runs, newest first", [
                 param("policy", _STRING, "Only this policy."),
-                param("kind", {"type": "string", "enum": ["checkpoint", "prune", "verify"]}, "Run kind."),
+                param("kind", {"type": "string", "enum": list(RUN_KINDS)}, "Run kind."),
                 param("outcome", {"type": "string", "enum": ["running", "succeeded", "failed", "skipped"]}, "Outcome."),
                 limit]),
             "/api/v1/report": {"get": {
@@ -205,13 +209,14 @@ class Api:
             if path == "/api/v1/archives":
                 state = _one(query, "state", ARCHIVE_STATES) or COMMITTED
                 archives = self.catalog.list_archives(
-                    policy=_one(query, "policy"), namespace=_one(query, "namespace"), pod=_one(query, "pod"),
+                    policy=_one(query, "policy"), namespace=_one(query, "namespace"),
+                    pod_or_replica=_one(query, "pod"), replica=_one(query, "replica"),
                     workload=_one(query, "workload"), container=_one(query, "container"), states=(state,),
                 )
                 return _json(200, [a.to_json() for a in archives[: _limit(query)]])
             if path == "/api/v1/runs":
                 runs = self.catalog.list_runs(
-                    policy=_one(query, "policy"), kind=_one(query, "kind", ("checkpoint", "prune", "verify")),
+                    policy=_one(query, "policy"), kind=_one(query, "kind", RUN_KINDS),
                     outcome=_one(query, "outcome", ("running", "succeeded", "failed", "skipped")), limit=_limit(query),
                 )
                 return _json(200, [r.to_json() for r in runs])

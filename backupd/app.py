@@ -18,6 +18,7 @@ from backupd.api import Api, HttpServer
 from backupd.backends import Backend, open_backends
 from backupd.catalog import RUN_FAILED, SUCCEEDED, Catalog, now_utc
 from backupd.config import Config
+from backupd.delete import Deleter
 from backupd.errors import BackupdError, IntegrityError, LeaseHeld
 from backupd.kubelet import KubeletClient
 from backupd.metrics import Metrics
@@ -89,6 +90,10 @@ class App:
     def pruner(self) -> Pruner:
         return Pruner(self.catalog, self.backends, holder=self.holder, node=self.node, metrics=self.metrics)
 
+    @functools.cached_property
+    def deleter(self) -> Deleter:
+        return Deleter(self.catalog, self.backends, holder=self.holder, node=self.node, metrics=self.metrics)
+
     def after_cycle(self, policy: Policy, result: CycleResult) -> None:
         """After each policy's runs: apply its retention, then tidy the node directory."""
         try:
@@ -100,7 +105,8 @@ class App:
         self.pipeline.sweep_node(timedelta(hours=self.config.daemon.stale_tar_hours))
 
     def maintenance(self) -> None:
-        """Hourly: forget old run records, sweep orphans and dead multipart uploads.
+        """Hourly: forget old run records, finish deletes that crashed in policies deleted since,
+        sweep orphans and dead multipart uploads.
 
         Full backend listings are costly on big buckets, so one daemon of the cluster does
         them per interval: the lease is taken for the interval and not released.
@@ -108,6 +114,7 @@ class App:
         daemon = self.config.daemon
         now = now_utc()
         self.catalog.purge_runs(now - timedelta(days=daemon.run_history_days))
+        self.deleter.finish_leftovers({p.name for p in self.catalog.list_policies()})
         for name, backend in self.backends.items():
             if not self.catalog.acquire_lease(f"orphans/{name}", self.holder, timedelta(minutes=55)):
                 continue

@@ -110,6 +110,8 @@ class ArchiveRow(Base):
     namespace: Mapped[str] = mapped_column(String(63))
     pod: Mapped[str] = mapped_column(String(253))
     workload: Mapped[str] = mapped_column(String(300))
+    #: the pod's stable identity within its workload (backupd.workload.replica_of); "" for none
+    replica: Mapped[str] = mapped_column(String(253), default="", server_default="")
     container: Mapped[str] = mapped_column(String(63))
     image: Mapped[str] = mapped_column(String(1024), default="")
     checkpoint_time: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -127,7 +129,7 @@ class ArchiveRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
-        Index(None, "policy", "namespace", "workload", "container", "checkpoint_time"),
+        Index(None, "policy", "namespace", "workload", "replica", "container", "checkpoint_time"),
         Index(None, "state"),
         Index(None, "backend", "key", unique=True),
     )
@@ -137,7 +139,7 @@ class RunRow(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))  # checkpoint | prune | verify | reconcile
+    kind: Mapped[str] = mapped_column(String(16))  # checkpoint | prune | delete | verify | reconcile
     policy: Mapped[str | None] = mapped_column(String(63), nullable=True)
     node: Mapped[str] = mapped_column(String(253), default="")
     namespace: Mapped[str | None] = mapped_column(String(63), nullable=True)
@@ -207,11 +209,12 @@ class Archive:
     node_path: str | None = None
     node_tar_deleted: bool = False
     error: str | None = None
+    replica: str = ""  # defaulted, hence last; see backupd.workload.replica_of
 
     @property
-    def group(self) -> tuple[str, str, str, str]:
-        """What retention groups by: policy, namespace, workload, container."""
-        return (self.policy, self.namespace, self.workload, self.container)
+    def group(self) -> tuple[str, str, str, str, str]:
+        """What retention groups by: policy, namespace, workload, replica, container."""
+        return (self.policy, self.namespace, self.workload, self.replica, self.container)
 
     def to_json(self) -> dict[str, Any]:
         return _json_fields(self)
@@ -226,6 +229,7 @@ class ArchiveSummary:
     policy: str
     namespace: str
     workload: str
+    replica: str
     container: str
     checkpoint_time: datetime
     stored_size: int | None
@@ -536,8 +540,14 @@ class Catalog:
         states: Sequence[str] = (COMMITTED,),
         backend: str | None = None,
         node: str | None = None,
+        replica: str | None = None,
+        pod_or_replica: str | None = None,
     ) -> list[Archive]:
-        """Archives matching every given filter, oldest first."""
+        """Archives matching every given filter, oldest first.
+
+        ``pod_or_replica`` matches the pod name or the replica identity, so the node name of a
+        DaemonSet replica finds its archives across the pod names its rollouts gave it.
+        """
         # Plain column tuples, not ORM entities: prune plans read every archive of a policy,
         # and identity-map bookkeeping per row costs more than the query itself.
         q = select(*_ARCHIVE_COLUMNS)
@@ -551,9 +561,12 @@ class Catalog:
             (ArchiveRow.container, container),
             (ArchiveRow.backend, backend),
             (ArchiveRow.node, node),
+            (ArchiveRow.replica, replica),
         ):
             if value is not None:
                 q = q.where(column == value)
+        if pod_or_replica is not None:
+            q = q.where((ArchiveRow.pod == pod_or_replica) | (ArchiveRow.replica == pod_or_replica))
         q = q.order_by(ArchiveRow.checkpoint_time, ArchiveRow.id)
         with self.session() as s:
             return [Archive(*row) for row in s.execute(q)]

@@ -166,15 +166,15 @@ def _summary(app: App, base: Path) -> None:
     from backupd.cli.base import human_bytes, print_table
 
     archives = app.catalog.list_archives()
-    groups: dict[tuple[str, str, str], list] = {}
+    groups: dict[tuple[str, str, str, str], list] = {}
     for a in archives:
-        groups.setdefault((a.namespace, a.workload, a.container), []).append(a)
-    click.echo("\nkept archives per workload:")
+        groups.setdefault((a.namespace, a.workload, a.replica, a.container), []).append(a)
+    click.echo("\nkept archives per retention group:")
     print_table(
-        [(ns, wl, c, len(items), human_bytes(sum(a.tar_size or 0 for a in items)),
+        [(ns, wl, replica or "-", c, len(items), human_bytes(sum(a.tar_size or 0 for a in items)),
           human_bytes(sum(a.stored_size or 0 for a in items)), items[-1].checkpoint_time)
-         for (ns, wl, c), items in sorted(groups.items())],
-        ["namespace", "workload", "container", "archives", "size", "stored", "newest"],
+         for (ns, wl, replica, c), items in sorted(groups.items())],
+        ["namespace", "workload", "replica", "container", "archives", "size", "stored", "newest"],
     )
     runs = app.catalog.list_runs(kind="checkpoint", limit=10_000)
     failed = [r for r in runs if r.outcome == RUN_FAILED]

@@ -21,10 +21,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from backupd.errors import ManifestInvalid, ManifestKeyMismatch, validation_problems
-from backupd.workload import DNS_LABEL, DNS_SUBDOMAIN, KINDS, Workload
+from backupd.workload import DNS_LABEL, DNS_SUBDOMAIN, KINDS, Workload, recorded_replica
 
 if TYPE_CHECKING:
     from backupd.backends.base import Backend
@@ -34,6 +44,7 @@ ARCHIVE_SUFFIXES = (".tar.zst", ".tar.zst.age")
 MANIFEST_SUFFIX = ".json"
 #: a manifest is a few KiB (its pod labels are most of it); anything larger is not read
 MAX_MANIFEST_BYTES = 1 << 20
+_STORED = "stored"  # validation context: a manifest read from a backend
 _KEY_RE = re.compile(
     r"^(?P<namespace>[a-z0-9][-a-z0-9]*)/(?P<workload>[a-z]+-[^/]+)/(?P<container>[a-z0-9][-a-z0-9]*)/"
     r"(?P<stamp>\d{8}T\d{6}Z)-(?P<id>[0-9a-f]{16})(?P<suffix>\.tar\.zst(?:\.age)?|\.json)$"
@@ -165,14 +176,23 @@ class Manifest(BaseModel):
     format_version: Annotated[int, AfterValidator(_format_version)]  # required: a future format is not guessed
     #: the pod's labels when it was checkpointed (restores recreate them); absent in old manifests
     labels: dict[str, str] = Field(default_factory=dict)
-    #: which replica of the workload (a StatefulSet pod, a DaemonSet's node); written only when set
+    #: the pod's replica identity (backupd.workload.replica_of); derived when absent (old manifests)
     replica: Annotated[str, Field(max_length=253)] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_replica(cls, data: Any, info: ValidationInfo) -> Any:
+        # Only for stored manifests (read() passes the context): one written before replicas
+        # existed gets the replica the catalog migration derives for its rows.
+        if info.context == _STORED and isinstance(data, dict) and "replica" not in data:
+            workload, pod, node = (data.get(k) for k in ("workload", "pod", "node"))
+            if isinstance(workload, str) and isinstance(pod, str) and isinstance(node, str):
+                return {**data, "replica": recorded_replica(workload, pod, node)}
+        return data
 
     def to_json(self) -> bytes:
         """Sorted keys, indent 2, times in UTC with ``Z``: byte for byte what backupd always wrote."""
         d = self.model_dump()
-        if not d["replica"]:
-            del d["replica"]
         d["checkpoint_time"] = self.checkpoint_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
         return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
@@ -189,7 +209,7 @@ class Manifest(BaseModel):
         if len(data) > MAX_MANIFEST_BYTES:
             raise ManifestInvalid(f"manifest {where} is {len(data)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
         try:
-            manifest = cls.model_validate_json(data)
+            manifest = cls.model_validate_json(data, context=_STORED)
         except ValidationError as exc:
             problems = validation_problems(exc.errors(include_url=False), f"manifest {where}")
             raise ManifestInvalid("; ".join(problems[:10])) from None

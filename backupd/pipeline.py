@@ -33,7 +33,7 @@ from backupd.node import CheckpointDir, node_tar_prefix
 from backupd.policy import Policy
 from backupd.prune import release_dead_leases
 from backupd.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader, parse_recipients
-from backupd.workload import Container, Pod
+from backupd.workload import Container, Pod, replica_of
 
 log = structlog.get_logger("backupd.pipeline")
 
@@ -150,13 +150,14 @@ class Pipeline:
         backend = self.backends[policy.spec.backend]
         recipients = self.recipients.get(backend.name, [])
         archive_id = layout.new_archive_id()
+        replica = replica_of(pod, self.node, policy.spec.group_by)
         key = layout.archive_key(pod.namespace, pod.workload.segment, container.name, when, archive_id,
                                  encrypted=bool(recipients))
         pending = Archive(
             id=archive_id, state=PENDING, policy=policy.name, backend=backend.name, key=key, node=self.node,
             namespace=pod.namespace, pod=pod.name, workload=str(pod.workload), container=container.name,
             image=container.image, checkpoint_time=when, created_at=self.clock(), node_path=node_path.name,
-            encryption="age" if recipients else "none",
+            encryption="age" if recipients else "none", replica=replica,
         )
         self.catalog.add_archive(pending)
         upload_started = time.monotonic()
@@ -170,7 +171,7 @@ class Pipeline:
                 checkpoint_time=when, tar_size=reader.tar_size, stored_size=reader.stored_size,
                 tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256, compression="zstd",
                 encryption=reader.encryption, policy=policy.name, backupd_version=__version__,
-                format_version=layout.FORMAT_VERSION, labels=dict(pod.labels),
+                format_version=layout.FORMAT_VERSION, labels=dict(pod.labels), replica=replica,
             )
             try:
                 backend.put_bytes(layout.manifest_key(key), manifest.to_json())

@@ -24,14 +24,23 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from backupd import retention
 from backupd.errors import PolicyError, validation_problems
 from backupd.schedule import Schedule
 from backupd.sizes import parse_size
-from backupd.workload import DNS_LABEL, Container, Pod
+from backupd.workload import DNS_LABEL, GROUP_BY_REPLICA, Container, Pod
 
 API_VERSION = "backupd.io/v1"
 KIND = "CheckpointPolicy"
@@ -152,6 +161,19 @@ class PolicySpec(_Strict):
     timezone: str = "UTC"
     keep_on_node: int = Field(default=0, ge=0)
     verify: VerifySpec | None = None
+    #: what retention groups a workload's archives by besides its container: ``replica`` (the
+    #: pod's stable identity, see :func:`backupd.workload.replica_of`) or ``pod`` (every pod name)
+    group_by: Literal["replica", "pod"] = GROUP_BY_REPLICA
+
+    @model_serializer(mode="wrap")
+    def _omit_default_group_by(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The default is left out, so policies stored before groupBy existed keep their
+        # canonical JSON and `policy apply` of them stays "unchanged".
+        data: dict[str, Any] = handler(self)
+        if self.group_by == GROUP_BY_REPLICA:
+            data.pop("groupBy", None)
+            data.pop("group_by", None)
+        return data
 
     @field_validator("timezone")
     @classmethod

@@ -1,9 +1,10 @@
 """Pruning: retention plans applied to the catalog and backends, safely.
 
 :func:`plan_policy` is pure: a policy and its committed archives in, one retention plan per
-group (namespace + workload + container) out. Archives of workloads whose pods are gone are
-planned like any other: their groups still exist in the catalog, so the same rules keep them
-(and the newest archive of a group is never removed).
+group (namespace + workload + replica + container) out: the replicas of a StatefulSet or a
+DaemonSet each keep their own archives (see :func:`backupd.workload.replica_of`). Archives of
+workloads whose pods are gone are planned like any other: their groups still exist in the
+catalog, so the same rules keep them (and the newest archive of a group is never removed).
 
 :class:`Pruner` executes a plan with the delete protocol, the reverse of the commit protocol::
 
@@ -16,6 +17,9 @@ A crash anywhere leaves rows in ``deleting``; the next prune of the policy finis
 Nothing is ever listed whose object is gone, and every object left behind is accounted for by a
 ``deleting`` row or swept as an orphan. Two daemons sharing a catalog never prune the same
 policy at once: a lease in the catalog, with an expiry so a killed holder's lease lapses.
+
+The protocol itself is :func:`delete_archives` and the lease :func:`take_policy_lease`: explicit
+deletion (:mod:`backupd.delete`) uses both, so it never races a prune.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import compress, groupby, repeat
@@ -44,7 +48,7 @@ from backupd.catalog import (
     Catalog,
     now_utc,
 )
-from backupd.errors import BackupdError, LeaseHeld
+from backupd.errors import BackupdError, ConfigError, LeaseHeld
 from backupd.metrics import Metrics
 from backupd.policy import Policy
 
@@ -67,6 +71,7 @@ class GroupPlan:
 
     namespace: str
     workload: str
+    replica: str
     container: str
     archives: tuple[Planned, ...]
     plan: retention.Plan
@@ -87,7 +92,7 @@ class GroupPlan:
         return [by_id[d.item.id] for d in self.plan.remove]
 
 
-_GROUP = attrgetter("namespace", "workload", "container")
+_GROUP = attrgetter("namespace", "workload", "replica", "container")
 _SELECTOR = attrgetter("state", "policy")
 _ID, _CHECKPOINT_TIME, _STORED_SIZE, _PINNED = map(attrgetter, ("id", "checkpoint_time", "stored_size", "pinned"))
 
@@ -102,12 +107,13 @@ def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
         # over a million archives the loop cost more than the retention plan itself.
         mine = list(compress(listed, map(eq, map(_SELECTOR, listed), repeat((COMMITTED, policy.name)))))
         mine.sort(key=_GROUP)  # stable: each group keeps its input order
-        for (namespace, workload, container), grouped in groupby(mine, _GROUP):
+        for (namespace, workload, replica, container), grouped in groupby(mine, _GROUP):
             members = tuple(grouped)
             sizes = [size or 0 for size in map(_STORED_SIZE, members)]
             items = retention.items(map(_ID, members), map(_CHECKPOINT_TIME, members), sizes,
                                     map(_PINNED, members), len(members))
-            plans.append(GroupPlan(namespace, workload, container, members, retention.plan(items, rules, tz=tz)))
+            plans.append(GroupPlan(namespace, workload, replica, container, members,
+                                   retention.plan(items, rules, tz=tz)))
     return plans
 
 
@@ -165,6 +171,72 @@ def release_dead_leases(catalog: Catalog) -> list[str]:
     return freed
 
 
+def take_policy_lease(catalog: Catalog, policy: str, holder: str, ttl: timedelta) -> str:
+    """Take the ``prune/<policy>`` lease that every prune and delete of the policy's archives
+    holds; returns its name (release it with ``catalog.release_lease(name, holder)``).
+
+    A lease of a killed process on this host is freed rather than waited for. With the lease
+    ours, prune and delete runs of the policy still ``running`` belong to a holder that died:
+    they are recorded as interrupted. Raises :class:`LeaseHeld` while a live holder has it.
+    """
+    lease = f"prune/{policy}"
+    if not catalog.acquire_lease(lease, holder, ttl) and not (
+        release_dead_leases(catalog) and catalog.acquire_lease(lease, holder, ttl)
+    ):
+        raise LeaseHeld(f"another backupd is pruning policy {policy!r} or deleting its archives; try again later")
+    for kind in ("prune", "delete"):
+        catalog.fail_interrupted_runs(kind=kind, policy=policy)
+    return lease
+
+
+def check_backends(archives: Iterable[Archive], backends: dict[str, Backend]) -> None:
+    """Raise :class:`ConfigError` naming the backends that archives are in but the config lacks."""
+    missing: dict[str, list[str]] = {}
+    for a in archives:
+        if a.backend not in backends:
+            missing.setdefault(a.backend, []).append(a.id)
+    if missing:
+        name, ids = next(iter(missing.items()))
+        raise ConfigError(
+            f"archive(s) {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} are in backend {name!r}, which is not "
+            f"configured: add a [[backends]] entry named {name!r} to delete them; nothing was deleted"
+        )
+
+
+def delete_archives(catalog: Catalog, backends: dict[str, Backend], archives: Sequence[Archive],
+                    deleted: list[Archive] | None = None) -> list[Archive]:
+    """The delete protocol: rows to ``deleting``, then per backend, batched, manifests, objects, rows.
+
+    Rows still ``committed`` are marked ``deleting`` first, in one transaction (all or
+    nothing: if one is no longer committed, :class:`CatalogError` and none is marked), then
+    ``failed`` ones the same way. From then on they are not listed and are certain to go: a
+    failure or crash later leaves ``deleting`` rows that the next holder of the policy's lease
+    finishes. Call it holding that lease (:func:`take_policy_lease`).
+
+    Each backend's archives are appended to ``deleted`` once their rows are gone, so a caller
+    knows what a failure part-way had already done; returns ``deleted``. Backend errors
+    propagate (``delete_many`` is idempotent: running the protocol again is always safe).
+    """
+    done = deleted if deleted is not None else []
+    check_backends(archives, backends)
+    for state in (COMMITTED, FAILED):
+        ids = [a.id for a in archives if a.state == state]
+        if ids:
+            catalog.set_state(ids, DELETING, expect=state)
+    by_backend: dict[str, list[Archive]] = {}
+    for a in archives:
+        by_backend.setdefault(a.backend, []).append(a)
+    for name, members in by_backend.items():
+        backend = backends[name]
+        backend.delete_many([layout.manifest_key(a.key) for a in members])
+        backend.delete_many([a.key for a in members])
+        catalog.delete_archive_rows([a.id for a in members])
+        for a in members:
+            log.info("archive_deleted", archive_id=a.id, key=a.key, backend=name, policy=a.policy)
+        done.extend(members)
+    return done
+
+
 class Pruner:
     def __init__(
         self,
@@ -200,27 +272,18 @@ class Pruner:
             result.plans = self.plan(policy)
             result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
             return result
-        lease = f"prune/{policy.name}"
-        if not self.catalog.acquire_lease(lease, self.holder, self.lease_ttl) and not (
-            release_dead_leases(self.catalog) and self.catalog.acquire_lease(lease, self.holder, self.lease_ttl)
-        ):
-            raise LeaseHeld(f"another backupd is pruning policy {policy.name!r}; try again later")
-        # with the lease ours, a prune run still "running" belongs to a holder that died
-        self.catalog.fail_interrupted_runs(kind="prune", policy=policy.name)
+        lease = take_policy_lease(self.catalog, policy.name, self.holder, self.lease_ttl)
         run_id = self.catalog.start_run("prune", policy=policy.name, node=self.node)
         try:
             result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
             if result.resumed:
                 log.info("prune_resumed", policy=policy.name, archives=len(result.resumed))
-                self._delete(result.resumed)
-                result.deleted.extend(result.resumed)
+                delete_archives(self.catalog, self.backends, result.resumed, result.deleted)
             result.plans = self.plan(policy)
             doomed = self.catalog.get_archives([a.id for a in result.removals])
             if doomed:
-                self.catalog.set_state([a.id for a in doomed], DELETING, expect=COMMITTED)
                 self.catalog.acquire_lease(lease, self.holder, self.lease_ttl)  # renew before the slow part
-                self._delete(doomed)
-                result.deleted.extend(doomed)
+                delete_archives(self.catalog, self.backends, doomed, result.deleted)
             result.failed_rows_removed = self._remove_failed_rows(policy)
         except BackupdError as exc:
             result.error = exc
@@ -239,27 +302,12 @@ class Pruner:
                  bytes_freed=result.bytes_freed, kept=sum(len(p.plan.keep) for p in result.plans))
         return result
 
-    def _delete(self, archives: list[Archive]) -> None:
-        """Manifests, then objects, then rows; per backend, batched."""
-        by_backend: dict[str, list[Archive]] = {}
-        for a in archives:
-            by_backend.setdefault(a.backend, []).append(a)
-        for name, members in by_backend.items():
-            backend = self.backends.get(name)
-            if backend is None:
-                raise BackupdError(f"archives of policy are in backend {name!r}, which is not configured")
-            backend.delete_many([layout.manifest_key(a.key) for a in members])
-            backend.delete_many([a.key for a in members])
-            self.catalog.delete_archive_rows([a.id for a in members])
-            for a in members:
-                log.info("archive_deleted", archive_id=a.id, key=a.key, backend=name)
-
     def _remove_failed_rows(self, policy: Policy) -> int:
         """Failed commits leave a row (and maybe an object the pipeline could not delete)."""
         cutoff = self.clock() - self.failed_row_age
         failed = [a for a in self.catalog.list_archives(policy=policy.name, states=(FAILED,)) if a.created_at < cutoff]
         if failed:
-            self._delete(failed)
+            delete_archives(self.catalog, self.backends, failed)
         return len(failed)
 
 

@@ -31,8 +31,8 @@ from backupd.errors import ManifestInvalid, ManifestKeyMismatch, StorageNotFound
 
 log = structlog.get_logger("backupd.rebuild")
 
-_COMPARED = ("backend", "key", "namespace", "pod", "workload", "container", "tar_size", "stored_size", "tar_sha256",
-             "stored_sha256", "encryption", "policy")
+_COMPARED = ("backend", "key", "namespace", "pod", "workload", "replica", "container", "tar_size", "stored_size",
+             "tar_sha256", "stored_sha256", "encryption", "policy")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def archive_from_manifest(m: layout.Manifest, backend: str) -> Archive:
         namespace=m.namespace, pod=m.pod, workload=m.workload, container=m.container, image=m.image,
         checkpoint_time=m.checkpoint_time, created_at=m.checkpoint_time, committed_at=now_utc(),
         tar_size=m.tar_size, stored_size=m.stored_size, tar_sha256=m.tar_sha256, stored_sha256=m.stored_sha256,
-        compression=m.compression, encryption=m.encryption, node_tar_deleted=True,
+        compression=m.compression, encryption=m.encryption, node_tar_deleted=True, replica=m.replica,
     )
 
 

@@ -1,7 +1,7 @@
 """Disaster-recovery restore: pick an archive, stream it back verified, read its metadata safely.
 
 * :func:`select_archive` -- an archive by id (or unique prefix), or the newest committed one of
-  a workload's container (``--latest``).
+  a workload's container (``--latest``), of one replica (``--pod``) where the workload has several.
 * :func:`open_archive` -- the archive's tar as a stream out of its backend, decompressed and
   checked against the catalog *and* the backend's manifest while it streams
   (:class:`~backupd.transfer.UnpackingReader`): the final ``read`` raises before a consumer can
@@ -59,13 +59,18 @@ def select_archive(
     namespace: str | None = None,
     workload: str | None = None,
     container: str | None = None,
+    pod: str | None = None,
 ) -> Archive:
     """The committed archive to restore: ``ref`` (an id or unique prefix), or with ``latest`` the
-    newest committed archive of ``namespace`` + ``workload`` + ``container``.
+    newest committed archive of ``namespace`` + ``workload`` + ``container`` (+ ``pod``).
 
     ``workload`` is ``kind/name`` (``deployment/web``), the layout segment (``deployment-web``)
-    or a bare name when only one kind of workload has it. With ``ref``, any filter given must
-    agree with the archive (a guard against restoring the wrong thing at 3 a.m.).
+    or a bare name when only one kind of workload has it. ``pod`` is a pod name or a replica
+    (a StatefulSet pod, a DaemonSet pod's node). With ``latest``, archives of more than one
+    replica (``db-0`` and ``db-1`` of a StatefulSet) are refused without ``pod``: each replica
+    holds its own state, so "the newest" of them is not a recovery point of either. With
+    ``ref``, any filter given must agree with the archive (a guard against restoring the wrong
+    thing at 3 a.m.).
     """
     if ref and latest:
         raise InvalidInput("give an archive ID or --latest, not both")
@@ -85,6 +90,9 @@ def select_archive(
                 raise InvalidInput(f"archive {archive.id} is of {flag[2:]} {actual!r}, not {wanted!r}")
         if workload is not None and not _workload_matches(workload, archive.workload):
             raise InvalidInput(f"archive {archive.id} is of workload {archive.workload!r}, not {workload!r}")
+        if pod is not None and pod not in (archive.pod, archive.replica):
+            raise InvalidInput(f"archive {archive.id} is of pod {archive.pod!r}"
+                               + (f" (replica {archive.replica!r})" if archive.replica else "") + f", not {pod!r}")
         return archive
 
     missing = [flag for flag, v in (("--namespace", namespace), ("--workload", workload),
@@ -93,7 +101,7 @@ def select_archive(
         raise InvalidInput(f"--latest needs {', '.join(missing)} (the archive's namespace, workload and container)")
     assert workload is not None
     exact = _parse_workload(workload)
-    archives = catalog.list_archives(namespace=namespace, container=container,
+    archives = catalog.list_archives(namespace=namespace, container=container, pod_or_replica=pod,
                                      workload=str(exact) if exact else None)
     if exact is None:
         archives = [a for a in archives if a.workload.partition("/")[2] == workload]
@@ -102,8 +110,13 @@ def select_archive(
             raise InvalidInput(f"--workload {workload!r} is ambiguous in namespace {namespace!r}: "
                                f"{', '.join(kinds)}; give one of these")
     if not archives:
-        raise NotFound(f"no committed archive of container {container!r} of workload {workload!r} in namespace "
-                       f"{namespace!r} (see `backupd list --namespace {namespace}`)")
+        of_pod = f" of pod {pod!r}" if pod is not None else ""
+        raise NotFound(f"no committed archive of container {container!r}{of_pod} of workload {workload!r} in "
+                       f"namespace {namespace!r} (see `backupd list --namespace {namespace}`)")
+    replicas = sorted({a.replica for a in archives})
+    if len(replicas) > 1 and pod is None:
+        raise InvalidInput(f"--latest matches {len(replicas)} replicas of {archives[0].workload}: "
+                           f"{', '.join(r or '(the whole workload)' for r in replicas)}; give --pod")
     return archives[-1]  # list_archives is oldest first
 
 

@@ -1,17 +1,24 @@
-"""Pods, containers and the workload identity retention groups by. Pure: JSON in, values out.
+"""Pods, containers and the identities retention groups by. Pure: JSON in, values out.
 
-Retention groups archives by *workload* (namespace + owning controller + container), not by pod
-name: otherwise every Deployment rollout would start a new group that ``keepLast`` protects
-forever. A ReplicaSet owned by a Deployment is named ``<deployment>-<pod-template-hash>`` and
-its pods carry the ``pod-template-hash`` label, so the Deployment is recovered from the pod
-alone, without reading ReplicaSets from the API server (backupd has no RBAC for that).
+Retention groups archives by *workload* and *replica* (namespace + owning controller + replica
++ container), not by pod name: otherwise every Deployment rollout would start a new group that
+``keepLast`` protects forever. A ReplicaSet owned by a Deployment is named
+``<deployment>-<pod-template-hash>`` and its pods carry the ``pod-template-hash`` label, so the
+Deployment is recovered from the pod alone, without reading ReplicaSets from the API server
+(backupd has no RBAC for that).
+
+The *replica* (:func:`replica_of`) is the identity a pod keeps across restarts and rollouts,
+where its controller gives it one: a StatefulSet pod's name (``db-0`` holds its own data), a
+DaemonSet pod's node (one pod per node, renamed by every rollout). The pods of a Deployment,
+ReplicaSet or Job are interchangeable and renamed on every rollout, so they are one replica,
+``""``, unless the policy says ``groupBy: pod``; a bare pod already is its workload.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from backupd.errors import KubeletProtocolError
 
@@ -48,6 +55,10 @@ class Workload:
 
 
 KINDS = ("deployment", "statefulset", "daemonset", "job", "cronjob", "replicaset", "pod")
+
+#: a policy's ``groupBy``: ``replica`` (the default, see :func:`replica_of`) or ``pod``
+GROUP_BY_REPLICA: Final = "replica"
+GROUP_BY_POD: Final = "pod"
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,35 @@ def workload_of(pod: Pod) -> Workload:
         return Workload(kind.lower(), pod.owner_name)
     # Bare pods, static pods (owned by their Node) and unknown controllers: the pod itself.
     return Workload("pod", pod.name)
+
+
+def replica_identity(kind: str, pod: str, node: str, group_by: str = GROUP_BY_REPLICA) -> str:
+    """The replica a pod named ``pod`` on ``node`` is of its ``kind`` of workload.
+
+    StatefulSet: the pod name (its stable ordinal identity); DaemonSet: the node (its pods are
+    renamed by every rollout, but there is one per node); a bare pod: ``""`` (it is the
+    workload); Deployment, ReplicaSet, Job and CronJob: ``""`` (interchangeable pods), or the
+    pod name when ``group_by`` is ``pod``.
+    """
+    if kind == "statefulset":
+        return pod
+    if kind == "daemonset":
+        return node
+    if kind == "pod":
+        return ""
+    return pod if group_by == GROUP_BY_POD else ""
+
+
+def replica_of(pod: Pod, node: str, group_by: str = GROUP_BY_REPLICA) -> str:
+    """The replica ``pod``, checkpointed on ``node``, is of its workload (see :func:`replica_identity`)."""
+    return replica_identity(pod.workload.kind, pod.name, node, group_by)
+
+
+def recorded_replica(workload: str, pod: str, node: str) -> str:
+    """The replica of an archive recorded before replicas were (a manifest or catalog row
+    without one): the default grouping, from its ``kind/name`` workload, pod and node. The
+    catalog migration that added replicas backfills existing rows the same way."""
+    return replica_identity(workload.partition("/")[0], pod, node)
 
 
 def parse_pod(item: dict[str, Any]) -> Pod:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -24,6 +27,7 @@ from backupd.catalog import (
 )
 from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated
 from backupd.retry import Backoff
+from backupd.workload import recorded_replica
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -56,8 +60,6 @@ def test_models_and_migrations_never_drift(catalog: Catalog) -> None:
 
 
 def test_migrations_downgrade_to_base_and_up_again(catalog: Catalog) -> None:
-    from alembic import command
-
     cfg = catalog._alembic_config()
     with catalog.engine.begin() as conn:
         cfg.attributes["connection"] = conn
@@ -65,6 +67,63 @@ def test_migrations_downgrade_to_base_and_up_again(catalog: Catalog) -> None:
     assert catalog.current_revision() is None
     catalog.upgrade()
     catalog.check_schema()
+
+
+def _migrate(catalog: Catalog, step: Callable[..., None], revision: str) -> None:
+    cfg = catalog._alembic_config()
+    with catalog.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        step(cfg, revision)
+
+
+def test_the_replica_migration_backfills_existing_archives(db_url: str) -> None:
+    """0002 adds archives.replica: rows from before it get the replica their workload kind
+    implies, exactly as a manifest without the field derives it; downgrading keeps the rows."""
+    c = Catalog.open(db_url)
+    _migrate(c, command.upgrade, "0001")
+    old = [
+        make_archive(0, workload="statefulset/db", pod="db-1", node="node-a"),
+        make_archive(1, workload="statefulset/db", pod="db-0", node="node-b"),
+        make_archive(2, workload="daemonset/agent", pod="agent-x7k2p", node="node-b"),
+        make_archive(3, workload="deployment/web", pod="web-7d9f8c6b5-abc12", node="node-a"),
+        make_archive(4, workload="job/backup", pod="backup-q2w3e", node="node-a"),
+        make_archive(5, workload="replicaset/standalone", pod="standalone-zz9xq", node="node-a"),
+        make_archive(6, workload="pod/debug", pod="debug", node="node-a"),
+    ]
+    with c.engine.begin() as conn:
+        archives = sa.Table("archives", sa.MetaData(), autoload_with=conn)
+        assert "replica" not in archives.c
+        conn.execute(archives.insert(), [{f: getattr(a, f) for f in Archive.__dataclass_fields__ if f != "replica"}
+                                         for a in old])
+    assert c.upgrade() == ("0001", c.head_revision())
+    c.check_schema()
+    migrated = {a.id: a for a in c.list_archives()}
+    assert [migrated[a.id].replica for a in old] == ["db-1", "db-0", "node-b", "", "", "", ""]
+    assert all(a.replica == recorded_replica(a.workload, a.pod, a.node) for a in migrated.values())
+    # new rows without a replica get the server default
+    with c.engine.begin() as conn:
+        conn.execute(sa.Table("archives", sa.MetaData(), autoload_with=conn).insert(),
+                     [{f: getattr(make_archive(7), f) for f in Archive.__dataclass_fields__ if f != "replica"}])
+    assert c.get_archive(f"{7:016x}").replica == ""
+    _migrate(c, command.downgrade, "0001")
+    with c.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM archives")).scalar() == 8
+    c.upgrade()
+    assert {a.id: a.replica for a in c.list_archives()} == {**{a.id: a.replica for a in migrated.values()},
+                                                           f"{7:016x}": ""}
+    c.close()
+
+
+def test_pod_filter_matches_the_pod_name_or_the_replica(catalog: Catalog) -> None:
+    catalog.add_archive(make_archive(0, workload="daemonset/agent", pod="agent-aaaaa", node="node-a", replica="node-a"))
+    catalog.add_archive(make_archive(1, workload="daemonset/agent", pod="agent-bbbbb", node="node-b", replica="node-b"))
+    catalog.add_archive(make_archive(2, workload="daemonset/agent", pod="agent-ccccc", node="node-b", replica="node-b"))
+    ids = lambda archives: [a.id[-1] for a in archives]  # noqa: E731
+    assert ids(catalog.list_archives(pod_or_replica="node-b")) == ["1", "2"]  # across the rollout's pod names
+    assert ids(catalog.list_archives(pod_or_replica="agent-aaaaa")) == ["0"]
+    assert ids(catalog.list_archives(replica="node-a")) == ["0"]
+    assert ids(catalog.list_archives(pod="node-b")) == []  # pod alone stays the exact pod name
+    assert catalog.get_archive(f"{1:016x}").group == ("web", "default", "daemonset/agent", "node-b", "nginx")
 
 
 def test_policies_apply_is_idempotent_and_versioned(catalog: Catalog) -> None:

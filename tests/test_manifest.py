@@ -17,8 +17,8 @@ from backupd.errors import ManifestInvalid, ManifestKeyMismatch, StorageNotFound
 KEY = "shop/statefulset-db/postgres/20260102T030405Z-0123456789abcdef.tar.zst"
 MKEY = layout.manifest_key(KEY)
 
-# What backupd wrote before the manifest became a pydantic model (the dataclass's to_json), for
-# this manifest: the bytes in users' buckets.
+# What backupd wrote before replicas and before the manifest became a pydantic model (the
+# dataclass's to_json), for this manifest: bytes in users' buckets.
 WRITTEN_BEFORE = b"""{
   "archive_id": "0123456789abcdef",
   "backupd_version": "0.1.0",
@@ -46,6 +46,10 @@ WRITTEN_BEFORE = b"""{
 """
 
 
+# ... and what the dataclass wrote once replicas existed: "replica" always present.
+WRITTEN_WITH_REPLICA = WRITTEN_BEFORE.replace(b'  "policy": "db",\n', b'  "policy": "db",\n  "replica": "db-0",\n')
+
+
 def fields(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = json.loads(WRITTEN_BEFORE)
     base.update(changes)
@@ -57,19 +61,22 @@ def manifest_bytes(**changes: Any) -> bytes:
 
 
 def test_what_backupd_always_wrote_reads_and_is_written_byte_for_byte() -> None:
-    m = layout.Manifest.read(WRITTEN_BEFORE, MKEY, where="test")
+    m = layout.Manifest.read(WRITTEN_WITH_REPLICA, MKEY, where="test")
     assert m.checkpoint_time == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
-    assert (m.tar_size, m.labels, m.replica) == (123, {"app": "db", "tier": "é"}, "")
-    assert m.to_json() == WRITTEN_BEFORE
+    assert (m.tar_size, m.labels, m.replica) == (123, {"app": "db", "tier": "é"}, "db-0")
+    assert m.to_json() == WRITTEN_WITH_REPLICA
     # built in Python, with the time in another zone, as the pipeline does
-    built = layout.Manifest(**{**fields(), "checkpoint_time": datetime(2026, 1, 2, 4, 4, 5, 123456,
-                                                                       tzinfo=timezone(timedelta(hours=1)))})
-    assert built.to_json() == WRITTEN_BEFORE
+    built = layout.Manifest(**{**fields(), "replica": "db-0", "checkpoint_time": datetime(
+        2026, 1, 2, 4, 4, 5, 123456, tzinfo=timezone(timedelta(hours=1)))})
+    assert built.to_json() == WRITTEN_WITH_REPLICA
+    # before replicas: the replica is derived as the catalog migration derives it, then written
+    old = layout.Manifest.read(WRITTEN_BEFORE, MKEY, where="t")
+    assert old.replica == "db-0" and old.to_json() == WRITTEN_WITH_REPLICA
     # an old manifest without labels, and a newer one with fields this backupd does not know
     assert layout.Manifest.read(manifest_bytes(labels=...), MKEY, where="t").labels == {}
-    newer = layout.Manifest.read(manifest_bytes(signature={"alg": "x"}, replica="db-0"), MKEY, where="t")
-    assert newer.replica == "db-0"
-    assert json.loads(newer.to_json())["replica"] == "db-0" and "signature" not in json.loads(newer.to_json())
+    newer = layout.Manifest.read(manifest_bytes(signature={"alg": "x"}, replica=""), MKEY, where="t")
+    assert newer.replica == ""  # written as the whole workload's: kept, not derived
+    assert json.loads(newer.to_json())["replica"] == "" and "signature" not in json.loads(newer.to_json())
 
 
 @pytest.mark.parametrize(("changes", "needle"), [

@@ -78,10 +78,27 @@ BASE3 = "apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: thi
         ("spec: {backend: local, retention: {keepLast: 1}}", "spec.schedule: required field is missing"),
         ("spec: {schedule: '@hourly', backend: local, retention: {keepLast: 1}, selector: {matchLabels: [a]}}",
          "spec.selector.matchLabels"),
+        ("spec: {schedule: '@hourly', backend: local, retention: {keepLast: 1}, groupBy: node}",
+         "spec.groupBy: Input should be 'replica' or 'pod' (got 'node')"),
     ],
 )
 def test_each_bad_value_is_named(spec: str, expected: str) -> None:
     assert expected in _bad(BASE3 + spec)
+
+
+def test_group_by_defaults_to_replica_and_leaves_stored_specs_unchanged() -> None:
+    web = parse_policies(GOOD, "p.yaml")[0]
+    assert web.spec.group_by == "replica"
+    # a spec stored before groupBy existed is the canonical JSON of a policy without it: applying
+    # the same file again must still say "unchanged" (and not bump the generation)
+    assert "groupBy" not in web.canonical_json() and "group_by" not in web.canonical_json()
+    explicit = parse_policies(GOOD.replace("  keepOnNode: 1\n", "  keepOnNode: 1\n  groupBy: replica\n"), "p.yaml")[0]
+    assert explicit.canonical_json() == web.canonical_json()
+    by_pod = parse_policies(GOOD.replace("  keepOnNode: 1\n", "  keepOnNode: 1\n  groupBy: pod\n"), "p.yaml")[0]
+    assert by_pod.spec.group_by == "pod" and '"groupBy":"pod"' in by_pod.canonical_json()
+    assert by_pod.to_document()["spec"]["groupBy"] == "pod"
+    stored = type(by_pod).from_spec_json("web", by_pod.canonical_json())
+    assert stored.spec.group_by == "pod" and stored.canonical_json() == by_pod.canonical_json()
 
 
 def test_unknown_backend_is_a_validation_error() -> None:

@@ -78,6 +78,25 @@ def test_plan_groups_by_workload_not_pod() -> None:
     assert all(d.reasons == ("no rule",) for d in web.decisions if not d.keep)
 
 
+def test_each_replica_is_its_own_group() -> None:
+    # issue 13: db-1's archive 5 ms newer than db-0's must not cost db-0 its newest archive
+    ms5 = 5 / 3_600_000
+    db = [archive(2 * h + r, workload="statefulset/db", container="postgres", pod=f"db-{r}", replica=f"db-{r}",
+                  hours=h + r * ms5) for h in range(3) for r in (0, 1)]
+    plans = plan_policy(policy("{keepDaily: 7}"), db)
+    assert [(p.workload, p.replica, p.container) for p in plans] == [
+        ("statefulset/db", "db-0", "postgres"), ("statefulset/db", "db-1", "postgres")]
+    newest = {p.replica: p.decisions[0] for p in plans}  # decisions are newest first
+    assert {r: (d.archive.id, d.keep, d.reasons) for r, d in newest.items()} == {
+        "db-0": (f"{4:016x}", True, ("daily",)), "db-1": (f"{5:016x}", True, ("daily",))}
+    # a DaemonSet with keepLast 1 keeps one archive per node, across its pods' rollout names
+    agent = [archive(i, workload="daemonset/agent", container="agent", pod=f"agent-{i}", replica=f"node-{i % 2}")
+             for i in range(6)]
+    plans = plan_policy(policy("{keepLast: 1}"), agent)
+    assert {p.replica: [a.id for a in p.archives if a not in p.remove] for p in plans} == {
+        "node-0": [f"{4:016x}"], "node-1": [f"{5:016x}"]}
+
+
 def test_pinned_and_size_cap() -> None:
     archives = [archive(i, stored_size=100) for i in range(6)]
     archives[0] = replace(archives[0], pinned=True)

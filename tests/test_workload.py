@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backupd.workload import Pod, Workload, workload_of
+from backupd.workload import Pod, Workload, recorded_replica, replica_of, workload_of
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,36 @@ def test_workload_parse(text: str) -> None:
 def test_workload_parse_refuses_unknown_kinds() -> None:
     with pytest.raises(ValueError, match="deployment/web"):
         Workload.parse("web")
+
+
+@pytest.mark.parametrize(
+    ("owner_kind", "owner_name", "pod_name", "labels", "by_replica", "by_pod"),
+    [
+        # a StatefulSet pod is its ordinal identity, whatever groupBy says
+        ("StatefulSet", "db", "db-0", {}, "db-0", "db-0"),
+        # one DaemonSet pod per node; its name changes with every rollout, its node does not
+        ("DaemonSet", "agent", "agent-x7k2p", {}, "node-b", "node-b"),
+        # interchangeable pods, renamed by every rollout: the workload is one group unless groupBy: pod
+        ("ReplicaSet", "web-7d9f8c6b5", "web-7d9f8c6b5-abc12", {"pod-template-hash": "7d9f8c6b5"}, "",
+         "web-7d9f8c6b5-abc12"),
+        ("ReplicaSet", "standalone", "standalone-q2w3e", {}, "", "standalone-q2w3e"),
+        ("Job", "backup-29123456", "backup-29123456-zz9xq", {}, "", "backup-29123456-zz9xq"),
+        # a bare pod (or a static pod) already is its workload
+        ("", "", "debug", {}, "", ""),
+        ("Node", "node-b", "kube-proxy-node-b", {}, "", ""),
+    ],
+)
+def test_replica_per_workload_kind(owner_kind: str, owner_name: str, pod_name: str, labels: dict[str, str],
+                                   by_replica: str, by_pod: str) -> None:
+    pod = Pod("default", pod_name, node_name="node-b", labels=labels, owner_kind=owner_kind, owner_name=owner_name)
+    assert replica_of(pod, "node-b") == replica_of(pod, "node-b", "replica") == by_replica
+    assert replica_of(pod, "node-b", "pod") == by_pod
+    # an archive recorded without a replica derives the default one from what it did record
+    assert recorded_replica(str(pod.workload), pod.name, "node-b") == by_replica
+
+
+def test_a_daemonset_rollout_stays_the_same_replica_and_nodes_differ() -> None:
+    before = Pod("default", "agent-aaaaa", owner_kind="DaemonSet", owner_name="agent")
+    after = Pod("default", "agent-bbbbb", owner_kind="DaemonSet", owner_name="agent")
+    assert replica_of(before, "node-a") == replica_of(after, "node-a") == "node-a"
+    assert replica_of(before, "node-b") == "node-b"

@@ -1,25 +1,32 @@
-"""``backupd checkpoint`` and ``backupd list``: taking archives and listing them."""
+"""``backupd checkpoint``, ``backupd list`` and ``backupd delete``: taking, listing and deleting archives."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
-from backupd.errors import PolicyError, RunsFailed
+from backupd.cli.retention import DurationParam
+from backupd.errors import InvalidInput, PolicyError, RunsFailed
+
+if TYPE_CHECKING:
+    from backupd.catalog import Archive
+    from backupd.delete import DeleteResult, Plan
+    from backupd.retention import Duration
 
 
 def _archive_rows(archives: Iterable[Any]) -> list[tuple[Any, ...]]:
     return [
-        (a.id, a.checkpoint_time, a.namespace, a.pod, a.workload, a.container, human_bytes(a.tar_size),
-         human_bytes(a.stored_size), a.policy, a.backend, "pinned" if a.pinned else a.state)
+        (a.id, a.checkpoint_time, a.namespace, a.pod, a.workload, a.replica or "-", a.container,
+         human_bytes(a.tar_size), human_bytes(a.stored_size), a.policy, a.backend, "pinned" if a.pinned else a.state)
         for a in archives
     ]
 
 
-ARCHIVE_HEADERS = ["id", "time", "namespace", "pod", "workload", "container", "size", "stored", "policy",
+ARCHIVE_HEADERS = ["id", "time", "namespace", "pod", "workload", "replica", "container", "size", "stored", "policy",
                    "backend", "state"]
 
 
@@ -76,7 +83,7 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
 @cli.command("list")
 @click.option("--policy", "policy_name")
 @click.option("--namespace")
-@click.option("--pod")
+@click.option("--pod", help="A pod name or a replica (a StatefulSet pod, a DaemonSet pod's node).")
 @click.option("--workload", help="e.g. deployment/web")
 @click.option("--container")
 @click.option("--all-states", is_flag=True, help="Include pending, failed and deleting archives.")
@@ -89,10 +96,94 @@ def list_archives(ctx: Context, policy_name: str | None, namespace: str | None, 
 
     ctx.app.catalog.check_schema()
     archives = ctx.app.catalog.list_archives(
-        policy=policy_name, namespace=namespace, pod=pod, workload=workload, container=container,
+        policy=policy_name, namespace=namespace, pod_or_replica=pod, workload=workload, container=container,
         states=ARCHIVE_STATES if all_states else (COMMITTED,),
     )
     if output == "json":
         print_json([a.to_json() for a in archives])
     else:
         print_table(_archive_rows(archives), ARCHIVE_HEADERS)
+
+
+DELETE_HEADERS = ["id", "time", "namespace", "workload", "pod", "container", "stored"]
+
+
+def _deletion_rows(archives: Iterable[Archive]) -> list[tuple[Any, ...]]:
+    return [(a.id, a.checkpoint_time, a.namespace, a.workload, a.pod, a.container, human_bytes(a.stored_size))
+            for a in archives]
+
+
+def print_deletion(archives: Sequence[Archive], *, dry_run: bool, output: str, pending: Sequence[Archive] = (),
+                   error: BaseException | None = None) -> None:
+    """What a delete removed (or, with ``dry_run``, would remove), and the totals."""
+    freed = sum(a.stored_size or 0 for a in archives)
+    if output == "json":
+        print_json({"dry_run": dry_run, "deleted": [a.to_json() for a in archives], "bytes_freed": freed,
+                    "pending_skipped": [a.id for a in pending], "error": str(error) if error else None})
+        return
+    if archives:
+        print_table(_deletion_rows(archives), DELETE_HEADERS)
+    pinned = sum(a.pinned for a in archives)
+    click.echo(f"{'would delete' if dry_run else 'deleted'} {len(archives)} archive(s), {human_bytes(freed)}"
+               + (f" ({pinned} pinned)" if pinned else ""))
+    if pending:
+        click.echo(f"left {len(pending)} pending archive(s) alone (a commit is in flight): "
+                   + ", ".join(a.id for a in pending))
+
+
+def finish_deletion(result: DeleteResult, output: str) -> None:
+    """Print a delete's result; a failure part-way exits with its error after saying how to finish."""
+    print_deletion(result.deleted, dry_run=False, output=output, pending=result.plan.pending, error=result.error)
+    if result.error is not None:
+        left = len(result.plan.archives) - len(result.deleted)
+        click.echo(f"{left} archive(s) were not deleted; those already marked deleting are no longer listed. Run the "
+                   "same command again (or `backupd prune`) to finish.", err=True)
+        raise result.error
+
+
+def _confirm(plan: Plan) -> None:
+    """Several archives chosen by filters: a person at a terminal says yes, a script says --yes."""
+    what = f"{len(plan.archives)} archives ({human_bytes(plan.bytes)})"
+    if not sys.stdin.isatty():
+        raise InvalidInput(f"{what} match the filters: add --yes to delete them (--dry-run lists them); "
+                           "nothing was deleted")
+    print_table(_deletion_rows(plan.archives), DELETE_HEADERS, err=True)
+    click.confirm(f"Delete these {what}?", abort=True, err=True)
+
+
+@cli.command()
+@click.argument("archive_ids", nargs=-1, metavar="[ID]...")
+@click.option("--policy", "policy_name", help="Archives of this policy (also one that no longer exists).")
+@click.option("--namespace", "-n")
+@click.option("--workload", help="e.g. deployment/web")
+@click.option("--pod")
+@click.option("--container")
+@click.option("--older-than", type=DurationParam(),
+              help="Archives taken before now minus this restic duration (7d, 12h, 1y6m).")
+@click.option("--dry-run", is_flag=True, help="Print exactly what would be deleted, and change nothing.")
+@click.option("--force", is_flag=True, help="Delete pinned archives too.")
+@click.option("--yes", "-y", is_flag=True, help="Delete several archives matched by filters without asking.")
+@OUTPUT
+@pass_ctx
+def delete(ctx: Context, archive_ids: tuple[str, ...], policy_name: str | None, namespace: str | None,
+           workload: str | None, pod: str | None, container: str | None, older_than: Duration | None,
+           dry_run: bool, force: bool, yes: bool, output: str) -> None:
+    """Delete archives now: by ID (or unique prefix), or every archive matching all the filters.
+
+    Manifests, objects and catalog rows go through the same crash-safe protocol as prune (a
+    crash is finished by running the command again, or by the next prune). Pinned archives
+    need --force; several archives matched by filters need --yes (or a yes at the terminal's
+    prompt); pending archives (a commit in flight) are never deleted.
+    """
+    from backupd.delete import Selection
+
+    ctx.app.catalog.check_schema()
+    deleter = ctx.app.deleter
+    selection = Selection(archive_ids, policy_name, namespace, workload, pod, container, older_than)
+    plan = deleter.plan(selection, force=force)
+    if dry_run or not plan.archives:
+        print_deletion(plan.archives, dry_run=dry_run, output=output, pending=plan.pending)
+        return
+    if selection.by_filter and len(plan.archives) > 1 and not yes:
+        _confirm(plan)
+    finish_deletion(deleter.delete(plan, force=force), output)

@@ -34,12 +34,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
+def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str], *, err: bool = False) -> None:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), err=err)
     for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), err=err)
 
 
 def print_json(value: Any) -> None:

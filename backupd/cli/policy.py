@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
+from backupd.cli.archives import finish_deletion
 from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_json, print_table
-from backupd.errors import PolicyError
+from backupd.errors import InvalidInput, NotFound, PolicyError
 
 
 @cli.group()
@@ -71,9 +72,28 @@ def policy_list(ctx: Context, output: str) -> None:
 
 @policy.command("delete")
 @click.argument("name")
+@click.option("--purge", is_flag=True, help="Delete the policy's archives first (objects, manifests, rows).")
+@click.option("--force", is_flag=True, help="With --purge: delete pinned archives too.")
 @pass_ctx
-def policy_delete(ctx: Context, name: str) -> None:
-    """Delete a policy. Its archives stay in the catalog and backend."""
-    ctx.app.catalog.check_schema()
-    ctx.app.catalog.delete_policy(name)
-    click.echo(f"checkpointpolicy/{name} deleted (its archives are kept; prune or delete them explicitly)")
+def policy_delete(ctx: Context, name: str, purge: bool, force: bool) -> None:
+    """Delete a policy. Its archives stay in the catalog and backend, unless --purge."""
+    from backupd.catalog import COMMITTED, PENDING
+    from backupd.delete import Selection
+
+    catalog = ctx.app.catalog
+    catalog.check_schema()
+    if force and not purge:
+        raise InvalidInput("--force applies to --purge only")
+    if purge:
+        if name not in {p.name for p in catalog.list_policies()}:
+            raise NotFound(f"no policy named {name!r}")
+        deleter = ctx.app.deleter
+        finish_deletion(deleter.delete(deleter.plan(Selection(policy=name), force=force), force=force), "table")
+    catalog.delete_policy(name)
+    kept = catalog.list_archives(policy=name, states=(COMMITTED, PENDING))  # with --purge: commits in flight
+    if not kept:
+        click.echo(f"checkpointpolicy/{name} deleted" + (" with its archives" if purge else " (it had no archives)"))
+    else:
+        click.echo(f"checkpointpolicy/{name} deleted; its {len(kept)} archive(s) are kept and nothing prunes them: "
+                   f"delete them with `backupd delete --policy {name} --yes` (`backupd policy delete NAME --purge` "
+                   "deletes a policy with its archives)")

@@ -61,6 +61,8 @@ def _check_new_file(path: str, flag: str, force: bool) -> None:
 @click.option("--namespace")
 @click.option("--workload", help="e.g. deployment/web. With --pod-manifest: render the controller, not a bare Pod.")
 @click.option("--container")
+@click.option("--pod", help="A pod name or replica (a StatefulSet pod such as db-0, a DaemonSet pod's node). "
+              "--latest needs it when the workload's archives come from several replicas.")
 @click.option("--force", is_flag=True, help="Replace an existing --output or --pod-manifest file.")
 @click.option("--registry-username", metavar="USER")
 @click.option("--registry-password-file", metavar="FILE",
@@ -85,15 +87,16 @@ def _check_new_file(path: str, flag: str, force: bool) -> None:
 @pass_ctx
 def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_dir: str | None, image: str | None,
             pod_manifest: str | None, latest: bool, namespace: str | None, workload: str | None,
-            container: str | None, force: bool, registry_username: str | None, registry_password_file: str | None,
-            registry_ca_file: str | None, insecure_registry: bool, chunk_size: str, mount_from: tuple[str, ...],
-            manifest_kind: str | None, node_name: str | None, pin_node: bool, pod_name: str | None,
-            labels: tuple[str, ...], identity_file: str | None, as_json: bool) -> None:
+            container: str | None, pod: str | None, force: bool, registry_username: str | None,
+            registry_password_file: str | None, registry_ca_file: str | None, insecure_registry: bool,
+            chunk_size: str, mount_from: tuple[str, ...], manifest_kind: str | None, node_name: str | None,
+            pin_node: bool, pod_name: str | None, labels: tuple[str, ...], identity_file: str | None,
+            as_json: bool) -> None:
     """Restore archive ID (or --latest) to exactly one of --output, --oci-layout or --image.
 
     \b
     backupd restore 3f2a9c1d --output /tmp/web.tar
-    backupd restore --latest --namespace shop --workload statefulset/db --container postgres \\
+    backupd restore --latest --namespace shop --workload statefulset/db --pod db-0 --container postgres \\
         --image registry.example.com/checkpoints/db --pod-manifest db.yaml --pin-node
 
     The archive is streamed out of its backend and checked against the catalog and its manifest
@@ -145,7 +148,7 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
     app = ctx.app
     app.catalog.check_schema()
     archive = select_archive(app.catalog, archive_id, latest=latest, namespace=namespace, workload=workload,
-                             container=container)
+                             container=container, pod=pod)
     result: dict[str, Any] = {"archive": archive.to_json()}
     progress = Progress(archive.tar_size, label=f"restore {archive.id[:8]}", archive_id=archive.id)
 

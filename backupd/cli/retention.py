@@ -12,7 +12,7 @@ import click
 
 from backupd import retention
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
-from backupd.errors import InvalidInput, PolicyError, RunsFailed
+from backupd.errors import InvalidInput, NotFound, PolicyError, RunsFailed
 
 if TYPE_CHECKING:
     from backupd.prune import PruneResult
@@ -37,7 +37,9 @@ class _Count(click.ParamType):
         return n
 
 
-class _Duration(click.ParamType):
+class DurationParam(click.ParamType):
+    """A restic duration (``7d``, ``36h``, ``1y6m``) as :class:`backupd.retention.Duration`."""
+
     name = "duration"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> retention.Duration:
@@ -60,7 +62,8 @@ def retention_group() -> None:
 
 def _keep_options(fn: Any) -> Any:
     for name in reversed(WITHIN_FLAGS):
-        fn = click.option(f"--keep-{name}", type=_Duration(), help=f"restic --keep-{name} (e.g. 7d, 1y6m, 36h).")(fn)
+        fn = click.option(f"--keep-{name}", type=DurationParam(),
+                          help=f"restic --keep-{name} (e.g. 7d, 1y6m, 36h).")(fn)
     for name in reversed(COUNT_FLAGS):
         fn = click.option(f"--keep-{name}", type=_Count(), default=0, show_default=False,
                           help=f"restic --keep-{name} (n, or 'unlimited').")(fn)
@@ -121,6 +124,7 @@ def _prune_json(result: PruneResult) -> dict[str, Any]:
             {
                 "namespace": p.namespace,
                 "workload": p.workload,
+                "replica": p.replica,
                 "container": p.container,
                 "decisions": [
                     {"id": d.archive.id, "time": d.archive.checkpoint_time.isoformat().replace("+00:00", "Z"),
@@ -144,10 +148,20 @@ def _prune_json(result: PruneResult) -> dict[str, Any]:
 @pass_ctx
 def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> None:
     """Apply retention now. Deletes manifests, then objects, then catalog rows."""
+    from backupd.delete import policy_gone
+
     app = ctx.app
     app.catalog.check_schema()
-    policies = [app.runner.load_policy(policy_name)] if policy_name else app.runner.policies()
+    if policy_name:
+        try:
+            policies = [app.runner.load_policy(policy_name)]
+        except NotFound:
+            raise policy_gone(app.catalog, policy_name) from None
+    else:
+        policies = app.runner.policies()
     results = [app.pruner.prune(p, dry_run=dry_run) for p in policies]
+    if not policy_name:  # deletes a crash interrupted in policies deleted since: no prune of theirs finishes them
+        results += app.deleter.finish_leftovers({p.name for p in policies}, dry_run=dry_run)
     if output == "json":
         print_json([_prune_json(r) for r in results])
     else:
@@ -156,14 +170,15 @@ def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> 
             removals = r.removals if dry_run else r.deleted
             click.echo(f"policy {r.policy}: {verb} {len(removals)} archive(s), "
                        f"{human_bytes(sum(a.stored_size or 0 for a in removals))}"
-                       + (f" (finishing {len(r.resumed)} left by an interrupted prune)" if r.resumed else ""))
+                       + (f" (finishing {len(r.resumed)} left by an interrupted prune or delete)" if r.resumed else ""))
             rows = [
-                (p.namespace, p.workload, p.container, d.archive.id, d.archive.checkpoint_time,
+                (p.namespace, p.workload, p.replica or "-", p.container, d.archive.id, d.archive.checkpoint_time,
                  "keep" if d.keep else "REMOVE", ", ".join(d.reasons))
                 for p in r.plans for d in p.decisions
             ]
             if rows:
-                print_table(rows, ["namespace", "workload", "container", "archive", "time", "decision", "reasons"])
+                print_table(rows, ["namespace", "workload", "replica", "container", "archive", "time", "decision",
+                                   "reasons"])
             if r.error:
                 click.echo(f"error: {r.error}", err=True)
     if any(r.error for r in results):

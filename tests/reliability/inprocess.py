@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import click.testing
+import structlog
 
 from backupd.cli import main
 
@@ -15,9 +16,11 @@ from backupd.cli import main
 def run_cli(config: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """``backupd --config CONFIG ARGS...`` with ``stdin``; returns (exit code, stdout, stderr).
 
-    ``BACKUPD_*`` variables of the test process are hidden; ``env`` adds variables.
+    ``BACKUPD_*`` variables of the test process are hidden; ``env`` adds variables. The logging
+    set-up ``main()`` does (onto this call's captured stderr) is undone afterwards.
     """
     runner = click.testing.CliRunner()
+    logging_config = structlog.get_config()
     umask = os.umask(0o022)  # main() sets 077 for the whole process: give the test process its own back
     os.umask(umask)
     environment: dict[str, str | None] = {k: None for k in os.environ if k.startswith("BACKUPD_")}
@@ -33,3 +36,4 @@ def run_cli(config: Path, *args: str, stdin: str = "", env: dict[str, str] | Non
             return code, out.getvalue().decode(), err.getvalue().decode()
     finally:
         os.umask(umask)
+        structlog.configure(**logging_config)

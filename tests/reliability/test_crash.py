@@ -159,6 +159,38 @@ def test_sigkill_during_the_delete_protocol(rig: Rig, step: str) -> None:
         c.close()
 
 
+FINISHERS = [("delete", "--policy", "web", "--yes"), ("prune",)]  # each step is finished by one of them, in turn
+
+
+@pytest.mark.parametrize(("step", "finisher"), [
+    pytest.param(step, FINISHERS[i % 2], id=f"{step}, then {' '.join(FINISHERS[i % 2])}")
+    for i, step in enumerate(DELETE_STEPS)
+])
+def test_sigkill_during_backupd_delete_of_a_deleted_policy(rig: Rig, step: str, finisher: tuple[str, ...]) -> None:
+    """The policy is gone, so no prune of its own will ever resume its rows: the same delete run
+    again, or `backupd prune` (every policy), must finish them."""
+    rig.run("checkpoint")
+    rig.run("policy", "delete", "web")
+    crashed = rig.run("delete", "--policy", "web", "--yes", faults=[{**DELETE_STEPS[step], "kill": True}], expect=None)
+    assert crashed.returncode == -signal.SIGKILL
+    c = rig.catalog()
+    try:
+        assert c.list_archives() == [], "archives being deleted must stop being listed at once"
+        assert len(c.list_archives(states=("deleting",))) == 2
+    finally:
+        c.close()
+    rig.run(*finisher)
+    rig.assert_consistent()
+    c = rig.catalog()
+    try:
+        assert c.list_archives(states=("committed", "deleting", "failed")) == []
+        assert not [p for p in rig.backend.rglob("*") if p.is_file()], "objects or manifests left"
+        runs = c.list_runs(kind="delete")
+        assert sorted((r.outcome, r.error_kind) for r in runs) == [("failed", "Interrupted"), ("succeeded", None)]
+    finally:
+        c.close()
+
+
 def test_daemon_killed_mid_cycle_catches_up_exactly_once(rig: Rig) -> None:
     env = rig.env([{"operation": "put", "key": "*.tar.zst", "after": True, "kill": True}])
     first = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(rig.cfg), "run"], env=env,
