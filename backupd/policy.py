@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -38,14 +37,13 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from backupd import retention
-from backupd.errors import PolicyError
+from backupd.errors import PolicyError, validation_problems
 from backupd.schedule import Schedule
 from backupd.sizes import parse_size
-from backupd.workload import GROUP_BY_REPLICA, Container, Pod
+from backupd.workload import DNS_LABEL, GROUP_BY_REPLICA, Container, Pod
 
 API_VERSION = "backupd.io/v1"
 KIND = "CheckpointPolicy"
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class _Strict(BaseModel):
@@ -199,7 +197,7 @@ class Metadata(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
+        if not DNS_LABEL.match(v):
             raise ValueError(f"must be a DNS label (lower-case letters, digits, '-', at most 63); got {v!r}")
         return v
 
@@ -254,7 +252,7 @@ class Policy:
         try:
             return cls(name, PolicySpec.model_validate(json.loads(spec_json)))
         except ValidationError as exc:
-            raise PolicyError("\n".join(_format_error(exc, where, prefix="spec"))) from None
+            raise PolicyError("\n".join(validation_problems(exc.errors(), where, prefix="spec"))) from None
         except ValueError as exc:
             raise PolicyError(f"{where}: spec: not valid JSON ({exc})") from None
 
@@ -282,22 +280,6 @@ def stored_document(name: str, spec_json: str) -> dict[str, Any]:
         except ValueError:
             spec = None
         return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec, "error": str(exc)}
-
-
-def _format_error(exc: ValidationError, where: str, prefix: str | None = None) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if p not in ("function-after[_not_empty(), Retention]",)]
-        path = ".".join([prefix, *loc] if prefix else loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        elif "input" in err and not isinstance(err["input"], dict | list) and repr(err["input"]) not in msg:
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{where}: {path or '(document)'}: {msg}")
-    return lines
 
 
 def parse_policies(text: str, source: str = "<input>", backends: list[str] | None = None) -> list[Policy]:
@@ -332,7 +314,7 @@ def parse_policies(text: str, source: str = "<input>", backends: list[str] | Non
         try:
             parsed = PolicyDocument.model_validate(doc)
         except ValidationError as exc:
-            problems.extend(_format_error(exc, where))
+            problems.extend(validation_problems(exc.errors(), where))
             continue
         p = Policy(parsed.metadata.name, parsed.spec)
         if p.name in seen:

@@ -214,7 +214,7 @@ def test_rebuild_and_old_manifests_derive_the_replica(cluster, tmp_path: Path) -
     old = taken[0]
     text = json.loads(backend.read_bytes(layout.manifest_key(old.key)))
     assert text.pop("replica") == old.replica
-    parsed = layout.Manifest.from_json(json.dumps(text).encode(), "old.json")
+    parsed = layout.Manifest.read(json.dumps(text).encode(), layout.manifest_key(old.key), where="old.json")
     assert parsed.replica == old.replica == old.pod
     fresh = Catalog.open(f"sqlite:///{tmp_path / 'rebuilt.db'}")
     fresh.upgrade()

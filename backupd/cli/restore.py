@@ -106,7 +106,9 @@ def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: 
         --image registry.example.com/checkpoints/db --pod-manifest db.yaml --pin-node
 
     The archive is streamed out of its backend and checked against the catalog and its manifest
-    (SHA-256 and size) while it streams; a mismatch fails the restore and leaves nothing behind.
+    (SHA-256 and size) while it streams, and its tar members against the rules verify and
+    inspect apply (no links, devices, absolute or `..` names); a mismatch or a hostile member
+    fails the restore (exit 7) and leaves nothing behind.
     """
     # imported here: the restore machinery is not needed for `backupd --help` or other commands
     from backupd import oci, podmanifest
@@ -159,13 +161,14 @@ def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: 
 
     identities = load_identities(identity_file, "--identity-file") if identity_file else []
     with open_archive(app.backends, archive, identities) as verified, progress:
+        # every destination gets only a tar whose members pass the rules verify and inspect apply
+        scanner = metadata_scanner(archive)
+        layer = ProgressReader(ScanningReader(verified, scanner, explain=verified.explain), progress)
         if to_file:
-            written = restore_to_file(ProgressReader(verified, progress), to_file, overwrite=force)
+            written = restore_to_file(layer, to_file, overwrite=force)
             result.update(to=str(Path(to_file).absolute()), bytes=written)
             summary = f"restored archive {archive.id} to {to_file} ({human_bytes(written)}, verified)"
         else:
-            scanner = metadata_scanner(archive)
-            layer = ProgressReader(ScanningReader(verified, scanner), progress)
             info_box: list[CheckpointInfo] = []
 
             def finish() -> oci.CheckpointImage:

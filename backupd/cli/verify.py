@@ -19,7 +19,9 @@ from backupd.errors import IntegrityError
 @pass_ctx
 def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, structure: bool,
                identity_file: str | None, output: str) -> None:
-    """Re-read archives and check sizes and SHA-256 against the catalog and manifests.
+    """Re-read archives and check sizes and SHA-256 against the catalog and manifests, and every
+    tar member against the rules restore and inspect apply (no links, devices, absolute or `..`
+    names).
 
     Exits 7 when anything is missing, corrupt or orphaned.
     """
@@ -56,7 +58,9 @@ def catalog_group() -> None:
 def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None:
     """Add archives the catalog lacks from the manifests in the backends; report disagreements.
 
-    Idempotent and safe on a live catalog: existing rows are never changed.
+    Idempotent and safe on a live catalog: existing rows are never changed. A manifest that
+    fails the schema or disagrees with its key is reported and not catalogued. Exits 0 once the
+    backends were read, whatever the report holds (read it, or its JSON lists).
     """
     app = ctx.app
     app.catalog.check_schema()
@@ -70,12 +74,20 @@ def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None
     for r in reports:
         click.echo(f"backend {r.backend}: added {len(r.added)}, already catalogued {r.agreeing}, "
                    f"disagreeing {len(r.disagreeing)}, bad manifests {len(r.bad_manifests)}, "
-                   f"orphans {len(r.orphans)}, catalogued but missing {len(r.missing)}")
+                   f"disagreeing with their key {len({k['key'] for k in r.key_disagreements})}, "
+                   f"duplicate ids {len(r.duplicate_ids)}, orphans {len(r.orphans)}, "
+                   f"catalogued but missing {len(r.missing)}")
         for d in r.disagreeing:
             click.echo(f"  archive {d['id']}: {d['field']} is {d['catalog']!r} in the catalog, "
                        f"{d['manifest']!r} in the manifest")
         for b in r.bad_manifests:
             click.echo(f"  bad manifest {b['key']}: {b['error']}")
+        for k in r.key_disagreements:
+            click.echo(f"  not catalogued, disagrees with its key: {k['key']}: {k['field']} is {k['in_key']!r} in "
+                       f"the key, {k['in_manifest']!r} in the manifest")
+        for d in r.duplicate_ids:
+            click.echo(f"  archive id {d['id']} is claimed by {len(d['keys'])} manifests, catalogued from none the "
+                       f"catalog did not already hold: {', '.join(d['keys'])}")
         for key in r.orphans:
             click.echo(f"  orphan (no manifest; prune removes it after the grace period): {key}")
         for aid in r.missing:
