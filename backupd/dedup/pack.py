@@ -1,0 +1,315 @@
+"""Pack files: many compressed chunks in one stored object, with their index as a trailer.
+
+Byte format, version 1 (all integers little-endian; docs/dedup-format.md has the rationale)::
+
+    pack     := MAGIC frame* index footer
+    MAGIC    := "BKDPACK1"                                   (8 bytes)
+    frame    := one zstd frame (content size and checksum set) whose content is the
+                concatenation of one or more chunks, in index order
+    index    := u32 frame_count
+                frame_count x (u64 offset, u32 compressed_length, u32 chunk_count)
+                chunk entries of frame 0, then of frame 1, ...:
+                              (32-byte chunk id, u32 raw_length)
+    footer   := u64 index_offset, u32 index_length, u32 chunk_count,
+                32-byte SHA-256 of the index bytes, "BKDPEND1"   (56 bytes)
+
+A chunk's place in its frame's content is the sum of the raw lengths before it in that
+frame. ``offset`` counts from the start of the pack.
+
+Stored form: the pack as above, or -- when the backend has age recipients -- the whole pack
+encrypted with age (the object then starts with ``age-encryption.org/v1``). The pack's name
+is the SHA-256 of the *stored* bytes (:func:`pack_key`), so a pack is verified by its name
+and two writers can never create different objects under one key.
+
+Consecutive new chunks are compressed together in frames of up to ``frame_size`` raw bytes
+(default 128 KiB, measured): zstd finds the repeats between neighbouring pages that one frame
+per 4 KiB page cannot, while reading one chunk still decompresses at most one frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import zstandard
+
+from backupd.backends.base import Backend
+from backupd.errors import IntegrityError, InvalidInput, StorageNotFound
+
+MAGIC = b"BKDPACK1"
+FOOTER_MAGIC = b"BKDPEND1"
+AGE_MAGIC = b"age-encryption.org/v1\n"
+ID_SIZE = 32
+_FRAME = struct.Struct("<QII")
+_ENTRY = struct.Struct(f"<{ID_SIZE}sI")
+_FOOTER = struct.Struct("<QII32s8s")
+FOOTER_SIZE = _FOOTER.size
+
+DEFAULT_PACK_SIZE = 4 << 20  # stored bytes at which a pack is closed
+DEFAULT_FRAME_SIZE = 128 << 10  # raw bytes of consecutive new chunks compressed together
+DEFAULT_LEVEL = 3  # as the full format: BENCHMARKS.md
+MAX_PACK_SIZE = 1 << 30  # a pack object larger than this is refused, whatever its index says
+PACKS_DIR = "packs/"
+
+
+def pack_key(pack_id: str, root: str = "dedup/") -> str:
+    """``<root>packs/<first two hex digits>/<pack id>.pack``: 256 directories keep a
+    filesystem backend's directories small; S3 does not care."""
+    return f"{root}{PACKS_DIR}{pack_id[:2]}/{pack_id}.pack"
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+_local = threading.local()
+
+
+def compress_frame(chunks: Sequence[bytes | memoryview], level: int = DEFAULT_LEVEL) -> bytes:
+    """One zstd frame holding ``chunks`` back to back (thread-safe: a compressor per thread)."""
+    cctx = getattr(_local, "cctx", None)
+    if cctx is None or _local.level != level:
+        cctx = _local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        _local.level = level
+    return cctx.compress(b"".join(chunks) if len(chunks) != 1 else chunks[0])
+
+
+class PackBuilder:
+    """Frames in, one plaintext pack out (:meth:`finish`)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = [MAGIC]
+        self.size = len(MAGIC)
+        self._frames: list[bytes] = []
+        self._entries: list[bytes] = []
+        self.chunk_ids: list[bytes] = []
+        self.raw_size = 0
+
+    def add_frame(self, compressed: bytes, chunks: Iterable[tuple[bytes, int]]) -> None:
+        """``chunks``: (id, raw length) of the chunks in the frame, in order."""
+        n = 0
+        for chunk_id, length in chunks:
+            self._entries.append(_ENTRY.pack(chunk_id, length))
+            self.chunk_ids.append(chunk_id)
+            self.raw_size += length
+            n += 1
+        self._frames.append(_FRAME.pack(self.size, len(compressed), n))
+        self._parts.append(compressed)
+        self.size += len(compressed)
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+    def finish(self) -> bytes:
+        index = b"".join([struct.pack("<I", len(self._frames)), *self._frames, *self._entries])
+        footer = _FOOTER.pack(self.size, len(index), len(self.chunk_ids), hashlib.sha256(index).digest(),
+                              FOOTER_MAGIC)
+        return b"".join([*self._parts, index, footer])
+
+
+def seal(plain: bytes, recipients: Sequence[Any] = ()) -> tuple[str, bytes]:
+    """The stored form of a pack (age-encrypted with ``recipients``) and its id."""
+    if recipients:
+        import pyrage
+
+        stored = pyrage.encrypt(plain, list(recipients))
+    else:
+        stored = plain
+    return hashlib.sha256(stored).hexdigest(), stored
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    offset: int
+    compressed_length: int
+    raw_length: int
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a chunk is inside a plaintext pack."""
+
+    frame: int
+    offset: int  # in the frame's content
+    length: int
+
+
+@dataclass
+class PackIndex:
+    frames: list[Frame]
+    chunks: dict[bytes, Location]
+    order: list[bytes]  # chunk ids in stored order
+
+
+def parse_index(index: bytes, *, data_end: int, what: str) -> PackIndex:
+    """The index part of a pack (see the module docstring); every offset is checked against
+    ``data_end`` (where the frames end) so a hostile index cannot point anywhere else."""
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(f"{what}: corrupt pack index ({why})")
+
+    if len(index) < 4:
+        raise bad("too short")
+    (nframes,) = struct.unpack_from("<I", index, 0)
+    pos = 4
+    if pos + nframes * _FRAME.size > len(index):
+        raise bad(f"{nframes} frames do not fit")
+    raw_frames = [_FRAME.unpack_from(index, pos + i * _FRAME.size) for i in range(nframes)]
+    pos += nframes * _FRAME.size
+    if (len(index) - pos) % _ENTRY.size:
+        raise bad("chunk table length")
+    frames: list[Frame] = []
+    chunks: dict[bytes, Location] = {}
+    order: list[bytes] = []
+    expect = len(MAGIC)
+    for f, (offset, clen, count) in enumerate(raw_frames):
+        if offset != expect or clen <= 0:
+            raise bad(f"frame {f} at {offset}, expected {expect}")
+        expect = offset + clen
+        within = 0
+        for _ in range(count):
+            if pos + _ENTRY.size > len(index):
+                raise bad("chunk table shorter than the frames say")
+            chunk_id, length = _ENTRY.unpack_from(index, pos)
+            pos += _ENTRY.size
+            chunks.setdefault(chunk_id, Location(f, within, length))
+            order.append(chunk_id)
+            within += length
+        frames.append(Frame(offset, clen, within))
+    if expect != data_end or pos != len(index):
+        raise bad("frames and chunk table do not cover the pack")
+    return PackIndex(frames, chunks, order)
+
+
+def read_footer(tail: bytes, size: int, what: str) -> tuple[int, int, bytes]:
+    """(index offset, index length, index SHA-256) from the last bytes of a plaintext pack."""
+    if size < len(MAGIC) + FOOTER_SIZE or len(tail) < FOOTER_SIZE:
+        raise IntegrityError(f"{what}: not a pack (too short)")
+    offset, length, _count, digest, magic = _FOOTER.unpack(tail[-FOOTER_SIZE:])
+    if magic != FOOTER_MAGIC:
+        raise IntegrityError(f"{what}: not a pack, or a newer pack version (footer {magic!r})")
+    if offset < len(MAGIC) or offset + length + FOOTER_SIZE != size:
+        raise IntegrityError(f"{what}: corrupt pack footer (index at {offset}+{length} in {size} bytes)")
+    return offset, length, digest
+
+
+class PackFile:
+    """One pack fetched from a backend into a private spool file (decrypted, verified by its
+    name) with its index parsed; :meth:`read` returns a chunk's bytes (the caller checks
+    them against their id: it knows the id scheme)."""
+
+    def __init__(self, backend: Backend, key: str, pack_id: str, *, identities: Sequence[Any] = (),
+                 spool_dir: str | None = None) -> None:
+        self.key = key
+        self.what = f"pack {key!r} in backend {backend.name!r}"
+        self._file = _spool(spool_dir)
+        try:
+            self._fetch(backend, pack_id, identities, spool_dir)
+            self.index = self._load_index()
+        except BaseException:
+            self._file.close()
+            raise
+        self._frame_cache: tuple[int, bytes] | None = None
+
+    def _fetch(self, backend: Backend, pack_id: str, identities: Sequence[Any], spool_dir: str | None) -> None:
+        digest = hashlib.sha256()
+        size = 0
+        first = b""
+        stored = self._file if not identities else _spool(spool_dir)
+        try:
+            with backend.open(self.key) as src:
+                while block := src.read(1 << 20):
+                    if not first:
+                        first = block[: len(AGE_MAGIC)]
+                    size += len(block)
+                    if size > MAX_PACK_SIZE:
+                        raise IntegrityError(f"{self.what}: larger than {MAX_PACK_SIZE} bytes; not a pack")
+                    digest.update(block)
+                    stored.write(block)
+            if digest.hexdigest() != pack_id:
+                raise IntegrityError(f"{self.what}: content does not match its name (SHA-256 differs)")
+            if first.startswith(AGE_MAGIC):
+                if not identities:
+                    raise InvalidInput(f"{self.what} is encrypted with age: give the identity file that "
+                                       "decrypts it (--identity-file)")
+                import pyrage
+
+                stored.seek(0)
+                try:
+                    pyrage.decrypt_io(stored, self._file, list(identities))
+                except Exception as exc:
+                    raise IntegrityError(f"{self.what}: age could not decrypt it: {exc}") from None
+        finally:
+            if stored is not self._file:
+                stored.close()
+
+    def _load_index(self) -> PackIndex:
+        size = self._file.seek(0, os.SEEK_END)
+        self._file.seek(0)
+        if self._file.read(len(MAGIC)) != MAGIC:
+            raise IntegrityError(f"{self.what}: not a pack (bad magic), or a newer pack version")
+        self._file.seek(max(0, size - FOOTER_SIZE))
+        offset, length, digest = read_footer(self._file.read(FOOTER_SIZE), size, self.what)
+        self._file.seek(offset)
+        index = self._file.read(length)
+        if hashlib.sha256(index).digest() != digest:
+            raise IntegrityError(f"{self.what}: corrupt pack index (SHA-256 differs)")
+        return parse_index(index, data_end=offset, what=self.what)
+
+    def frame(self, n: int) -> bytes:
+        if self._frame_cache is not None and self._frame_cache[0] == n:
+            return self._frame_cache[1]
+        f = self.index.frames[n]
+        self._file.seek(f.offset)
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(self._file.read(f.compressed_length),
+                                                          max_output_size=f.raw_length)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{self.what}: frame {n} is corrupt ({exc})") from None
+        if len(raw) != f.raw_length:
+            raise IntegrityError(f"{self.what}: frame {n} holds {len(raw)} bytes, the index says {f.raw_length}")
+        self._frame_cache = (n, raw)
+        return raw
+
+    def read(self, chunk_id: bytes) -> bytes:
+        loc = self.index.chunks.get(chunk_id)
+        if loc is None:
+            raise IntegrityError(f"{self.what} does not hold chunk {chunk_id.hex()}")
+        return self.frame(loc.frame)[loc.offset : loc.offset + loc.length]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _spool(spool_dir: str | None) -> BinaryIO:
+    # an unnamed temporary file (O_TMPFILE where available): 0600, gone when closed or on a crash
+    return tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - closed by the owner
+
+
+def read_pack_index(backend: Backend, key: str, *, identities: Sequence[Any] = ()) -> PackIndex:
+    """The index of one stored pack (the whole object is read: encrypted packs must be)."""
+    pack_id = key.rsplit("/", 1)[-1].removesuffix(".pack")
+    pack = PackFile(backend, key, pack_id, identities=identities)
+    try:
+        return pack.index
+    finally:
+        pack.close()
+
+
+def list_packs(backend: Backend, root: str = "dedup/") -> list[str]:
+    """Keys of every pack under ``root`` (for rebuilds and the tests; the catalog knows them)."""
+    try:
+        return sorted(o.key for o in backend.list(f"{root}{PACKS_DIR}") if o.key.endswith(".pack"))
+    except StorageNotFound:
+        return []
+
+
+__all__ = ["PackBuilder", "PackFile", "PackIndex", "compress_frame", "list_packs", "pack_key", "parse_index",
+           "read_footer", "read_pack_index", "seal"]
