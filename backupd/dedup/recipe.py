@@ -10,6 +10,7 @@ encrypted as a whole when the backend has recipients. Decompressed::
                  "id_key_check": null | "<16 hex>"}
     op       := 0x01 uvarint n, n literal bytes              -- tar headers, padding, end blocks
               | 0x02 uvarint k, k x uvarint raw_length, k x 32-byte chunk id
+              | 0x03 uvarint k, k x uvarint raw_length, k x 32-byte list id
     end      := 0x00 uvarint n, n bytes of JSON:
                 {"tar_size": int, "tar_sha256": "<64 hex>", "chunk_refs": int,
                  "literal_bytes": int, "members": int}
@@ -18,6 +19,15 @@ encrypted as a whole when the backend has recipients. Decompressed::
 is the concatenation, in op order, of every literal and of every referenced chunk's bytes;
 nothing may follow ``end``. Ids are listed after their lengths so that zstd sees the lengths
 (nearly all 4096) as one compressible run and the ids (incompressible) as another.
+
+Page images are referenced through *lists*: a list is a chunk like any other (in a pack,
+named by its id) whose content is ``uvarint n, n x uvarint raw_length, n x 32-byte chunk
+id``; a ``0x03`` op's raw length is the sum of its list's. The page ids are grouped into
+lists by content: a list ends after an id whose first four bytes, little-endian, are
+``F - 1`` modulo ``F``, or at ``4 F`` ids (``F``, the fanout, is the writer's choice, 16 by
+default; readers do not need it). A list whose
+pages did not change has the same id as last time and is not stored again, so a recipe costs
+about 2 bytes per unchanged page instead of 32 (measured: 2.8 MB -> 0.2 MB for 340 MiB).
 
 :class:`ArchiveWriter` streams a tar into new chunks (packed and uploaded as it goes) and a
 recipe; :class:`ArchiveReader` streams the tar back, checking every chunk against its id and
@@ -40,7 +50,7 @@ import zstandard
 
 from backupd.backends.base import Backend, Readable
 from backupd.dedup import pack as packs
-from backupd.dedup.chunker import DEFAULT_PAGES_PER_CHUNK, Chunk, member_chunks
+from backupd.dedup.chunker import DEFAULT_PAGES_PER_CHUNK, Chunk, is_page_image, member_chunks
 from backupd.dedup.ids import ChunkIds
 from backupd.dedup.tarstream import TarSplitter
 from backupd.errors import IntegrityError, InvalidInput, ObjectExists
@@ -48,8 +58,9 @@ from backupd.errors import IntegrityError, InvalidInput, ObjectExists
 MAGIC = b"BKDRCPE1"
 FORMAT = "backupd-dedup"
 VERSION = 1
-OP_END, OP_LITERAL, OP_REFS = 0, 1, 2
+OP_END, OP_LITERAL, OP_REFS, OP_LISTS = 0, 1, 2, 3
 MAX_REFS_PER_OP = 4096
+LIST_FANOUT = 16
 MAX_JSON = 1 << 16
 MAX_LITERAL = 8 << 20  # a literal op larger than this is corrupt (tar headers are small)
 RECIPE_LEVEL = 9  # a recipe is written once and is mostly ids; a higher level costs little
@@ -80,6 +91,14 @@ def read_uvarint(stream: Readable, what: str) -> int:
         shift += 7
         if shift > 63:
             raise IntegrityError(f"{what}: corrupt recipe (varint too long)")
+
+
+def encode_list(chunk_ids: Sequence[bytes], lengths: Sequence[int]) -> bytes:
+    return b"".join([uvarint(len(chunk_ids)), *map(uvarint, lengths), *chunk_ids])
+
+
+def _ends_list(chunk_id: bytes, count: int, fanout: int) -> bool:
+    return int.from_bytes(chunk_id[:4], "little") % fanout == fanout - 1 or count >= 4 * fanout
 
 
 def _read_exact(stream: Readable, n: int, what: str) -> bytes:
@@ -185,6 +204,10 @@ class RecipeEncoder:
         self._z.write(b"".join([bytes([OP_REFS]), uvarint(len(chunk_ids)), *map(uvarint, lengths), *chunk_ids]))
         self.refs += len(chunk_ids)
 
+    def list_refs(self, list_ids: Sequence[bytes], lengths: Sequence[int]) -> None:
+        self._z.write(b"".join([bytes([OP_LISTS]), uvarint(len(list_ids)), *map(uvarint, lengths), *list_ids]))
+        self.refs += len(list_ids)
+
     def end(self, summary: dict[str, Any]) -> None:
         data = json.dumps(summary, separators=(",", ":")).encode()
         self._z.write(bytes([OP_END]) + uvarint(len(data)) + data)
@@ -206,8 +229,8 @@ class ArchiveWriter:
                  ids: ChunkIds | None = None, recipients: Sequence[Any] = (), root: str = "dedup/",
                  pages_per_chunk: int = DEFAULT_PAGES_PER_CHUNK, grouping: str = "content",
                  frame_size: int = packs.DEFAULT_FRAME_SIZE, pack_size: int = packs.DEFAULT_PACK_SIZE,
-                 level: int = packs.DEFAULT_LEVEL, workers: int = 2, uploads: int = 2,
-                 spool_dir: str | None = None) -> None:
+                 level: int = packs.DEFAULT_LEVEL, list_fanout: int = LIST_FANOUT, workers: int = 2,
+                 uploads: int = 2, spool_dir: str | None = None) -> None:
         self.backend = backend
         self.known = known
         self.ids = ids or ChunkIds()
@@ -220,6 +243,9 @@ class ArchiveWriter:
             raise InvalidInput(f"pages per chunk must be 1 to 256, not {pages_per_chunk}")
         self.pages_per_chunk, self.grouping = pages_per_chunk, grouping
         self.frame_size, self.pack_size, self.level = frame_size, pack_size, level
+        if not 1 <= list_fanout <= MAX_REFS_PER_OP // 4:
+            raise InvalidInput(f"list fanout must be 1 to {MAX_REFS_PER_OP // 4}, not {list_fanout}")
+        self.list_fanout = list_fanout
         self.workers, self.uploads = workers, uploads
         self.spool_dir = spool_dir
 
@@ -245,6 +271,9 @@ class _WriteRun:
         self.frames: deque[tuple[Future[bytes], list[tuple[bytes, int]]]] = deque()
         self.uploading: deque[Future[PackInfo]] = deque()
         self.session: set[bytes] = set()
+        self.list_ids: list[bytes] = []  # page ids of the open list
+        self.list_lengths: list[int] = []
+        self.lists: list[tuple[bytes, bytes, int]] = []  # closed lists not written yet: (id, content, raw length)
         self.frame: list[Chunk] = []
         self.frame_ids: list[tuple[bytes, int]] = []
         self.frame_raw = 0
@@ -267,6 +296,7 @@ class _WriteRun:
             for member in tar:
                 members += 1
                 self._push("literal", member.literal)
+                kind = "pages" if is_page_image(member.name) else "chunks"
                 batch: list[Chunk] = []
                 size = 0
                 for chunk in member_chunks(tar, member.name, member.size, pages_per_chunk=self.w.pages_per_chunk,
@@ -274,10 +304,11 @@ class _WriteRun:
                     batch.append(chunk)
                     size += len(chunk)
                     if size >= BATCH_BYTES or len(batch) >= MAX_REFS_PER_OP:
-                        self._push_chunks(batch)
+                        self._push_chunks(kind, batch)
                         batch, size = [], 0
                 if batch:
-                    self._push_chunks(batch)
+                    self._push_chunks(kind, batch)
+                self._push("member_end", None)
             self._push("literal", tar.trailer)
             while self.batches:
                 self._process(self.batches.popleft())
@@ -323,20 +354,52 @@ class _WriteRun:
         while len(self.batches) > PIPELINE_DEPTH:
             self._process(self.batches.popleft())
 
-    def _push_chunks(self, batch: list[Chunk]) -> None:
+    def _push_chunks(self, kind: str, batch: list[Chunk]) -> None:
         ids = self.w.ids
-        self._push("chunks", batch, self.pool.submit(lambda: [ids(c) for c in batch]))
+        self._push(kind, batch, self.pool.submit(lambda: [ids(c) for c in batch]))
 
     def _process(self, item: tuple[str, Any, Any]) -> None:
         kind, payload, future = item
-        if kind == "literal":
-            self.encoder.literal(payload)
+        if kind in ("literal", "member_end"):
+            self._close_list()
+            if kind == "literal":
+                self.encoder.literal(payload)
             return
         chunk_ids: list[bytes] = future.result()
-        self.encoder.chunk_refs(chunk_ids, [len(c) for c in payload])
+        self._store_new(payload, chunk_ids)
+        if kind == "chunks":
+            self.encoder.chunk_refs(chunk_ids, [len(c) for c in payload])
+            return
+        for chunk, chunk_id in zip(payload, chunk_ids, strict=True):
+            self.list_ids.append(chunk_id)
+            self.list_lengths.append(len(chunk))
+            if _ends_list(chunk_id, len(self.list_ids), self.w.list_fanout):
+                self._cut_list()
+        self._write_lists()
+
+    def _cut_list(self) -> None:
+        content = encode_list(self.list_ids, self.list_lengths)
+        self.lists.append((self.w.ids(content), content, sum(self.list_lengths)))
+        self.list_ids, self.list_lengths = [], []
+
+    def _close_list(self) -> None:
+        if self.list_ids:
+            self._cut_list()
+        self._write_lists()
+
+    def _write_lists(self) -> None:
+        if not self.lists:
+            return
+        list_ids = [i for i, _, _ in self.lists]
+        self._store_new([c for _, c, _ in self.lists], list_ids)
+        self.encoder.list_refs(list_ids, [n for _, _, n in self.lists])
+        self.lists = []
+
+    def _store_new(self, chunks: Sequence[Chunk], chunk_ids: Sequence[bytes]) -> None:
+        """Put the chunks that neither the backend nor this archive holds yet into frames."""
         ask = list(dict.fromkeys(i for i in chunk_ids if i not in self.session))
         stored = self.w.known(ask) if ask else set()
-        for chunk, chunk_id in zip(payload, chunk_ids, strict=True):
+        for chunk, chunk_id in zip(chunks, chunk_ids, strict=True):
             if chunk_id in self.session or chunk_id in stored:
                 continue
             self.session.add(chunk_id)
@@ -502,17 +565,18 @@ class ArchiveReader:
             op = _read_exact(z, 1, what)[0]
             if op == OP_LITERAL:
                 yield _read_exact(z, _length(z, MAX_LITERAL, what), what)
-            elif op == OP_REFS:
-                k = _length(z, MAX_REFS_PER_OP, what)
-                lengths = [read_uvarint(z, what) for _ in range(k)]
-                chunk_ids = _read_exact(z, 32 * k, what)
-                for i, length in enumerate(lengths):
-                    chunk_id = chunk_ids[32 * i : 32 * i + 32]
-                    data = self.chunks.read(chunk_id)
-                    if len(data) != length or self.ids(data) != chunk_id:
-                        raise IntegrityError(f"{what}: chunk {chunk_id.hex()} is corrupt (its id or length "
-                                             "does not match its content)")
-                    yield data
+            elif op in (OP_REFS, OP_LISTS):
+                for chunk_id, length in _refs(z, what):
+                    data = self._chunk(chunk_id, length if op == OP_REFS else None)
+                    if op == OP_REFS:
+                        yield data
+                        continue
+                    listed = io.BytesIO(data)
+                    entries = list(_refs(listed, f"{what}: list {chunk_id.hex()}"))
+                    if listed.read(1) or sum(n for _, n in entries) != length:
+                        raise IntegrityError(f"{what}: list {chunk_id.hex()} is corrupt")
+                    for page_id, page_length in entries:
+                        yield self._chunk(page_id, page_length)
             elif op == OP_END:
                 summary = _json(_read_exact(z, _length(z, MAX_JSON, what), what), what)
                 if z.read(1):
@@ -521,6 +585,15 @@ class ArchiveReader:
                 return
             else:
                 raise IntegrityError(f"{what}: corrupt recipe (unknown op {op})")
+
+    def _chunk(self, chunk_id: bytes, length: int | None) -> bytes:
+        data = self.chunks.read(chunk_id)
+        if self.ids(data) != chunk_id:
+            raise IntegrityError(f"{self.what}: chunk {chunk_id.hex()} is corrupt (its id does not match its content)")
+        if length is not None and len(data) != length:
+            raise IntegrityError(f"{self.what}: chunk {chunk_id.hex()} holds {len(data)} bytes, "
+                                 f"the recipe says {length}")
+        return data
 
     def _check(self, summary: dict[str, Any]) -> None:
         sha = self._sha.hexdigest()
@@ -565,6 +638,15 @@ class ArchiveReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refs(stream: Readable, what: str) -> Iterator[tuple[bytes, int]]:
+    """``uvarint k, k x uvarint length, k x id`` (a refs op, a lists op, a list's content)."""
+    k = _length(stream, MAX_REFS_PER_OP, what)
+    lengths = [read_uvarint(stream, what) for _ in range(k)]
+    ids = _read_exact(stream, 32 * k, what)
+    for i, length in enumerate(lengths):
+        yield ids[32 * i : 32 * i + 32], length
 
 
 def _length(stream: Readable, limit: int, what: str) -> int:
