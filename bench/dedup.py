@@ -139,17 +139,18 @@ def ship_times(tar: Path, work: Path) -> dict[str, float]:
 
 
 CONFIGS: list[tuple[str, dict[str, object]]] = [
-    ("1 page/chunk (default)", {}),
+    ("1 page/chunk (default: 512 KiB frames, list fanout 64)", {}),
     ("2 pages/chunk", {"pages_per_chunk": 2}),
     ("4 pages/chunk", {"pages_per_chunk": 4}),
     ("8 pages/chunk", {"pages_per_chunk": 8}),
     ("16 pages/chunk", {"pages_per_chunk": 16}),
     ("2 pages/chunk, fixed groups", {"pages_per_chunk": 2, "grouping": "fixed"}),
     ("1 page, frames of 1 chunk", {"frame_size": 1}),
-    ("1 page, 32 KiB frames", {"frame_size": 32 << 10}),
-    ("1 page, 512 KiB frames", {"frame_size": 512 << 10}),
-    ("1 page, list fanout 32", {"list_fanout": 32}),
-    ("1 page, list fanout 64", {"list_fanout": 64}),
+    ("1 page, 128 KiB frames", {"frame_size": 128 << 10}),
+    ("1 page, 2 MiB frames", {"frame_size": 2 << 20}),
+    ("1 page, list fanout 16", {"list_fanout": 16}),
+    ("1 page, list fanout 256", {"list_fanout": 256}),
+    ("1 page, no lists (fanout 1)", {"list_fanout": 1}),
 ]
 
 

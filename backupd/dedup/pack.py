@@ -22,12 +22,13 @@ is the SHA-256 of the *stored* bytes (:func:`pack_key`), so a pack is verified b
 and two writers can never create different objects under one key.
 
 Consecutive new chunks are compressed together in frames of up to ``frame_size`` raw bytes
-(default 128 KiB, measured): zstd finds the repeats between neighbouring pages that one frame
+(default 512 KiB, measured): zstd finds the repeats between neighbouring pages that one frame
 per 4 KiB page cannot, while reading one chunk still decompresses at most one frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -52,7 +53,7 @@ _FOOTER = struct.Struct("<QII32s8s")
 FOOTER_SIZE = _FOOTER.size
 
 DEFAULT_PACK_SIZE = 4 << 20  # stored bytes at which a pack is closed
-DEFAULT_FRAME_SIZE = 128 << 10  # raw bytes of consecutive new chunks compressed together
+DEFAULT_FRAME_SIZE = 512 << 10  # raw bytes of consecutive new chunks compressed together
 DEFAULT_LEVEL = 3  # as the full format: BENCHMARKS.md
 MAX_PACK_SIZE = 1 << 30  # a pack object larger than this is refused, whatever its index says
 PACKS_DIR = "packs/"
@@ -70,13 +71,13 @@ def pack_key(pack_id: str, root: str = "dedup/") -> str:
 _local = threading.local()
 
 
-def compress_frame(chunks: Sequence[bytes | memoryview], level: int = DEFAULT_LEVEL) -> bytes:
-    """One zstd frame holding ``chunks`` back to back (thread-safe: a compressor per thread)."""
+def compress_frame(content: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
+    """One zstd frame of ``content`` (consecutive chunks); thread-safe: a compressor per thread."""
     cctx = getattr(_local, "cctx", None)
     if cctx is None or _local.level != level:
         cctx = _local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         _local.level = level
-    return cctx.compress(b"".join(chunks) if len(chunks) != 1 else chunks[0])
+    return cctx.compress(content)
 
 
 class PackBuilder:
@@ -201,106 +202,99 @@ def read_footer(tail: bytes, size: int, what: str) -> tuple[int, int, bytes]:
 
 
 class PackFile:
-    """One pack fetched from a backend into a private spool file (decrypted, verified by its
-    name) with its index parsed; :meth:`read` returns a chunk's bytes (the caller checks
-    them against their id: it knows the id scheme)."""
+    """One pack fetched from a backend into a file in ``directory`` (decrypted, verified by
+    its name) with its index parsed. No descriptor stays open between reads, so a restore
+    touching thousands of packs holds thousands of small indexes, not thousands of files."""
 
-    def __init__(self, backend: Backend, key: str, pack_id: str, *, identities: Sequence[Any] = (),
-                 spool_dir: str | None = None) -> None:
+    def __init__(self, backend: Backend, key: str, pack_id: str, *, directory: str,
+                 identities: Sequence[Any] = ()) -> None:
         self.key = key
         self.what = f"pack {key!r} in backend {backend.name!r}"
-        self._file = _spool(spool_dir)
+        self.path = os.path.join(directory, f"{pack_id}.plain")
         try:
-            self._fetch(backend, pack_id, identities, spool_dir)
+            self._fetch(backend, pack_id, identities, os.path.join(directory, f"{pack_id}.stored"))
             self.index = self._load_index()
         except BaseException:
-            self._file.close()
+            self.close()
             raise
-        self._frame_cache: tuple[int, bytes] | None = None
 
-    def _fetch(self, backend: Backend, pack_id: str, identities: Sequence[Any], spool_dir: str | None) -> None:
+    def _fetch(self, backend: Backend, pack_id: str, identities: Sequence[Any], stored_path: str) -> None:
         digest = hashlib.sha256()
         size = 0
         first = b""
-        stored = self._file if not identities else _spool(spool_dir)
+        with backend.open(self.key) as src, _private(stored_path) as stored:
+            while block := src.read(1 << 20):
+                if not first:
+                    first = block[: len(AGE_MAGIC)]
+                size += len(block)
+                if size > MAX_PACK_SIZE:
+                    raise IntegrityError(f"{self.what}: larger than {MAX_PACK_SIZE} bytes; not a pack")
+                digest.update(block)
+                stored.write(block)
+        if digest.hexdigest() != pack_id:
+            os.unlink(stored_path)
+            raise IntegrityError(f"{self.what}: content does not match its name (SHA-256 differs)")
+        if not first.startswith(AGE_MAGIC):
+            os.replace(stored_path, self.path)
+            return
         try:
-            with backend.open(self.key) as src:
-                while block := src.read(1 << 20):
-                    if not first:
-                        first = block[: len(AGE_MAGIC)]
-                    size += len(block)
-                    if size > MAX_PACK_SIZE:
-                        raise IntegrityError(f"{self.what}: larger than {MAX_PACK_SIZE} bytes; not a pack")
-                    digest.update(block)
-                    stored.write(block)
-            if digest.hexdigest() != pack_id:
-                raise IntegrityError(f"{self.what}: content does not match its name (SHA-256 differs)")
-            if first.startswith(AGE_MAGIC):
-                if not identities:
-                    raise InvalidInput(f"{self.what} is encrypted with age: give the identity file that "
-                                       "decrypts it (--identity-file)")
-                import pyrage
+            if not identities:
+                raise InvalidInput(f"{self.what} is encrypted with age: give the identity file that "
+                                   "decrypts it (--identity-file)")
+            import pyrage
 
-                stored.seek(0)
+            with open(stored_path, "rb") as src, _private(self.path) as plain:
                 try:
-                    pyrage.decrypt_io(stored, self._file, list(identities))
+                    pyrage.decrypt_io(src, plain, list(identities))
                 except Exception as exc:
                     raise IntegrityError(f"{self.what}: age could not decrypt it: {exc}") from None
         finally:
-            if stored is not self._file:
-                stored.close()
+            os.unlink(stored_path)
 
     def _load_index(self) -> PackIndex:
-        size = self._file.seek(0, os.SEEK_END)
-        self._file.seek(0)
-        if self._file.read(len(MAGIC)) != MAGIC:
-            raise IntegrityError(f"{self.what}: not a pack (bad magic), or a newer pack version")
-        self._file.seek(max(0, size - FOOTER_SIZE))
-        offset, length, digest = read_footer(self._file.read(FOOTER_SIZE), size, self.what)
-        self._file.seek(offset)
-        index = self._file.read(length)
+        with open(self.path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(0)
+            if fh.read(len(MAGIC)) != MAGIC:
+                raise IntegrityError(f"{self.what}: not a pack (bad magic), or a newer pack version")
+            fh.seek(max(0, size - FOOTER_SIZE))
+            offset, length, digest = read_footer(fh.read(FOOTER_SIZE), size, self.what)
+            fh.seek(offset)
+            index = fh.read(length)
         if hashlib.sha256(index).digest() != digest:
             raise IntegrityError(f"{self.what}: corrupt pack index (SHA-256 differs)")
         return parse_index(index, data_end=offset, what=self.what)
 
     def frame(self, n: int) -> bytes:
-        if self._frame_cache is not None and self._frame_cache[0] == n:
-            return self._frame_cache[1]
+        """The decompressed content of frame ``n``, its length checked against the index."""
         f = self.index.frames[n]
-        self._file.seek(f.offset)
+        with open(self.path, "rb") as fh:
+            fh.seek(f.offset)
+            compressed = fh.read(f.compressed_length)
         try:
-            raw = zstandard.ZstdDecompressor().decompress(self._file.read(f.compressed_length),
-                                                          max_output_size=f.raw_length)
+            raw = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=f.raw_length)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{self.what}: frame {n} is corrupt ({exc})") from None
         if len(raw) != f.raw_length:
             raise IntegrityError(f"{self.what}: frame {n} holds {len(raw)} bytes, the index says {f.raw_length}")
-        self._frame_cache = (n, raw)
         return raw
 
-    def read(self, chunk_id: bytes) -> bytes:
-        loc = self.index.chunks.get(chunk_id)
-        if loc is None:
-            raise IntegrityError(f"{self.what} does not hold chunk {chunk_id.hex()}")
-        return self.frame(loc.frame)[loc.offset : loc.offset + loc.length]
-
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
-def _spool(spool_dir: str | None) -> BinaryIO:
-    # an unnamed temporary file (O_TMPFILE where available): 0600, gone when closed or on a crash
-    return tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - closed by the owner
+def _private(path: str) -> BinaryIO:
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
 def read_pack_index(backend: Backend, key: str, *, identities: Sequence[Any] = ()) -> PackIndex:
     """The index of one stored pack (the whole object is read: encrypted packs must be)."""
     pack_id = key.rsplit("/", 1)[-1].removesuffix(".pack")
-    pack = PackFile(backend, key, pack_id, identities=identities)
-    try:
-        return pack.index
-    finally:
+    with tempfile.TemporaryDirectory(prefix="backupd-pack-") as directory:
+        pack = PackFile(backend, key, pack_id, directory=directory, identities=identities)
         pack.close()
+        return pack.index
 
 
 def list_packs(backend: Backend, root: str = "dedup/") -> list[str]:

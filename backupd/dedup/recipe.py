@@ -24,10 +24,10 @@ Page images are referenced through *lists*: a list is a chunk like any other (in
 named by its id) whose content is ``uvarint n, n x uvarint raw_length, n x 32-byte chunk
 id``; a ``0x03`` op's raw length is the sum of its list's. The page ids are grouped into
 lists by content: a list ends after an id whose first four bytes, little-endian, are
-``F - 1`` modulo ``F``, or at ``4 F`` ids (``F``, the fanout, is the writer's choice, 16 by
-default; readers do not need it). A list whose
+``F - 1`` modulo ``F``, or at ``4 F`` ids (``F``, the fanout, is the writer's choice: 64 by
+default, measured against others in BENCHMARKS.md; readers do not need it). A list whose
 pages did not change has the same id as last time and is not stored again, so a recipe costs
-about 2 bytes per unchanged page instead of 32 (measured: 2.8 MB -> 0.2 MB for 340 MiB).
+about half a byte per page instead of 32 (measured: 2.8 MB -> 50 KiB for a 340 MiB process).
 
 :class:`ArchiveWriter` streams a tar into new chunks (packed and uploaded as it goes) and a
 recipe; :class:`ArchiveReader` streams the tar back, checking every chunk against its id and
@@ -39,8 +39,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tempfile
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,13 +61,13 @@ FORMAT = "backupd-dedup"
 VERSION = 1
 OP_END, OP_LITERAL, OP_REFS, OP_LISTS = 0, 1, 2, 3
 MAX_REFS_PER_OP = 4096
-LIST_FANOUT = 16
+LIST_FANOUT = 64
 MAX_JSON = 1 << 16
 MAX_LITERAL = 8 << 20  # a literal op larger than this is corrupt (tar headers are small)
 RECIPE_LEVEL = 9  # a recipe is written once and is mostly ids; a higher level costs little
 MAX_RECIPE_STORED = 1 << 30
 BATCH_BYTES = 1 << 20  # chunks hashed per job
-PIPELINE_DEPTH = 16  # batches in flight: bounds the memory to ~16 MiB of chunk data
+PIPELINE_DEPTH = 8  # batches in flight: enough to keep the workers busy; ~8-16 MiB of read blocks
 SPOOL_MEMORY = 8 << 20
 
 
@@ -221,7 +222,7 @@ class ArchiveWriter:
     phase 2; a set in the tests); chunks new in this archive are remembered here, so each is
     stored once. Hashing and compression run on ``workers`` threads, the tar's SHA-256 on one
     more, uploads on ``uploads`` more; memory stays bounded (about ``PIPELINE_DEPTH`` MiB of
-    chunks, a few frames, ``uploads + 1`` packs, and ~100 bytes per new chunk for the set of
+    read blocks, a few frames, ``uploads + 1`` packs, and ~100 bytes per new chunk for the set of
     this archive's new ids).
     """
 
@@ -274,9 +275,9 @@ class _WriteRun:
         self.list_ids: list[bytes] = []  # page ids of the open list
         self.list_lengths: list[int] = []
         self.lists: list[tuple[bytes, bytes, int]] = []  # closed lists not written yet: (id, content, raw length)
-        self.frame: list[Chunk] = []
+        # new chunks are copied into the frame: a view would pin its whole 1 MiB read block
+        self.frame = bytearray()
         self.frame_ids: list[tuple[bytes, int]] = []
-        self.frame_raw = 0
         self.pack = packs.PackBuilder()
         self.result_packs: list[PackInfo] = []
         self.new_chunks = self.new_raw = 0
@@ -405,18 +406,16 @@ class _WriteRun:
             self.session.add(chunk_id)
             self.new_chunks += 1
             self.new_raw += len(chunk)
-            self.frame.append(chunk)
+            self.frame += chunk
             self.frame_ids.append((chunk_id, len(chunk)))
-            self.frame_raw += len(chunk)
-            if self.frame_raw >= self.w.frame_size:
+            if len(self.frame) >= self.w.frame_size:
                 self._flush_frame()
 
     def _flush_frame(self) -> None:
         if not self.frame:
             return
-        chunks, level = self.frame, self.w.level
-        self.frames.append((self.pool.submit(packs.compress_frame, chunks, level), self.frame_ids))
-        self.frame, self.frame_ids, self.frame_raw = [], [], 0
+        self.frames.append((self.pool.submit(packs.compress_frame, self.frame, self.w.level), self.frame_ids))
+        self.frame, self.frame_ids = bytearray(), []
         while len(self.frames) > 2 * self.w.workers or (self.frames and self.frames[0][0].done()):
             self._take_frame()
 
@@ -449,8 +448,9 @@ class _WriteRun:
 
 
 class PackStore:
-    """Chunks by id from a backend's packs: each pack fetched once into a spool file (on disk,
-    private) and kept for the rest of the restore, so memory holds only the pack indexes.
+    """Chunks by id from a backend's packs: each pack fetched once into a private temporary
+    directory and kept there for the rest of the restore (disk: the packs the archive uses;
+    memory: their indexes and up to ``frame_cache`` bytes of decompressed frames).
 
     ``locate(chunk_id) -> pack key`` is the catalog's answer in phase 2; without it the
     store reads every pack's index under ``root`` on the first lookup (a rebuild, a test,
@@ -458,22 +458,24 @@ class PackStore:
     """
 
     def __init__(self, backend: Backend, *, identities: Sequence[Any] = (), root: str = "dedup/",
-                 locate: Callable[[bytes], str | None] | None = None, spool_dir: str | None = None) -> None:
+                 locate: Callable[[bytes], str | None] | None = None, spool_dir: str | None = None,
+                 frame_cache: int = 64 << 20) -> None:
         self.backend = backend
         self.identities = list(identities)
         self.root = root
-        self.spool_dir = spool_dir
+        self._dir = tempfile.mkdtemp(prefix="backupd-restore-", dir=spool_dir)  # 0700
         self._locate = locate
         self._where: dict[bytes, str] | None = None
         self._open: dict[str, packs.PackFile] = {}
-        self.fetched_bytes = 0
+        self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._frames_size, self._frames_limit = 0, frame_cache
 
     def _pack(self, key: str) -> packs.PackFile:
         pack = self._open.get(key)
         if pack is None:
             pack_id = key.rsplit("/", 1)[-1].removesuffix(".pack")
-            pack = self._open[key] = packs.PackFile(self.backend, key, pack_id, identities=self.identities,
-                                                    spool_dir=self.spool_dir)
+            pack = self._open[key] = packs.PackFile(self.backend, key, pack_id, directory=self._dir,
+                                                    identities=self.identities)
         return pack
 
     def _scan(self) -> dict[bytes, str]:
@@ -483,6 +485,20 @@ class PackStore:
                 where.setdefault(chunk_id, key)
         return where
 
+    def _frame(self, pack: packs.PackFile, n: int) -> bytes:
+        # Recently used frames of every pack: an archive's chunks come from the packs of many
+        # checkpoints, interleaved, and a list is read just before the pages it names.
+        cached = self._frames.get((pack.key, n))
+        if cached is not None:
+            self._frames.move_to_end((pack.key, n))
+            return cached
+        raw = pack.frame(n)
+        self._frames[(pack.key, n)] = raw
+        self._frames_size += len(raw)
+        while self._frames_size > self._frames_limit and len(self._frames) > 1:
+            self._frames_size -= len(self._frames.popitem(last=False)[1])
+        return raw
+
     def read(self, chunk_id: bytes) -> bytes:
         key = self._locate(chunk_id) if self._locate is not None else None
         if key is None:
@@ -491,12 +507,18 @@ class PackStore:
             key = self._where.get(chunk_id)
         if key is None:
             raise IntegrityError(f"chunk {chunk_id.hex()} is in no pack of backend {self.backend.name!r}")
-        return self._pack(key).read(chunk_id)
+        pack = self._pack(key)
+        loc = pack.index.chunks.get(chunk_id)
+        if loc is None:
+            raise IntegrityError(f"{pack.what} does not hold chunk {chunk_id.hex()}")
+        return self._frame(pack, loc.frame)[loc.offset : loc.offset + loc.length]
 
     def close(self) -> None:
         for pack in self._open.values():
             pack.close()
         self._open.clear()
+        self._frames.clear()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class ArchiveReader:

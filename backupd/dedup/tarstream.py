@@ -80,7 +80,7 @@ class TarSplitter:
         """Make at least ``n`` bytes available in the buffer unless the input ends first."""
         if len(self._buf) >= n or self._eof:
             return
-        parts = [bytes(self._buf)]
+        parts: list[bytes | memoryview] = [self._buf] if self._buf else []
         have = len(self._buf)
         while have < n:
             data = self._source.read(max(READ_SIZE, n - have))
@@ -89,7 +89,7 @@ class TarSplitter:
                 break
             parts.append(data)
             have += len(data)
-        self._buf = memoryview(b"".join(parts))
+        self._buf = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _take(self, n: int, *, exact: bool, context: str) -> memoryview:
         self._fill(n)
