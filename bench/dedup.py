@@ -167,7 +167,7 @@ CONFIGS: list[tuple[str, dict[str, object]]] = [
     ("1 page, 2 MiB frames", {"frame_size": 2 << 20}),
     ("1 page, list fanout 16", {"list_fanout": 16}),
     ("1 page, list fanout 256", {"list_fanout": 256}),
-    ("1 page, no lists (fanout 1)", {"list_fanout": 1}),
+    ("1 page, no lists (page ids in the recipe)", {"list_fanout": 0}),
 ]
 
 

@@ -244,8 +244,8 @@ class ArchiveWriter:
             raise InvalidInput(f"pages per chunk must be 1 to 256, not {pages_per_chunk}")
         self.pages_per_chunk, self.grouping = pages_per_chunk, grouping
         self.frame_size, self.pack_size, self.level = frame_size, pack_size, level
-        if not 1 <= list_fanout <= MAX_REFS_PER_OP // 4:
-            raise InvalidInput(f"list fanout must be 1 to {MAX_REFS_PER_OP // 4}, not {list_fanout}")
+        if not 0 <= list_fanout <= MAX_REFS_PER_OP // 4:  # 0: page ids straight in the recipe (measuring)
+            raise InvalidInput(f"list fanout must be 0 to {MAX_REFS_PER_OP // 4}, not {list_fanout}")
         self.list_fanout = list_fanout
         self.workers, self.uploads = workers, uploads
         self.spool_dir = spool_dir
@@ -368,7 +368,7 @@ class _WriteRun:
             return
         chunk_ids: list[bytes] = future.result()
         self._store_new(payload, chunk_ids)
-        if kind == "chunks":
+        if kind == "chunks" or not self.w.list_fanout:
             self.encoder.chunk_refs(chunk_ids, [len(c) for c in payload])
             return
         for chunk, chunk_id in zip(payload, chunk_ids, strict=True):

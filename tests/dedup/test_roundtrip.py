@@ -39,9 +39,10 @@ def test_checkpoint_archives_round_trip_and_increments_store_only_what_changed(c
     assert {len(read_pack_index(repo.backend, p.key).order) for p in first.packs} == {p.chunks for p in first.packs}
 
 
-@pytest.mark.parametrize("pages_per_chunk", [2, 8])
-def test_grouped_pages_round_trip(checkpoint_tar, pages_per_chunk):
-    repo = Repo(MemoryBackend(), pages_per_chunk=pages_per_chunk)
+@pytest.mark.parametrize("options", [{"pages_per_chunk": 2}, {"pages_per_chunk": 8}, {"list_fanout": 0},
+                                     {"list_fanout": 1}, {"frame_size": 1}])
+def test_other_parameters_round_trip(checkpoint_tar, options):
+    repo = Repo(MemoryBackend(), **options)
     repo.round_trip(checkpoint_tar(0))
     repo.round_trip(checkpoint_tar(1))
 
