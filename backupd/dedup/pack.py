@@ -36,7 +36,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import zstandard
 
@@ -134,8 +134,7 @@ class Frame:
     raw_length: int
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     """Where a chunk is inside a plaintext pack."""
 
     frame: int
@@ -166,27 +165,26 @@ def parse_index(index: bytes, *, data_end: int, what: str) -> PackIndex:
     pos += nframes * _FRAME.size
     if (len(index) - pos) % _ENTRY.size:
         raise bad("chunk table length")
+    entries = list(_ENTRY.iter_unpack(memoryview(index)[pos:]))
+    if sum(count for _, _, count in raw_frames) != len(entries):
+        raise bad("the frames' chunk counts do not match the chunk table")
     frames: list[Frame] = []
     chunks: dict[bytes, Location] = {}
-    order: list[bytes] = []
     expect = len(MAGIC)
+    e = 0
     for f, (offset, clen, count) in enumerate(raw_frames):
         if offset != expect or clen <= 0:
             raise bad(f"frame {f} at {offset}, expected {expect}")
         expect = offset + clen
         within = 0
-        for _ in range(count):
-            if pos + _ENTRY.size > len(index):
-                raise bad("chunk table shorter than the frames say")
-            chunk_id, length = _ENTRY.unpack_from(index, pos)
-            pos += _ENTRY.size
+        for chunk_id, length in entries[e : e + count]:
             chunks.setdefault(chunk_id, Location(f, within, length))
-            order.append(chunk_id)
             within += length
+        e += count
         frames.append(Frame(offset, clen, within))
-    if expect != data_end or pos != len(index):
+    if expect != data_end:
         raise bad("frames and chunk table do not cover the pack")
-    return PackIndex(frames, chunks, order)
+    return PackIndex(frames, chunks, [chunk_id for chunk_id, _ in entries])
 
 
 def read_footer(tail: bytes, size: int, what: str) -> tuple[int, int, bytes]:

@@ -69,6 +69,8 @@ MAX_RECIPE_STORED = 1 << 30
 BATCH_BYTES = 1 << 20  # chunks hashed per job
 PIPELINE_DEPTH = 8  # batches in flight: enough to keep the workers busy; ~8-16 MiB of read blocks
 SPOOL_MEMORY = 8 << 20
+READ_BATCH = 256  # chunks checked per job when reading
+READ_DEPTH = 4  # batches fetched ahead while earlier ones are checked
 
 
 def uvarint(n: int) -> bytes:
@@ -542,8 +544,15 @@ class ArchiveReader:
         self._stream = zstandard.ZstdDecompressor().stream_reader(self._plain, read_across_frames=False)
         self._sha = hashlib.sha256()
         self.size = 0
-        self._pieces = self._generate()
-        self._buffer = bytearray()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="dedup-check")
+        self._sha_pool = ThreadPoolExecutor(1, thread_name_prefix="tar-sha256")
+        self._hashing: Future[None] | None = None
+        self._batches = self._generate()
+        self._pending: deque[tuple[list[bytes], Future[None] | None]] = deque()
+        self._exhausted = False
+        self._summary: dict[str, Any] = {}
+        self._ready: deque[bytes] = deque()
+        self._ready_size = 0
         self._done = False
 
     def _decrypted(self, recipe: Readable, identities: Sequence[Any], spool_dir: str | None) -> BinaryIO:
@@ -574,7 +583,9 @@ class ArchiveReader:
         plain.seek(0)
         return plain
 
-    def _generate(self) -> Iterator[bytes]:
+    def _generate(self) -> Iterator[tuple[list[bytes], Future[None] | None]]:
+        """Batches of tar pieces in order, each with the check of its chunks' ids running on
+        the pool (hashing releases the GIL) while the next batch is fetched."""
         z, what = self._stream, self.what
         if _read_exact(z, len(MAGIC), what) != MAGIC:
             raise IntegrityError(f"{what}: not a recipe, or a newer recipe version")
@@ -583,39 +594,52 @@ class ArchiveReader:
             raise IntegrityError(f"{what}: unsupported recipe format {header.get('format')!r} "
                                  f"version {header.get('version')!r}")
         self.ids.check_matches(header.get("id_scheme"), header.get("id_key_check"), what)
+        pieces: list[bytes] = []
+        expected: list[tuple[bytes, int]] = []
         while True:
             op = _read_exact(z, 1, what)[0]
             if op == OP_LITERAL:
-                yield _read_exact(z, _length(z, MAX_LITERAL, what), what)
+                yield [_read_exact(z, _length(z, MAX_LITERAL, what), what)], None
             elif op in (OP_REFS, OP_LISTS):
                 for chunk_id, length in _refs(z, what):
-                    data = self._chunk(chunk_id, length if op == OP_REFS else None)
                     if op == OP_REFS:
-                        yield data
-                        continue
-                    listed = io.BytesIO(data)
-                    entries = list(_refs(listed, f"{what}: list {chunk_id.hex()}"))
-                    if listed.read(1) or sum(n for _, n in entries) != length:
-                        raise IntegrityError(f"{what}: list {chunk_id.hex()} is corrupt")
-                    for page_id, page_length in entries:
-                        yield self._chunk(page_id, page_length)
+                        refs = [(chunk_id, length)]
+                    else:  # a list is checked at once: what it names is read next
+                        listed = io.BytesIO(self._checked(chunk_id))
+                        refs = list(_refs(listed, f"{what}: list {chunk_id.hex()}"))
+                        if listed.read(1) or sum(n for _, n in refs) != length:
+                            raise IntegrityError(f"{what}: list {chunk_id.hex()} is corrupt")
+                    for ref in refs:
+                        pieces.append(self.chunks.read(ref[0]))
+                        expected.append(ref)
+                        if len(pieces) >= READ_BATCH:
+                            yield pieces, self._pool.submit(self._check_chunks, pieces, expected)
+                            pieces, expected = [], []
+                if pieces:
+                    yield pieces, self._pool.submit(self._check_chunks, pieces, expected)
+                    pieces, expected = [], []
             elif op == OP_END:
                 summary = _json(_read_exact(z, _length(z, MAX_JSON, what), what), what)
                 if z.read(1):
                     raise IntegrityError(f"{what}: corrupt recipe (data after its end)")
-                self._check(summary)
+                self._summary = summary
                 return
             else:
                 raise IntegrityError(f"{what}: corrupt recipe (unknown op {op})")
 
-    def _chunk(self, chunk_id: bytes, length: int | None) -> bytes:
+    def _checked(self, chunk_id: bytes) -> bytes:
         data = self.chunks.read(chunk_id)
-        if self.ids(data) != chunk_id:
-            raise IntegrityError(f"{self.what}: chunk {chunk_id.hex()} is corrupt (its id does not match its content)")
-        if length is not None and len(data) != length:
-            raise IntegrityError(f"{self.what}: chunk {chunk_id.hex()} holds {len(data)} bytes, "
-                                 f"the recipe says {length}")
+        self._check_chunks([data], [(chunk_id, None)])
         return data
+
+    def _check_chunks(self, pieces: Sequence[bytes], expected: Sequence[tuple[bytes, int | None]]) -> None:
+        for data, (chunk_id, length) in zip(pieces, expected, strict=True):
+            if self.ids(data) != chunk_id:
+                raise IntegrityError(f"{self.what}: chunk {chunk_id.hex()} is corrupt (its id does not match "
+                                     "its content)")
+            if length is not None and len(data) != length:
+                raise IntegrityError(f"{self.what}: chunk {chunk_id.hex()} holds {len(data)} bytes, "
+                                     f"the recipe says {length}")
 
     def _check(self, summary: dict[str, Any]) -> None:
         sha = self._sha.hexdigest()
@@ -629,29 +653,62 @@ class ArchiveReader:
         if problems:
             raise IntegrityError(f"{self.what}: the rebuilt tar does not match: {'; '.join(problems)}")
 
+    def _next_ready(self) -> list[bytes] | None:
+        """The next batch whose chunks are verified (None at the end), keeping a few in flight."""
+        while len(self._pending) < READ_DEPTH and not self._exhausted:
+            item = next(self._batches, None)
+            if item is None:
+                self._exhausted = True
+            else:
+                self._pending.append(item)
+        if not self._pending:
+            return None
+        pieces, check = self._pending.popleft()
+        if check is not None:
+            check.result()
+        return pieces
+
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             return b"".join(iter(lambda: self.read(1 << 20), b""))
         try:
-            while len(self._buffer) < n and not self._done:
-                piece = next(self._pieces, None)
-                if piece is None:
+            while self._ready_size < n and not self._done:
+                pieces = self._next_ready()
+                if pieces is None:
                     self._done = True
+                    if self._hashing is not None:
+                        self._hashing.result()
+                    self._check(self._summary)
                     break
-                self._sha.update(piece)
-                self.size += len(piece)
-                self._buffer += piece
+                if self._hashing is not None:
+                    self._hashing.result()  # in order, and at most one batch behind
+                self._hashing = self._sha_pool.submit(_update_all, self._sha, pieces)
+                self._ready.extend(pieces)
+                self._ready_size += sum(map(len, pieces))
+                self.size += sum(map(len, pieces))
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{self.what}: the recipe is corrupt ({exc})") from None
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return out
+        out: list[bytes] = []
+        got = 0
+        while self._ready and got < n:
+            piece = self._ready.popleft()
+            if got + len(piece) > n:
+                self._ready.appendleft(piece[n - got :])
+                piece = piece[: n - got]
+            out.append(piece)
+            got += len(piece)
+        self._ready_size -= got
+        return b"".join(out)
 
     @property
     def tar_sha256(self) -> str:
+        if self._hashing is not None:
+            self._hashing.result()
         return self._sha.hexdigest()
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._sha_pool.shutdown(wait=True, cancel_futures=True)
         for spool in self._spools:
             spool.close()
 
@@ -660,6 +717,11 @@ class ArchiveReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _update_all(sha: Any, pieces: Sequence[bytes]) -> None:
+    for piece in pieces:
+        sha.update(piece)
 
 
 def _refs(stream: Readable, what: str) -> Iterator[tuple[bytes, int]]:

@@ -237,3 +237,38 @@ def test_real_criu_dumps_round_trip(tmp_path: Path):
     second = repo.round_trip(tars[1])
     # the ballast did not change between the dumps: the second stores a small part of the first
     assert second.pack_bytes * 4 < first.pack_bytes
+
+
+@pytest.mark.parametrize("damage", ["frame offset", "chunk count", "index digest", "magic"])
+def test_a_hostile_pack_index_under_a_valid_name_is_refused(tmp_path: Path, damage):
+    """Packs are verified by name, but a writer bug or a hostile bucket can name a bad pack
+    correctly: the index is checked against the pack's own layout."""
+    import hashlib as h
+    import struct
+
+    from backupd.dedup import pack as packs
+
+    builder = packs.PackBuilder()
+    builder.add_frame(packs.compress_frame(b"a" * 4096 + b"b" * 4096), [(b"A" * 32, 4096), (b"B" * 32, 4096)])
+    plain = bytearray(builder.finish())
+    footer = packs.FOOTER_SIZE
+    index_offset, index_length = struct.unpack_from("<QI", plain, len(plain) - footer)
+    index = bytearray(plain[index_offset : index_offset + index_length])
+    if damage == "frame offset":
+        struct.pack_into("<Q", index, 4, 9)
+    elif damage == "chunk count":
+        struct.pack_into("<I", index, 4 + 12, 3)
+    elif damage == "index digest":  # a changed entry, the digest left as it was
+        index[-1] ^= 0x01
+    if damage == "magic":
+        plain[:8] = b"BKDPACK9"
+    else:
+        plain[index_offset : index_offset + index_length] = index
+    if damage != "index digest":
+        plain[len(plain) - footer + 16 : len(plain) - footer + 48] = h.sha256(bytes(index)).digest()
+    pack_id, stored = packs.seal(bytes(plain))
+    backend = MemoryBackend()
+    backend.put(packs.pack_key(pack_id), io.BytesIO(stored))
+    with pytest.raises(IntegrityError, match="corrupt pack index|not a pack"):
+        packs.PackFile(backend, packs.pack_key(pack_id), pack_id, directory=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
