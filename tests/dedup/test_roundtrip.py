@@ -13,7 +13,7 @@ import pytest
 
 from backupd.backends.filesystem import FilesystemBackend
 from backupd.backends.memory import MemoryBackend
-from backupd.dedup import ArchiveReader, ArchiveWriter, ChunkIds, PackStore
+from backupd.dedup import ArchiveReader, ArchiveWriter, ChunkIds, PackStore, restore
 from backupd.dedup.pack import list_packs, read_pack_index
 from backupd.errors import IntegrityError, InvalidInput
 from backupd.simulator import criu as real_criu
@@ -272,3 +272,21 @@ def test_a_hostile_pack_index_under_a_valid_name_is_refused(tmp_path: Path, dama
     with pytest.raises(IntegrityError, match="corrupt pack index|not a pack"):
         packs.PackFile(backend, packs.pack_key(pack_id), pack_id, directory=str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_a_locate_callback_answers_where_chunks_are(checkpoint_tar):
+    """Phase 2's catalog answers locate(chunk id) -> pack key; a wrong answer is caught."""
+    backend = MemoryBackend()
+    repo = Repo(backend, pack_size=256 << 10)
+    key, result = repo.write(checkpoint_tar(0))
+    where = {cid: p.key for p in result.packs for cid in read_pack_index(backend, p.key).order}
+    store = PackStore(backend, locate=where.get)
+    out = io.BytesIO()
+    with backend.open(key) as recipe:
+        restore(recipe, store, out, tar_sha256=result.tar_sha256)
+    store.close()
+    assert out.getvalue() == checkpoint_tar(0)
+    wrong = PackStore(backend, locate=lambda cid: result.packs[0].key)
+    with backend.open(key) as recipe, pytest.raises(IntegrityError, match="does not hold chunk"):
+        restore(recipe, wrong, io.BytesIO())
+    wrong.close()
