@@ -7,7 +7,7 @@
   ``N`` (and at ``4 N`` pages at the latest), so a page inserted or removed by the process
   (a new arena, a freed mapping) shifts the groups around it only, not every group after it
   as fixed groups of N would (measured: fixed groups of 2 pages left 99 % of the next dump's
-  chunks new where 44 % of its pages were).
+  chunks new where 49 % of its pages were).
 * Other members larger than :data:`CDC_MAX` go through FastCDC (the ``fastcdc`` package's
   Cython implementation) with min/avg/max = 16/64/256 KiB: small enough that an appended log
   or a changed file inside ``rootfs-diff.tar`` costs a few 64 KiB chunks, large enough that
