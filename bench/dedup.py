@@ -14,10 +14,11 @@ every dump:
   fanouts at 1 page): new pack bytes, of which index, plus recipe = uploaded; the ratio
   ``uploaded / changed`` (the target is <= 1.3 for every dump after the first);
 * ship time of the first dump to a filesystem backend: ``transfer.PackingReader`` (the full
-  format) against :class:`~backupd.dedup.ArchiveWriter`, best of two each, and a verified
-  restore of the last dump.
+  format) against :class:`~backupd.dedup.ArchiveWriter`, alternating, five of each (median,
+  best, CPU seconds), the same age-encrypted, and a verified restore of each.
 
-Prints a table and writes ``bench/results/dedup.json``.
+``--quick`` measures the defaults only (each dump on its row, and the ship times). Dumps are
+cached in ``--workdir`` between runs. Prints a table and writes ``bench/results/dedup.json``.
 """
 
 from __future__ import annotations
