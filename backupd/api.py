@@ -48,7 +48,7 @@ from backupd.catalog import ARCHIVE_STATES, COMMITTED, Catalog, Cursor
 from backupd.config import DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_TIMEOUT_SECONDS
 from backupd.errors import BackupdError, ConfigError, InvalidInput
 from backupd.metrics import Metrics
-from backupd.report import stored_policies
+from backupd.policy import stored_document
 
 log = structlog.get_logger("backupd.api")
 
@@ -168,8 +168,8 @@ def openapi_document() -> dict[str, Any]:
                 "Error": {"type": "object", "properties": {"error": _STRING}, "required": ["error"]},
                 "Policy": {"type": "object", "properties": {
                     "apiVersion": _STRING, "kind": _STRING, "metadata": {"type": "object"}, "spec": {"type": "object"},
-                    "error": {"type": "string", "description": "Only for a stored policy that no longer validates "
-                                                              "(then without spec)."}}},
+                    "error": {"type": "string", "description": "Only on a stored policy this backupd refuses (it "
+                              "is not scheduled), e.g. a schedule that never fires"}}},
                 "Archive": {"type": "object", "properties": archive_props},
                 "Run": {"type": "object", "properties": run_props},
             },
@@ -244,8 +244,8 @@ class Api:
         if not self.authorized(auth):
             return _json(401, {"error": "missing or wrong bearer token"})
         try:
-            if path == "/api/v1/policies":  # one that no longer validates is listed with its error
-                return _json(200, [p.to_document() for p in stored_policies(self.catalog)])
+            if path == "/api/v1/policies":
+                return _json(200, [stored_document(p.name, p.spec_json) for p in self.catalog.list_policies()])
             if path == "/api/v1/archives":
                 state = _one(query, "state", ARCHIVE_STATES) or COMMITTED
                 archives, following = self.catalog.archive_page(

@@ -1,21 +1,39 @@
 """Configuration: a TOML file, every key overridable by ``BACKUPD_SECTION__KEY`` env variables.
 
-Validated once at start-up. Unknown keys and wrong types are errors that name the key. Secrets
-(S3 keys, the database password, tokens) are read from files or env, held as ``SecretStr`` and
-never printed: error messages show the offending *key*, and the value only for non-secret keys.
+Validated once at start-up. Unknown keys and wrong types are errors that name the key; so are
+``BACKUPD_*`` variables that name no section (``BACKUPD_DATABSE__URL``) unless they are one of
+:data:`NON_CONFIG_ENV`, malformed JSON in a whole-section variable (``BACKUPD_BACKENDS``), an
+empty path, a config file that is not UTF-8 or not TOML. Secrets (S3 keys, the database
+password, tokens) are read from files or env, held as ``SecretStr`` and never printed: error
+messages show the offending *key*, and the value only for non-secret keys.
+
+Without a config file (``--config``, ``$BACKUPD_CONFIG`` or :data:`DEFAULT_CONFIG_PATH`) the
+environment must at least say where the catalog is (``BACKUPD_DATABASE__URL``): the built-in
+default is a production path, and a command must not create a catalog there by accident.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from backupd.errors import ConfigError, scrub
 from backupd.sizes import parse_size
@@ -25,11 +43,34 @@ DEFAULT_STALE_INTERVALS = 3
 
 DEFAULT_CONFIG_PATH = Path("/etc/backupd/config.toml")
 
+ENV_PREFIX = "BACKUPD_"
+#: ``BACKUPD_*`` variables that are not config keys: read by commands (restore, verify, inspect,
+#: the crash tests' fault injection) or by the test suite (also every ``BACKUPD_TEST_*``)
+NON_CONFIG_ENV = frozenset({
+    "BACKUPD_CONFIG", "BACKUPD_AGE_IDENTITY_FILE", "BACKUPD_REGISTRY_PASSWORD", "BACKUPD_FAULTS",
+    "BACKUPD_REQUIRE_POSTGRES", "BACKUPD_FUZZ_EXAMPLES", "BACKUPD_SHARED_DIR", "BACKUPD_BENCH_DATABASE_URL",
+})
+NON_CONFIG_ENV_PREFIX = "BACKUPD_TEST_"
+
+NO_CONFIG = (f"no config file: give --config FILE, set BACKUPD_CONFIG, or create {DEFAULT_CONFIG_PATH} "
+             "(see config/example.toml); or configure by environment alone, with at least BACKUPD_DATABASE__URL")
+
 #: the daemon's HTTP server: seconds a client has to send a whole request, open connections at most
 DEFAULT_HTTP_TIMEOUT_SECONDS = 10.0
 DEFAULT_HTTP_MAX_CONNECTIONS = 256
 
 Size = Annotated[int, Field(ge=0)]
+
+
+def _not_empty(value: object) -> object:
+    # Path("") is ".": an empty setting would silently mean the current directory.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty (leave the key out for its default)")
+    return value
+
+
+#: a file or directory setting; "" is refused rather than read as the current directory
+ConfigPath = Annotated[Path, BeforeValidator(_not_empty)]
 
 
 class _Section(BaseModel):
@@ -39,7 +80,7 @@ class _Section(BaseModel):
 class DatabaseConfig(_Section):
     url: str = "sqlite:////var/lib/backupd/catalog.db"
     #: a file holding the password, substituted into ``url`` (keeps it out of the config file)
-    password_file: Path | None = None
+    password_file: ConfigPath | None = None
 
     @field_validator("url")
     @classmethod
@@ -73,11 +114,11 @@ class DatabaseConfig(_Section):
 
 class KubeletConfig(_Section):
     url: str = "https://127.0.0.1:10250"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    token_file: Path | None = None
-    checkpoint_dir: Path = Path("/var/lib/kubelet/checkpoints")
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
+    token_file: ConfigPath | None = None
+    checkpoint_dir: ConfigPath = Path("/var/lib/kubelet/checkpoints")
     timeout_seconds: int = Field(default=120, ge=1, le=4 * 3600)
     #: client-side limit on one kubelet request; default max(120, timeout_seconds) + 30, because
     #: the kubelet ignores a ``timeout`` below its 2-minute CRI default
@@ -104,7 +145,7 @@ class DaemonConfig(_Section):
     max_concurrent_checkpoints: int = Field(default=2, ge=1, le=64)
     http_listen: str = "127.0.0.1:9790"
     #: when set, the JSON API (/api/v1/*) requires this bearer token; health and metrics stay open
-    api_token_file: Path | None = None
+    api_token_file: ConfigPath | None = None
     #: a connection that has not sent a complete request this many seconds after connecting (or
     #: after its previous answer) is closed
     http_timeout_seconds: float = Field(default=DEFAULT_HTTP_TIMEOUT_SECONDS, gt=0, le=300)
@@ -145,7 +186,7 @@ class _BackendSection(_Section):
 
 class FilesystemBackendConfig(_BackendSection):
     type: Literal["filesystem"]
-    path: Path
+    path: ConfigPath
 
 
 class S3BackendConfig(_BackendSection):
@@ -155,11 +196,11 @@ class S3BackendConfig(_BackendSection):
     endpoint_url: str | None = None
     region: str | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    ca_bundle: Path | None = None
+    ca_bundle: ConfigPath | None = None
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
-    access_key_id_file: Path | None = None
-    secret_access_key_file: Path | None = None
+    access_key_id_file: ConfigPath | None = None
+    secret_access_key_file: ConfigPath | None = None
     storage_class: str | None = None
     sse: Literal["AES256", "aws:kms"] | None = None
     sse_kms_key_id: str | None = None
@@ -201,12 +242,12 @@ class AlertsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # the URL may hold a token
 
     webhook_url: SecretStr | None = None
-    webhook_url_file: Path | None = None
+    webhook_url_file: ConfigPath | None = None
     format: Literal["json", "slack"] = "json"
     stale_intervals: int = Field(default=DEFAULT_STALE_INTERVALS, ge=1, le=1000)
     min_interval_seconds: float = Field(default=60.0, ge=0)
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-    ca_file: Path | None = None
+    ca_file: ConfigPath | None = None
     send_recovery: bool = True
 
     @model_validator(mode="after")
@@ -301,38 +342,78 @@ _SECRET_HINT = re.compile(r"secret|password|token|access_key|webhook|database\.u
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem: the dotted key path, what is wrong, the value unless secret."""
-    lines = [f"invalid configuration ({source}):"]
+    lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in err and not _SECRET_HINT.search(path) and not isinstance(err["input"], dict | list):
             msg = f"{msg} (got {scrub(repr(err['input']))})"
-        lines.append(f"  {path}: {scrub(msg)}")
-    return "\n".join(lines)
+        lines.append(f"{path}: {scrub(msg)}")
+    return _problems(source, lines)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, required: bool = False) -> Config:
+def _problems(source: str, lines: list[str]) -> str:
+    return "\n".join([f"invalid configuration ({source}):", *(f"  {line}" for line in lines)])
+
+
+def environment_problems(environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with the ``BACKUPD_*`` variables before pydantic reads them: names that are
+    no section and no :data:`NON_CONFIG_ENV`, and whole-section values that are not JSON. (Unknown
+    keys of a known section, ``BACKUPD_DAEMON__BOGUS``, are pydantic's "unknown key".)"""
+    sections = list(Config.model_fields)
+    problems = []
+    for name, value in sorted(environ.items()):
+        upper = name.upper()  # the settings are read case-insensitively
+        if not upper.startswith(ENV_PREFIX) or upper in NON_CONFIG_ENV or upper.startswith(NON_CONFIG_ENV_PREFIX):
+            continue
+        rest = upper.removeprefix(ENV_PREFIX).lower()
+        section, nested, _key = rest.partition("__")
+        if section not in sections:
+            near = next((s for s in sections if rest.startswith(f"{s}_")), None)
+            hint = (f"did you mean {ENV_PREFIX}{near.upper()}__{rest.removeprefix(f'{near}_').upper()}?" if near
+                    else f"no config section {section!r} (sections: {', '.join(sections)})")
+            problems.append(f"{name}: unknown variable: {hint}")
+        elif not nested:
+            try:
+                json.loads(value)
+            except json.JSONDecodeError as exc:  # the value may hold a secret: say only where it breaks
+                problems.append(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+                                f"a whole section is given as JSON")
+    return problems
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read ``path`` (or ``$BACKUPD_CONFIG``, or the default path if it exists) plus env overrides.
 
-    Raises :class:`ConfigError` naming the key for any invalid or unknown setting.
+    Raises :class:`ConfigError` naming the key or variable for any invalid or unknown setting,
+    and :data:`NO_CONFIG` when there is no file and the environment does not name a catalog.
     """
     explicit = path or os.environ.get("BACKUPD_CONFIG")
     file = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
     data: dict[str, Any] = {}
-    source = "defaults and BACKUPD_* environment"
+    source = f"{ENV_PREFIX}* environment"
+    if problems := environment_problems(os.environ):
+        raise ConfigError(_problems(source, problems))
     if file.exists():
         try:
-            data = tomllib.loads(file.read_text())
+            data = tomllib.loads(file.read_bytes().decode("utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start} cannot be decoded); TOML files are UTF-8") \
+                from None
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-        source = f"{file} and BACKUPD_* environment"
-    elif explicit or required:
+        source = f"{file} and {source}"
+    elif explicit:
         raise ConfigError(f"config file {str(file)!r} does not exist")
+    elif not any(name.upper() in ("BACKUPD_DATABASE", "BACKUPD_DATABASE__URL") for name in os.environ):
+        raise ConfigError(NO_CONFIG)
     try:
         return Config(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+    except SettingsError as exc:  # environment_problems() catches what this can be; kept for what it misses
+        raise ConfigError(_problems(source, [str(exc)])) from None

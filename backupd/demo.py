@@ -9,6 +9,8 @@ against its manifest. No cluster and no cloud account needed.
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import sys
 import threading
@@ -95,25 +97,11 @@ class Progress:
 
 
 def verify_all(app: App) -> tuple[int, list[str]]:
-    """Read every committed archive back and check it against its manifest."""
-    from backupd import layout
-    from backupd.transfer import UnpackingReader
+    """Read every committed archive back and check it against its manifest, as ``verify`` does."""
+    from backupd.verify import verify
 
-    problems = []
-    archives = app.catalog.list_archives()
-    for a in archives:
-        backend = app.backends[a.backend]
-        manifest = layout.Manifest.from_json(backend.read_bytes(layout.manifest_key(a.key)), a.key)
-        try:
-            with backend.open(a.key) as stored:
-                reader = UnpackingReader(stored, what=f"archive {a.id}", tar_sha256=manifest.tar_sha256,
-                                         stored_sha256=manifest.stored_sha256, tar_size=manifest.tar_size,
-                                         stored_size=manifest.stored_size)
-                while reader.read(1 << 20):
-                    pass
-        except Exception as exc:  # reported, not raised: the summary shows every problem
-            problems.append(str(exc))
-    return len(archives), problems
+    report = verify(app.catalog, app.backends, app.catalog.list_archives(), structure=True, orphan_grace=None)
+    return len(report.findings), [f"archive {f.archive_id}: {f.status}: {f.detail}" for f in report.problems]
 
 
 @click.command()
@@ -203,10 +191,38 @@ def _summary(app: App, base: Path) -> None:
     for p in problems:
         click.echo(f"  {p}")
     click.echo(f"node-local tars left in {app.config.kubelet.checkpoint_dir}: {node_tars} (keepOnNode)")
-    click.echo(f"archives are in {base / 'backend'}; try: backupd --config {base / 'config.toml'} list")
-    _write_config(app.config, base / "config.toml")
+    config = base / "config.toml"
+    _write_config(app.config, config)
+    again = f"{_this_command()} --config {shlex.quote(_from_here(config))}"
+    newest = max(archives, key=lambda a: (a.checkpoint_time, a.id), default=None)
+    click.echo(f"\narchives are in {base / 'backend'}; the simulator has stopped, the catalog and the archives "
+               "stay. Try:")
+    for command in ("list", f"inspect {newest.id}" if newest else None, "report", "verify"):
+        if command:
+            click.echo(f"  {again} {command}")
     if problems:
         raise SystemExit(7)
+
+
+def _from_here(path: Path) -> str:
+    """``path`` as the user can type it here: relative below the current directory, else absolute."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.absolute())
+
+
+def _this_command() -> str:
+    """How to run this backupd again from the current directory, as it was started: ``backupd``
+    when that is on PATH, else the script's path as typed (``make demo`` runs
+    ``.venv/bin/backupd``), else this interpreter with ``-m backupd``."""
+    script = sys.argv[0]
+    if Path(script).name == "backupd" and Path(script).is_file():
+        on_path = shutil.which("backupd")
+        if on_path and os.path.samefile(on_path, script):
+            return "backupd"
+        return shlex.quote(script)
+    return f"{shlex.quote(_from_here(Path(sys.executable)))} -m backupd"
 
 
 def _write_config(config: Config, path: Path) -> None:

@@ -210,7 +210,7 @@ def check_config(config_path: str | os.PathLike[str] | None) -> tuple[Check, Con
                       "every key)"), None
     source = config_path or os.environ.get("BACKUPD_CONFIG")
     if not source:
-        source = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else "the defaults and BACKUPD_* environment"
+        source = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else "the BACKUPD_* environment"
     return passed("config", f"{source} is valid (node {config.kubelet.node()})"), config
 
 

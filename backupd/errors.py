@@ -16,6 +16,8 @@ must never contain a secret.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 # Exit codes: public contract (README "Exit codes"). Never renumber, never reuse.
 EXIT_OK = 0
@@ -37,6 +39,28 @@ def scrub(text: str) -> str:
     """Remove ``user:password@`` from URLs inside a message (a foreign error text may echo
     a URL with credentials; backupd's own messages never hold them)."""
     return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def validation_problems(errors: Sequence[Mapping[str, Any]], where: str, *, limit: int = 200,
+                        prefix: str | None = None) -> list[str]:
+    """One ``where: field.path: what is wrong (got VALUE)`` line per error of a pydantic
+    ``ValidationError.errors()`` list; values are shown truncated to ``limit`` characters.
+    ``prefix`` is put in front of every field path (``spec`` for a spec validated alone)."""
+    lines = []
+    for err in errors:
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        path = ".".join([prefix, *loc] if prefix else loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            shown = repr(err["input"])
+            if shown not in msg:
+                msg = f"{msg} (got {shown if len(shown) <= limit else shown[:limit] + '...'})"
+        lines.append(f"{where}: {path or '(document)'}: {msg}")
+    return lines
 
 
 class BackupdError(Exception):
@@ -192,6 +216,20 @@ class IntegrityError(BackupdError):
 
 class UnsafeArchive(IntegrityError):
     """An archive with path traversal, links, device files or absurd sizes."""
+
+
+class ManifestInvalid(IntegrityError):
+    """A manifest that is not JSON, too large, or fails the manifest schema."""
+
+
+class ManifestKeyMismatch(IntegrityError):
+    """A manifest whose fields disagree with the key it was read from (a manifest planted under
+    another prefix, or copied from one). ``disagreements`` holds (field, what the key says,
+    what the manifest says)."""
+
+    def __init__(self, message: str, disagreements: list[tuple[str, str, str]]) -> None:
+        super().__init__(message)
+        self.disagreements = disagreements
 
 
 class RunsFailed(BackupdError):

@@ -16,12 +16,15 @@ from ``config.dump``, the statistics from ``stats-dump``, the process tree from
 **Safety.** Nothing is ever written, created or followed: members are read as streams, only the
 small metadata files are held in memory (each under ``Limits.max_metadata_bytes``), memory pages
 are counted from their headers, and ``rootfs-diff.tar`` is listed as an inner stream. The archive
-is refused with :class:`~backupd.errors.UnsafeArchive` (exit code 7), naming the member, when a
-member name is absolute or contains ``..``, when a member is a symlink, hardlink, device, FIFO or
-of an unknown type, when a name appears twice, when a declared size or an extended (PAX/GNU)
-header is absurdly large, or when a CRIU image is malformed. A truncated or corrupt stream (tar
-or compression) is an :class:`~backupd.errors.IntegrityError` (also exit code 7): an archive must
-end with its end-of-archive block. Inside ``rootfs-diff.tar`` (the container's changed files)
+is refused with :class:`~backupd.errors.UnsafeArchive` (exit code 7), naming the member, by the
+member rules restore and verify apply too (:class:`backupd.tarscan.MemberRules`: absolute or
+``..`` names, symlinks, hardlinks, devices, FIFOs, sparse files, unknown types, a name twice,
+absurd declared sizes), when an extended (PAX/GNU) header is absurdly large, or when a CRIU image
+is malformed. (inspect reads with tarfile, which can hand out a member's data as a stream;
+restore and verify with the push-mode :class:`~backupd.tarscan.TarScanner`; the rules are one
+class for both.) A truncated or corrupt stream (tar or compression) is an
+:class:`~backupd.errors.IntegrityError` (also exit code 7): an archive must end with its
+end-of-archive block. Inside ``rootfs-diff.tar`` (the container's changed files)
 links and device nodes are legitimate content and are listed, never followed; absolute or ``..``
 names and hardlinks leaving the tree are refused there too.
 
@@ -79,7 +82,8 @@ from backupd.errors import (
     StorageUnavailable,
     UnsafeArchive,
 )
-from backupd.transfer import DigestMismatch, UnpackingReader
+from backupd.restore import open_verified, verified_manifest
+from backupd.tarscan import DEFAULT_LIMITS, Limits, MemberRules, member_name, member_size, short
 
 __all__ = [
     "CheckpointSize",
@@ -112,22 +116,6 @@ _COMPRESSION_MAGICS = (
     (b"BZh", "bzip2"),
 )
 _AGE_MAGIC = b"age-encryption.org/"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds that make a hostile archive cost little; anything beyond them is refused."""
-
-    max_metadata_bytes: int = 16 << 20  # per metadata file held in memory
-    max_header_bytes: int = 1 << 20  # one member's headers, PAX and GNU extensions included
-    max_member_size: int = 1 << 44  # 16 TiB declared for one member is not a checkpoint
-    max_members: int = 500_000
-    max_name_length: int = 4096
-    max_listed_files: int = 10_000  # rootfs-diff.tar entries listed (then ``truncated``)
-    max_process_depth: int = 128
-
-
-DEFAULT_LIMITS = Limits()
 
 
 # -- the result -----------------------------------------------------------------------------
@@ -222,10 +210,6 @@ class Inspection:
 # -- streams: translation of foreign errors, header budget, decompression ---------------------
 
 
-def _short(name: str, limit: int = 160) -> str:
-    return repr(name if len(name) <= limit else name[:limit] + "…")
-
-
 class _Reader:
     """A ``read(n)`` stream that translates foreign exceptions once, at this edge.
 
@@ -243,7 +227,6 @@ class _Reader:
         self.pos = 0
         self.header_limit: int | None = None
         self.header_start = 0
-        self.max_bytes: int | None = None  # more than this is an error (the catalog knows the size)
         self.truncated: str | None = None  # the message for reading on and on at end of stream
         self._eof_reads = 0
 
@@ -261,9 +244,6 @@ class _Reader:
             if self._eof_reads > self.EOF_READS:
                 raise IntegrityError(self.truncated)
         self.pos += len(data)
-        if self.max_bytes is not None and self.pos > self.max_bytes:
-            raise IntegrityError(f"the tar stream is longer than the {self.max_bytes} bytes the catalog records; "
-                                 "the stored object does not match the catalog")  # fmt: skip
         if self.header_limit is not None and self.pos > self.header_limit:
             budget = self.header_limit - self.header_start
             raise UnsafeArchive(
@@ -406,7 +386,7 @@ class _TarPass:
                 if count > limits.max_members:
                     raise UnsafeArchive(f"{what} has more than {limits.max_members} members; refused as hostile")
                 yield tar, member
-                after = f" after member {_short(member.name)}"
+                after = f" after member {short(member.name)}"
             ended = guard.last_header_error
             if ended is tarfile.InvalidHeaderError:
                 raise IntegrityError(f"{what}: invalid tar header at offset {tar.offset}{after} (corrupt, or "
@@ -451,40 +431,19 @@ def _member_kind(member: tarfile.TarInfo) -> str:
     return f"type {member.type!r}"
 
 
-def _checked_name(member: tarfile.TarInfo, what: str, limits: Limits) -> str:
-    """The normalised name (no ``./`` prefix, no trailing ``/``) or UnsafeArchive."""
-    raw = member.name
-    if len(raw) > limits.max_name_length:
-        raise UnsafeArchive(f"{what}: member name {_short(raw)} is longer than {limits.max_name_length} characters; "
-                            "refused as hostile")  # fmt: skip
-    name = raw
-    while name.startswith("./"):
-        name = name[2:]
-    if name.startswith("/"):
-        raise UnsafeArchive(f"{what}: member {_short(raw)} has an absolute name; the archive is refused (nothing "
-                            "was extracted); do not restore it with a tool that would write it")  # fmt: skip
-    if ".." in name.split("/"):
-        raise UnsafeArchive(f"{what}: member {_short(raw)} climbs out of the archive with '..' (path traversal); "
-                            "the archive is refused (nothing was extracted)")  # fmt: skip
-    if member.size < 0 or member.size > limits.max_member_size:
-        raise UnsafeArchive(f"{what}: member {_short(raw)} declares {member.size} bytes (limit "
-                            f"{limits.max_member_size}); refused as hostile")  # fmt: skip
-    return name.rstrip("/")
-
-
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, what: str, limit: int) -> bytes:
     if member.size > limit:
-        raise UnsafeArchive(f"{what}: member {_short(name)} declares {member.size} bytes, over the {limit}-byte limit "
+        raise UnsafeArchive(f"{what}: member {short(name)} declares {member.size} bytes, over the {limit}-byte limit "
                             "for a metadata file; refused as hostile")  # fmt: skip
     f = tar.extractfile(member)
     if f is None:  # pragma: no cover - only regular files reach here
-        raise IntegrityError(f"{what}: member {_short(name)} has no data")
+        raise IntegrityError(f"{what}: member {short(name)} has no data")
     try:
         data = f.read(member.size)
     except tarfile.TarError as exc:  # tarfile's "unexpected end of data"
-        raise IntegrityError(f"{what} is truncated inside member {_short(name)} ({exc})") from None
+        raise IntegrityError(f"{what} is truncated inside member {short(name)} ({exc})") from None
     if len(data) != member.size:
-        raise IntegrityError(f"{what} is truncated inside member {_short(name)}")
+        raise IntegrityError(f"{what} is truncated inside member {short(name)}")
     return data
 
 
@@ -706,15 +665,16 @@ def _list_rootfs_diff(stream: IO[bytes], result: Inspection, what: str, limits: 
     members = tar_pass.members()
     try:
         for _tar, member in members:
-            name = _checked_name(member, where, limits)
-            if not name:
+            name = member_name(member.name, where, limits)
+            member_size(member.name, member.size, where, limits)
+            if name == ".":
                 continue
             link = member.linkname if member.issym() or member.islnk() else None
             if member.islnk():
                 target = member.linkname.removeprefix("./")
                 if target.startswith("/") or ".." in target.split("/"):
-                    raise UnsafeArchive(f"{where}: hardlink {_short(member.name)} points outside the tree "
-                                        f"({_short(member.linkname)}); the archive is refused")  # fmt: skip
+                    raise UnsafeArchive(f"{where}: hardlink {short(member.name)} points outside the tree "
+                                        f"({short(member.linkname)}); the archive is refused")  # fmt: skip
             base = name.rsplit("/", 1)[-1]
             if base.startswith(".wh."):
                 if not base.startswith(".wh..wh."):  # an OCI whiteout: containerd's record of a deletion
@@ -737,24 +697,17 @@ def _inspect_tar(reader: _Reader, result: Inspection, what: str, limits: Limits,
     """The one pass: sizes from headers, metadata files into memory, then the trailer."""
     files: dict[str, bytes] = {}
     cores: dict[int, tuple[str, str] | None] = {}
-    seen: set[str] = set()
     has_checkpoint_dir = False
     sizes = result.checkpoint_size
     tar_pass = _TarPass(reader, what, limits)
+    rules = MemberRules(what, limits)  # the rules restore and verify apply, too
     for tar, member in tar_pass.members():
         result.members += 1
-        name = _checked_name(member, what, limits)
+        kind = tarfile.GNUTYPE_SPARSE if member.sparse is not None else member.type
+        name = rules.check(member.name, kind, member.size, member.linkname)
         if member.isdir():
             has_checkpoint_dir |= name == "checkpoint"
             continue
-        if not member.isreg():
-            raise UnsafeArchive(f"{what}: member {_short(member.name)} is a {_member_kind(member)}, not a regular "
-                                "file or directory; links and device files are never followed, and the archive "
-                                "is refused")  # fmt: skip
-        if name in seen:
-            raise UnsafeArchive(f"{what}: member {_short(name)} appears twice (tools would disagree on which one "
-                                "counts); the archive is refused")  # fmt: skip
-        seen.add(name)
         if name.startswith("checkpoint/"):
             has_checkpoint_dir = True
             sizes.total_size += member.size
@@ -843,12 +796,14 @@ def inspect_file(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMIT
 
 def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limits = DEFAULT_LIMITS,
                             identities: Sequence[Any] = ()) -> Inspection:
-    """Inspect a committed archive from ``backend``, checking it against the catalog.
+    """Inspect a committed archive from ``backend``, checking it against its manifest (which
+    must agree with its key and the catalog: :func:`backupd.restore.verified_manifest`).
 
     The whole object is read, which is what lets its sizes and digests be checked: a mismatch
-    raises :class:`~backupd.transfer.DigestMismatch`. When the tar cannot be parsed, the rest is
-    still read, so that a stored object that does not match the catalog is reported as that
-    (corruption in storage) rather than as a malformed archive.
+    raises :class:`~backupd.transfer.DigestMismatch` -- a size at the moment it is passed, so a
+    decompression bomb stops there. When the tar cannot be parsed, the rest is still read, so
+    that a stored object that does not match the catalog is reported as that (corruption in
+    storage) rather than as a malformed archive.
     """
     what = f"archive {archive.id}"
     if archive.state != COMMITTED:
@@ -863,28 +818,14 @@ def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limit
         return StorageUnavailable(f"reading {archive.key!r} from backend {backend.name!r} failed "
                                   f"({type(exc).__name__}: {exc})")  # fmt: skip
 
-    with backend.open(archive.key) as stored:
-        unpacking = UnpackingReader(
-            _Reader(stored, unreadable), what=what, tar_sha256=archive.tar_sha256,
-            stored_sha256=archive.stored_sha256, tar_size=archive.tar_size, stored_size=archive.stored_size,
-            encryption=archive.encryption, identities=identities,
-        )  # fmt: skip
+    manifest = verified_manifest(backend, archive)
+    with open_verified(backend, archive, manifest, identities) as unpacking:
         reader = _Reader(unpacking, unreadable)
-        reader.max_bytes = archive.tar_size
         result = Inspection(source=what, compression="zstd", archive=archive.to_json())
         try:
             return _inspect_tar(reader, result, what, limits, drain=True)
         except IntegrityError as exc:
-            if isinstance(exc, DigestMismatch):
-                raise
-            try:
-                while reader.read(_READ):
-                    pass
-            except DigestMismatch as mismatch:
-                raise DigestMismatch(f"{mismatch}; so the stored object is corrupt ({exc})") from None
-            except IntegrityError:
-                pass
-            raise
+            raise unpacking.explain(exc) from None
 
 
 def looks_like_archive_id(target: str) -> bool:

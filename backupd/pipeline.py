@@ -26,7 +26,7 @@ import structlog
 from backupd import __version__, layout, retry
 from backupd.backends.base import Backend
 from backupd.catalog import COMMITTED, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive, Catalog, Run, now_utc
-from backupd.errors import BackupdError, StorageNotFound
+from backupd.errors import BackupdError, IntegrityError, StorageNotFound
 from backupd.kubelet import KubeletClient, Target
 from backupd.metrics import Metrics
 from backupd.node import CheckpointDir, node_tar_prefix
@@ -169,8 +169,8 @@ class Pipeline:
                 workload=str(pod.workload), container=container.name, image=container.image,
                 checkpoint_time=when, tar_size=reader.tar_size, stored_size=reader.stored_size,
                 tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256, compression="zstd",
-                encryption=reader.encryption, policy=policy.name, backupd_version=__version__, labels=dict(pod.labels),
-                replica=replica,
+                encryption=reader.encryption, policy=policy.name, backupd_version=__version__,
+                format_version=layout.FORMAT_VERSION, labels=dict(pod.labels), replica=replica,
             )
             try:
                 backend.put_bytes(layout.manifest_key(key), manifest.to_json())
@@ -299,14 +299,23 @@ class Pipeline:
                 log.warning("reconcile_unknown_backend", archive_id=a.id, backend=a.backend)
                 continue
             # A put the crash interrupted left a temp file or an unfinished multipart upload.
+            mkey = layout.manifest_key(a.key)
             backend.abort_incomplete(timedelta(0), key=a.key)
-            backend.abort_incomplete(timedelta(0), key=layout.manifest_key(a.key))
+            backend.abort_incomplete(timedelta(0), key=mkey)
+            m: layout.Manifest | None
             try:
-                data = backend.read_bytes(layout.manifest_key(a.key))
+                m = layout.read_manifest(backend, mkey)
+                bad = None if m.key == a.key else f"manifest {mkey} names the object {m.key!r}, not {a.key!r}"
             except StorageNotFound:
-                data = None
-            if data is not None:
-                m = layout.Manifest.from_json(data, f"{a.backend}:{layout.manifest_key(a.key)}")
+                m, bad = None, None
+            except IntegrityError as exc:
+                m, bad = None, str(exc)
+            if bad is not None:
+                # Not what this daemon wrote: left for `catalog rebuild` and `verify` to report.
+                log.error("reconcile_bad_manifest", archive_id=a.id, backend=a.backend, key=mkey, error=bad)
+                self.catalog.update_archive(a.id, state=FAILED, error=bad)
+                counts["failed"] += 1
+            elif m is not None:
                 self.catalog.update_archive(
                     a.id, state=COMMITTED, committed_at=self.clock(), tar_size=m.tar_size, stored_size=m.stored_size,
                     tar_sha256=m.tar_sha256, stored_sha256=m.stored_sha256,

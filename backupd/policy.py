@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -38,14 +37,13 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from backupd import retention
-from backupd.errors import PolicyError
+from backupd.errors import PolicyError, validation_problems
 from backupd.schedule import Schedule
 from backupd.sizes import parse_size
-from backupd.workload import GROUP_BY_REPLICA, Container, Pod
+from backupd.workload import DNS_LABEL, GROUP_BY_REPLICA, Container, Pod
 
 API_VERSION = "backupd.io/v1"
 KIND = "CheckpointPolicy"
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class _Strict(BaseModel):
@@ -199,7 +197,7 @@ class Metadata(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
+        if not DNS_LABEL.match(v):
             raise ValueError(f"must be a DNS label (lower-case letters, digits, '-', at most 63); got {v!r}")
         return v
 
@@ -244,7 +242,19 @@ class Policy:
 
     @classmethod
     def from_spec_json(cls, name: str, spec_json: str) -> Policy:
-        return cls(name, PolicySpec.model_validate(json.loads(spec_json)))
+        """A policy as stored in the catalog, validated as ``policy apply`` validates it.
+
+        Raises :class:`PolicyError` naming the policy and the field when the stored spec is not
+        valid for this backupd (stored by an older version, e.g. with a schedule that never
+        fires): callers skip that policy and say so, never crash on it.
+        """
+        where = f"stored policy {name!r}"
+        try:
+            return cls(name, PolicySpec.model_validate(json.loads(spec_json)))
+        except ValidationError as exc:
+            raise PolicyError("\n".join(validation_problems(exc.errors(), where, prefix="spec"))) from None
+        except ValueError as exc:
+            raise PolicyError(f"{where}: spec: not valid JSON ({exc})") from None
 
     def targets(self, pods: list[Pod]) -> list[tuple[Pod, Container]]:
         """The running containers this policy selects, in a stable order."""
@@ -258,19 +268,18 @@ class Policy:
         return selected
 
 
-def _format_error(exc: ValidationError, where: str) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_not_empty(), Retention]",))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        elif "input" in err and not isinstance(err["input"], dict | list) and repr(err["input"]) not in msg:
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{where}: {path or '(document)'}: {msg}")
-    return lines
+def stored_document(name: str, spec_json: str) -> dict[str, Any]:
+    """A stored policy's document, for listing every policy whatever its state: as applied, or,
+    when this backupd refuses it (see :meth:`Policy.from_spec_json`), its spec as stored with
+    ``error`` saying why it is not scheduled."""
+    try:
+        return Policy.from_spec_json(name, spec_json).to_document()
+    except PolicyError as exc:
+        try:
+            spec = json.loads(spec_json)
+        except ValueError:
+            spec = None
+        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec, "error": str(exc)}
 
 
 def parse_policies(text: str, source: str = "<input>", backends: list[str] | None = None) -> list[Policy]:
@@ -305,7 +314,7 @@ def parse_policies(text: str, source: str = "<input>", backends: list[str] | Non
         try:
             parsed = PolicyDocument.model_validate(doc)
         except ValidationError as exc:
-            problems.extend(_format_error(exc, where))
+            problems.extend(validation_problems(exc.errors(), where))
             continue
         p = Policy(parsed.metadata.name, parsed.spec)
         if p.name in seen:

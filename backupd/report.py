@@ -84,7 +84,8 @@ from typing import Any
 from backupd import retention
 from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, ArchiveSummary, Catalog, GroupStats, Run
 from backupd.config import DEFAULT_STALE_INTERVALS
-from backupd.policy import API_VERSION, KIND, Policy
+from backupd.errors import PolicyError
+from backupd.policy import Policy
 from backupd.prune import Planned
 from backupd.schedule import Schedule
 from backupd.sizes import human_bytes
@@ -444,10 +445,6 @@ class PolicyProblem:
     name: str
     error: str
 
-    def to_document(self) -> dict[str, Any]:
-        """As :meth:`backupd.policy.Policy.to_document` would give it, with the error instead of a spec."""
-        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": self.name}, "error": self.error}
-
 
 @dataclass(frozen=True)
 class ReportFacts:
@@ -476,8 +473,6 @@ def policy_problem(policy: Policy, now: datetime) -> str | None:
         schedule.period  # noqa: B018 - computing it is the check
         policy.rules.validate()
         policy.tz  # noqa: B018
-    except AssertionError:
-        return f"schedule {policy.spec.schedule!r} never fires"
     except Exception as exc:  # anything a stored spec can make these raise; the report must go on
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -784,19 +779,15 @@ def _older(stats: GroupStats, newest: list[ArchiveSummary]) -> tuple[int, int, i
 
 
 def stored_policies(catalog: Catalog) -> list[Policy | PolicyProblem]:
-    """The catalog's policies; one whose stored spec no longer validates as a :class:`PolicyProblem`."""
+    """The catalog's policies; one this backupd refuses (:meth:`Policy.from_spec_json`) as a
+    :class:`PolicyProblem`."""
     out: list[Policy | PolicyProblem] = []
     for stored in catalog.list_policies():
         try:
             out.append(Policy.from_spec_json(stored.name, stored.spec_json))
-        except Exception as exc:  # a spec written by another backupd version, or by hand: reported, not fatal
-            out.append(PolicyProblem(stored.name, f"the stored spec does not validate: {_first_line(exc)}"))
+        except PolicyError as exc:
+            out.append(PolicyProblem(stored.name, str(exc)))
     return out
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[:3]) if text else type(exc).__name__
 
 
 def load_report(catalog: Catalog, *, now: datetime | None = None,

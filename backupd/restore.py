@@ -8,11 +8,12 @@
   treat bad bytes as complete.
 * :func:`restore_to_file` -- that stream into a file, atomically (temp file, fsync, link or
   rename), 0600; on any failure no file is left behind.
-* :class:`TarScanner` -- a push-mode tar reader that is fed the bytes of the stream *as they
-  pass by* on their way to a registry or an OCI layout, refuses hostile members (absolute
-  names, ``..``, links, devices) and keeps a few small metadata files (``config.dump``,
-  ``spec.dump``, ``status.dump``, one CRIU ``core-*.img``). Nothing is ever extracted to disk,
-  and the archive is read once: the layer upload and the metadata come from the same pass.
+* :func:`metadata_scanner` -- a :class:`~backupd.tarscan.TarScanner` (re-exported here) fed the
+  bytes of the stream *as they pass by* on their way to a file, a registry or an OCI layout:
+  it refuses hostile members (the rules every reader applies, :mod:`backupd.tarscan`) and keeps
+  a few small metadata files (``config.dump``, ``spec.dump``, ``status.dump``, one CRIU
+  ``core-*.img``). Nothing is ever extracted to disk, and the archive is read once: the layer
+  upload and the metadata come from the same pass.
 * :func:`checkpoint_info` -- what those files say (engine, base image, pod labels, bind mounts,
   architecture), with fallbacks to the catalog.
 
@@ -25,9 +26,8 @@ import contextlib
 import json
 import os
 import re
-import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,9 @@ from backupd import criu_images, layout
 from backupd.backends.base import Backend, Readable
 from backupd.backends.filesystem import fsync_dir, translate_os_error
 from backupd.catalog import COMMITTED, Archive, Catalog
-from backupd.errors import ConfigError, IntegrityError, InvalidInput, NotFound, StorageNotFound, UnsafeArchive
+from backupd.errors import ConfigError, IntegrityError, InvalidInput, NotFound, StorageNotFound
+from backupd.tarscan import ScanningReader as ScanningReader  # re-exported: it moved to backupd.tarscan
+from backupd.tarscan import TarScanner
 from backupd.transfer import UnpackingReader
 from backupd.workload import KINDS, Workload
 
@@ -136,31 +138,27 @@ def _workload_matches(text: str, actual: str) -> bool:
 
 
 def verified_manifest(backend: Backend, archive: Archive) -> layout.Manifest:
-    """The backend's manifest of ``archive``, checked against the catalog row.
+    """The backend's manifest of ``archive``, checked against its key and the catalog row.
 
-    The manifest is what makes an archive exist; a row whose manifest is missing or disagrees
-    is not restored (:class:`IntegrityError`, naming the archive and the field).
+    The manifest is what makes an archive exist; a row whose manifest is missing, fails the
+    schema, disagrees with its key (:func:`backupd.layout.read_manifest`) or with the row is not
+    read any further (:class:`IntegrityError`, naming the archive and the field).
     """
     key = layout.manifest_key(archive.key)
     where = f"{backend.name}:{key}"
     try:
-        data = backend.read_bytes(key)
+        manifest = layout.read_manifest(backend, key)
     except StorageNotFound:
         raise IntegrityError(
-            f"archive {archive.id}: its manifest {where} is missing, so the object is not a committed archive; "
-            "run `backupd verify` and pick another archive"
+            f"archive {archive.id}: its manifest {where} is missing, so the object is not a committed archive"
         ) from None
-    manifest = layout.Manifest.from_json(data, where)
-    for name in ("archive_id", "tar_sha256", "stored_sha256", "tar_size", "stored_size"):
+    for name in ("archive_id", "key", "tar_sha256", "stored_sha256", "tar_size", "stored_size", "encryption"):
         catalog_value = getattr(archive, "id" if name == "archive_id" else name)
         if catalog_value is not None and getattr(manifest, name) != catalog_value:
             raise IntegrityError(
                 f"archive {archive.id}: the catalog and the manifest {where} disagree on {name} "
                 f"({catalog_value!r} vs {getattr(manifest, name)!r}); run `backupd verify`"
             )
-    if manifest.compression != "zstd":
-        raise InvalidInput(f"archive {archive.id}: compression {manifest.compression!r} is not supported by this "
-                           "backupd")
     return manifest
 
 
@@ -169,9 +167,10 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive,
                  identities: Sequence[Any] = ()) -> Iterator[UnpackingReader]:
     """The archive's tar as a verified stream (see :class:`~backupd.transfer.UnpackingReader`).
 
-    Digests and sizes come from the manifest after :func:`verified_manifest` checked them against
-    the catalog, so a mismatch on either side, a bit flip or a truncation raises
-    :class:`~backupd.errors.IntegrityError` naming the archive from the final ``read``.
+    Digests and sizes come from the manifest after :func:`verified_manifest` checked it against
+    its key and the catalog, so a mismatch on either side, a bit flip or a truncation raises
+    :class:`~backupd.errors.IntegrityError` naming the archive from the final ``read`` -- or
+    from the ``read`` that passes a size.
     An age-encrypted archive needs ``identities`` (:func:`backupd.transfer.load_identities`).
     """
     if archive.encryption == "age" and not identities:
@@ -185,13 +184,22 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive,
         raise ConfigError(f"archive {archive.id} is in backend {archive.backend!r}, which is not in the config "
                           f"(configured: {known})")
     manifest = verified_manifest(backend, archive)
+    with open_verified(backend, archive, manifest, identities) as reader:
+        yield reader
+
+
+@contextlib.contextmanager
+def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
+                  identities: Sequence[Any] = ()) -> Iterator[UnpackingReader]:
+    """The object of ``archive`` as a stream checked against ``manifest``, which
+    :func:`verified_manifest` returned; :class:`StorageNotFound` when the object is gone."""
     stream = backend.open(archive.key)
     try:
         yield UnpackingReader(
             stream, what=f"archive {archive.id} ({backend.name}:{archive.key})",
             tar_sha256=manifest.tar_sha256, stored_sha256=manifest.stored_sha256,
             tar_size=manifest.tar_size, stored_size=manifest.stored_size,
-            encryption=archive.encryption, identities=identities,
+            encryption=manifest.encryption, identities=identities,
         )
     finally:
         stream.close()
@@ -254,214 +262,8 @@ def restore_to_file(source: Readable, dest: str | os.PathLike[str], *, overwrite
 
 # -- reading the checkpoint tar as it streams ----------------------------------------------------
 
-BLOCK = tarfile.BLOCKSIZE
-MAX_KEPT_BYTES = 16 << 20  # config.dump / spec.dump are a few KiB; 16 MiB is absurd already
-MAX_HEADER_DATA = 1 << 20  # PAX records and GNU long names
 METADATA_FILES = ("config.dump", "spec.dump", "status.dump")
 _CORE_IMAGE = re.compile(r"^checkpoint/core-\d+\.img$")
-_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
-_SPECIAL = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO",
-            tarfile.GNUTYPE_SPARSE: "a sparse file"}  # fmt: skip
-
-
-def safe_member_name(name: str, what: str) -> str:
-    """The normalised member name (no ``./`` prefix, no trailing ``/``; ``.`` for the root).
-
-    Refuses what could escape a directory it were extracted to: absolute names, ``..``
-    segments, empty or NUL-containing names.
-    """
-    n = name
-    while n.startswith("./"):
-        n = n[2:]
-    n = n.rstrip("/") if n not in ("/",) else n
-    if n in ("", "."):
-        return "."
-    if "\x00" in n or n.startswith("/"):
-        raise UnsafeArchive(f"{what}: member {name!r} has an absolute or invalid name; refusing the archive")
-    if any(part in ("..", "") for part in n.split("/")):
-        raise UnsafeArchive(f"{what}: member {name!r} has a '..' or empty path segment; refusing the archive")
-    return n
-
-
-class TarScanner:
-    """A push-mode reader of a tar stream: ``feed`` it bytes in any chunking, then ``close``.
-
-    Every member is checked as its header passes (:func:`safe_member_name`; only regular files
-    and directories are allowed -- links, devices, FIFOs and sparse files raise
-    :class:`UnsafeArchive`); the data of members for which ``keep(name)`` is true is kept in
-    :attr:`files` (each at most ``max_kept`` bytes). Memory use is bounded by the kept files
-    and one header block, whatever the archive's size. Understands ustar, PAX (``x``, ``g``) and
-    GNU long names.
-    """
-
-    def __init__(self, what: str, keep: Callable[[str], bool], *, max_kept: int = MAX_KEPT_BYTES) -> None:
-        self.what = what
-        self.keep = keep
-        self.max_kept = max_kept
-        self.files: dict[str, bytes] = {}
-        self.members = 0
-        self.top_level: set[str] = set()
-        self.offset = 0  # bytes fed so far
-        self._header = bytearray()
-        self._state = "header"  # header | data | end
-        self._data_left = 0
-        self._pad_left = 0
-        self._capture: bytearray | None = None
-        self._capture_kind = ""
-        self._member = ""
-        self._pax: dict[str, str] = {}
-        self._long_name: str | None = None
-        self._closed = False
-
-    def feed(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        pos, end = 0, len(view)
-        while pos < end:
-            if self._state == "end":
-                if any(view[pos:]):
-                    raise UnsafeArchive(f"{self.what}: data after the end-of-archive marker")
-                self.offset += end - pos
-                return
-            if self._state == "header":
-                take = min(BLOCK - len(self._header), end - pos)
-                self._header += view[pos : pos + take]
-                pos += take
-                self.offset += take
-                if len(self._header) == BLOCK:
-                    block = bytes(self._header)
-                    self._header.clear()
-                    self._on_header(block)
-                continue
-            if self._data_left:
-                take = min(self._data_left, end - pos)
-                if self._capture is not None:
-                    self._capture += view[pos : pos + take]
-                self._data_left -= take
-            else:
-                take = min(self._pad_left, end - pos)
-                self._pad_left -= take
-            pos += take
-            self.offset += take
-            if not self._data_left and not self._pad_left:
-                self._end_member()
-
-    def close(self) -> None:
-        """The stream ended: it must have ended at the end-of-archive marker."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._state == "data" or self._header:
-            raise UnsafeArchive(f"{self.what}: the tar stream ends inside member {self._member!r}")
-        if self._state != "end":
-            raise UnsafeArchive(f"{self.what}: the tar stream ends without an end-of-archive marker")
-
-    def _on_header(self, block: bytes) -> None:
-        if not any(block):
-            if self._pax or self._long_name is not None:
-                raise UnsafeArchive(f"{self.what}: an extended header is followed by the end of the archive")
-            self._state = "end"
-            return
-        try:
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise UnsafeArchive(f"{self.what}: invalid tar header at byte {self.offset - BLOCK} ({exc})") from None
-        size = info.size
-        kind = info.type
-        if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-                    tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):  # fmt: skip
-            if not 0 <= size <= MAX_HEADER_DATA:
-                raise UnsafeArchive(f"{self.what}: an extended tar header of {size} bytes; refusing the archive")
-            self._start_data(size, capture=True, kind=kind.decode("latin-1"), member=info.name)
-            return
-        name = self._pax.pop("path", None) or self._long_name or info.name
-        if "size" in self._pax:
-            try:
-                size = int(self._pax.pop("size"))
-            except ValueError:
-                raise UnsafeArchive(f"{self.what}: member {name!r} has an invalid PAX size") from None
-        self._pax.clear()
-        self._long_name = None
-        if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
-            raise UnsafeArchive(f"{self.what}: member {name!r} is a link (to {info.linkname!r}); checkpoint archives "
-                                "hold only files and directories, refusing the archive")
-        if kind not in _REGULAR and kind != tarfile.DIRTYPE:
-            label = _SPECIAL.get(kind, f"of type {kind!r}")
-            raise UnsafeArchive(f"{self.what}: member {name!r} is {label}; refusing the archive")
-        if size < 0:
-            raise UnsafeArchive(f"{self.what}: member {name!r} has a negative size")
-        normal = safe_member_name(name, self.what)
-        if kind != tarfile.DIRTYPE and normal == ".":
-            raise UnsafeArchive(f"{self.what}: member {name!r} is a file without a name")
-        self.members += 1
-        if len(self.top_level) < 10_000:
-            self.top_level.add(normal.split("/")[0])
-        keep = kind in _REGULAR and self.keep(normal)
-        if keep and size > self.max_kept:
-            raise UnsafeArchive(f"{self.what}: {normal} is {size} bytes, over the {self.max_kept}-byte limit for "
-                                "metadata; refusing the archive")
-        self._start_data(size, capture=keep, kind="file", member=normal)
-
-    def _start_data(self, size: int, *, capture: bool, kind: str, member: str) -> None:
-        self._member = member
-        self._capture_kind = kind
-        self._capture = bytearray() if capture else None
-        self._data_left = size
-        self._pad_left = -size % BLOCK
-        self._state = "data"
-        if not size:
-            self._end_member()
-
-    def _end_member(self) -> None:
-        self._state = "header"
-        captured, self._capture = self._capture, None
-        if captured is None:
-            return
-        kind = self._capture_kind
-        if kind == "file":
-            self.files[self._member] = bytes(captured)
-        elif kind in ("x", "X"):
-            self._pax.update(_pax_records(bytes(captured), self.what))
-        elif kind == "L":
-            self._long_name = bytes(captured).split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-        # "g" (global PAX) and "K" (long link name) carry nothing a checkpoint archive needs.
-
-
-def _pax_records(data: bytes, what: str) -> dict[str, str]:
-    """Parse ``"<len> <key>=<value>\\n"`` records (POSIX.1-2001 extended headers)."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:  # padding some writers leave
-            break
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise UnsafeArchive(f"{what}: malformed PAX header") from None
-        record = data[space + 1 : pos + length]
-        if space < 0 or length <= 0 or pos + length > len(data) or not record.endswith(b"\n") or b"=" not in record:
-            raise UnsafeArchive(f"{what}: malformed PAX header")
-        key, _, value = record[:-1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return records
-
-
-class ScanningReader:
-    """A ``read(n)`` source that feeds everything it hands out to a :class:`TarScanner` and
-    closes the scanner at the end of the stream."""
-
-    def __init__(self, source: Readable, scanner: TarScanner) -> None:
-        self.source = source
-        self.scanner = scanner
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.source.read(n)
-        if data:
-            self.scanner.feed(data)
-        else:
-            self.scanner.close()
-        return data
 
 
 def metadata_scanner(archive: Archive) -> TarScanner:

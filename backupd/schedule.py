@@ -3,6 +3,13 @@
 A :class:`Schedule` answers the two questions the daemon and the report ask -- when is the next
 run after a moment, and was a run missed between two moments -- and builds the APScheduler
 trigger for it.
+
+A cron expression that can never fire (``0 0 30 2 *``, ``0 0 31 4 *``) is refused by
+:meth:`Schedule.parse`. Day of month and day of week are combined with AND, as APScheduler does
+(Vixie cron would OR them), so ``0 0 29 2 1`` fires on a Monday the 29th of February only: the
+rarest firing five-field schedules, at most 40 years apart (2072 -> 2112, across 2100, which is
+not a leap year). Every other combination fires more often, so a search bounded by
+:data:`HORIZON` decides "never" exactly, in about a millisecond.
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ _EVERY = re.compile(r"^@every\s+((?:\d+(?:ms|s|m|h))+)$")
 _EVERY_PART = re.compile(r"(\d+)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 _MAX_EVERY_SECONDS = 366 * 24 * 3600
+
+#: longer than the longest gap between two fire times of any schedule that fires at all
+#: (40 years: see the module docstring)
+HORIZON = timedelta(days=41 * 366)
+#: where the never-fires check starts looking: a fixed moment, so that parsing stays pure
+_REFERENCE = datetime(2000, 1, 1, tzinfo=ZoneInfo("UTC"))
 
 
 _DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -100,7 +113,10 @@ class Schedule:
             CronTrigger.from_crontab(cron, timezone=zone)
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {text!r}: {exc}") from None
-        return cls(text, cron=cron, tz=zone)
+        schedule = cls(text, cron=cron, tz=zone)
+        if schedule._first_after(_REFERENCE) is None:
+            raise ValueError(f"cron expression {text!r} never fires: no date of any year matches it")
+        return schedule
 
     def trigger(self, start: datetime | None = None) -> CronTrigger | IntervalTrigger:
         if self.interval is not None:
@@ -108,12 +124,25 @@ class Schedule:
         assert self.cron is not None
         return _cron_trigger(self.cron, self.tz)
 
+    def _first_after(self, moment: datetime) -> datetime | None:
+        """The first cron fire time strictly after ``moment`` within :data:`HORIZON`, else None.
+
+        Bounded: without an end date APScheduler walks every year up to 9999 before it gives up.
+        """
+        assert self.cron is not None
+        minute, hour, day, month, day_of_week = self.cron.split()
+        start = moment + timedelta(microseconds=1)
+        trigger = CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week,
+                              timezone=self.tz, end_date=start + HORIZON)
+        return trigger.get_next_fire_time(None, start)
+
     def next_after(self, moment: datetime) -> datetime:
         """The first fire time strictly after ``moment``."""
         if self.interval is not None:
             return moment + self.interval
-        fire = self.trigger().get_next_fire_time(None, moment + timedelta(microseconds=1))
-        assert fire is not None
+        fire = self._first_after(moment)
+        if fire is None:  # parse() refuses such schedules: only a Schedule built by hand gets here
+            raise ValueError(f"schedule {self.text!r} never fires")
         return fire
 
     def missed(self, last_run: datetime | None, now: datetime) -> bool:
@@ -130,8 +159,5 @@ class Schedule:
         """The nominal spacing between runs (for "late" in reports and alerts)."""
         if self.interval is not None:
             return self.interval
-        t = self.trigger()
-        a = t.get_next_fire_time(None, datetime(2025, 1, 1, tzinfo=self.tz))
-        b = t.get_next_fire_time(a, a + timedelta(microseconds=1))
-        assert a is not None and b is not None
-        return b - a
+        a = self.next_after(datetime(2025, 1, 1, tzinfo=self.tz) - timedelta(microseconds=1))
+        return self.next_after(a) - a

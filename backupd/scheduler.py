@@ -31,7 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from backupd import retry
 from backupd.catalog import RUN_FAILED, SKIPPED, Catalog, now_utc
-from backupd.errors import BackupdError, LeaseHeld, NotFound
+from backupd.errors import BackupdError, LeaseHeld, NotFound, PolicyError
 from backupd.kubelet import KubeletClient
 from backupd.pipeline import Outcome, Pipeline
 from backupd.policy import Policy
@@ -274,17 +274,25 @@ class Daemon:
             return
         old = dict(self._fingerprint or ())
         new = dict(fingerprint)
-        policies = {p.name: p for p in self.runner.policies()}
+        stored = {s.name: s for s in self.catalog.list_policies()}
         for name in old.keys() - new.keys():
-            self.scheduler.remove_job(name)
-            if self.scheduler.get_job(f"verify/{name}"):
-                self.scheduler.remove_job(f"verify/{name}")
+            self._unschedule(name)
             log.info("policy_unscheduled", policy=name)
         now = self.clock()
         for name, generation in new.items():
             if old.get(name) == generation:
                 continue
-            policy = policies[name]
+            if name not in stored:  # deleted since the fingerprint was read: the next sync forgets it
+                continue
+            try:
+                policy = Policy.from_spec_json(name, stored[name].spec_json)
+            except PolicyError as exc:
+                # Stored by a backupd that accepted it (e.g. a schedule that never fires): this
+                # policy is not run, every other one is. Said once per generation, not per poll.
+                self._unschedule(name)
+                log.error("policy_invalid", policy=name, generation=generation, error=str(exc),
+                          action="not scheduled; apply a corrected policy")
+                continue
             schedule = policy.schedule
             job_kwargs = {}
             if schedule.missed(self.catalog.last_run_started(name), now):
@@ -298,6 +306,11 @@ class Daemon:
                      next_run=str(job.next_run_time) if job else None, catch_up=bool(job_kwargs))
             self._sync_drill(policy, now)
         self._fingerprint = fingerprint
+
+    def _unschedule(self, name: str) -> None:
+        for job_id in (name, f"verify/{name}"):
+            if self.scheduler.get_job(job_id):
+                self.scheduler.remove_job(job_id)
 
     def _sync_drill(self, policy: Policy, now: datetime) -> None:
         """A policy's ``verify`` section schedules a restore drill of a sample of its archives."""

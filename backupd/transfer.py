@@ -7,8 +7,9 @@ size. It is seekable to its start so that a retry wrapper can restart a failed p
 caller's help.
 
 :class:`UnpackingReader` is the reverse for restores: it decrypts (with an age identity) and
-decompresses a stored object and checks both digests and sizes when the stream ends, raising
-:class:`DigestMismatch` *before* the caller can treat the data as complete.
+decompresses a stored object, stops with :class:`DigestMismatch` the moment the stored bytes or
+the tar grow past their expected sizes, and checks both digests and sizes when the stream ends,
+raising :class:`DigestMismatch` *before* the caller can treat the data as complete.
 
 The stored forms are standard: ``zstd -d`` (after ``age -d -i IDENTITY`` when encrypted) gives
 back the kubelet's tar byte for byte. pyrage (the age binding) is push-style; :class:`_Filter`
@@ -22,7 +23,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import zstandard
 
@@ -47,9 +48,11 @@ class _HashingSource:
     source is dropped (the executor's own clean-up).
     """
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, *, limit: int | None = None, over_limit: str = "") -> None:
         self.raw = raw
         self.size = 0
+        self.limit = limit
+        self.over_limit = over_limit  # the message when more than ``limit`` bytes come
         self._sha256 = hashlib.sha256()
         self._hashing: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
@@ -57,6 +60,8 @@ class _HashingSource:
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
         self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            raise DigestMismatch(self.over_limit)
         if self._pending is not None:
             self._pending.result()
         if self._hashing is None:
@@ -196,7 +201,7 @@ class PackingReader:
         self._reset()
 
     @property
-    def encryption(self) -> str:
+    def encryption(self) -> Literal["none", "age"]:
         return "age" if self._recipients else "none"
 
     def _reset(self) -> None:
@@ -264,11 +269,13 @@ class PackingReader:
 
 
 class UnpackingReader:
-    """Stored zstd bytes in, tar bytes out, verified against the expected digests at the end.
+    """Stored zstd bytes in, tar bytes out, verified against the expected digests and sizes.
 
-    ``expected_*`` values come from the catalog and the manifest; any mismatch, a truncated
-    stream or a corrupt frame raises :class:`DigestMismatch` (or :class:`IntegrityError`) from the
-    final ``read``, so a consumer that writes to a temp file never commits bad data.
+    The expected values come from the catalog and the manifest. More bytes than a size says
+    raise :class:`DigestMismatch` from the ``read`` that passes it (memory and time stay bounded
+    by the sizes, whatever the object holds); any other mismatch, a truncated stream or a
+    corrupt frame raises :class:`DigestMismatch` (or :class:`IntegrityError`) from the final
+    ``read``, so a consumer that writes to a temp file never commits bad data.
     """
 
     def __init__(
@@ -285,7 +292,10 @@ class UnpackingReader:
     ) -> None:
         self.what = what
         self._expect = (tar_sha256, stored_sha256, tar_size, stored_size)
-        self._stored = _HashingSource(stored)
+        # Sizes are enforced as the bytes come: a few KiB of zstd can expand to terabytes, and
+        # a stored object can be longer than the catalog says; neither is read further.
+        self._stored = _HashingSource(stored, limit=stored_size, over_limit=(
+            f"{what}: does not match the catalog: the stored object is longer than its {stored_size} bytes"))
         compressed: Any = self._stored
         self._filter: _Filter | None = None
         if encryption == "age":
@@ -296,7 +306,9 @@ class UnpackingReader:
         elif encryption not in ("none", ""):
             raise InvalidInput(f"{what}: unknown encryption {encryption!r}")
         self._tar = _HashingSource(zstandard.ZstdDecompressor().stream_reader(  # type: ignore[arg-type]
-            compressed, read_size=READ_SIZE, read_across_frames=True))
+            compressed, read_size=READ_SIZE, read_across_frames=True), limit=tar_size, over_limit=(
+            f"{what}: does not match the catalog: the tar is longer than its {tar_size} bytes (a decompression "
+            "bomb, or the wrong object); nothing more is read"))
         self._done = False
 
     @property
@@ -319,6 +331,21 @@ class UnpackingReader:
             self._filter.close()
         self._check()
         return b""
+
+    def explain(self, exc: BackupdError) -> BackupdError:
+        """What to raise when a consumer found ``exc`` in the tar read from this stream: the
+        rest is read (bounded by the expected sizes), so that a stored object that does not
+        match its digests is reported as that -- a corrupt object makes a malformed tar."""
+        if isinstance(exc, DigestMismatch):
+            return exc
+        try:
+            while self.read(READ_SIZE):
+                pass
+        except DigestMismatch as mismatch:
+            return DigestMismatch(f"{mismatch}; so the stored object is corrupt ({exc})")
+        except BackupdError:
+            pass
+        return exc
 
     def _check(self) -> None:
         tar_sha, stored_sha, tar_size, stored_size = self._expect

@@ -1,10 +1,13 @@
 """``backupd verify`` and scheduled restore drills: read archives back and prove them whole.
 
-Each archive's object is streamed back and decompressed; its size and SHA-256 (of the stored
-bytes and of the tar) are checked against the catalog, and the manifest must agree with the
-catalog too. A bit flip or a truncation anywhere is caught. With ``structure=True`` (restore
-drills) the tar itself is walked and must be a checkpoint archive: ``config.dump`` and
-``spec.dump`` present and valid JSON, a ``checkpoint/`` directory with ``inventory.img``.
+Each archive's manifest must pass the schema, agree with its key and with the catalog. Its
+object is streamed back and decompressed; its size and SHA-256 (of the stored bytes and of the
+tar) are checked against the catalog -- sizes as the bytes come, so a decompression bomb stops
+at the declared size -- and every tar member must pass the rules restore and inspect apply
+(:mod:`backupd.tarscan`: no ``..``, absolute names, links, devices, FIFOs). A bit flip, a
+truncation or a hostile member anywhere is caught (status ``corrupt``). With ``structure=True``
+(the CLI's default, and restore drills) the tar must also be a checkpoint archive:
+``config.dump`` and ``spec.dump`` present and valid JSON, ``checkpoint/inventory.img``.
 Objects without a manifest in the same backends are reported as orphans.
 """
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,17 +23,17 @@ from typing import Any
 
 import structlog
 
-from backupd import layout
 from backupd.backends.base import Backend
 from backupd.catalog import Archive, Catalog, now_utc
-from backupd.errors import BackupdError, IntegrityError, StorageNotFound
+from backupd.errors import IntegrityError, StorageNotFound
 from backupd.prune import find_orphans
+from backupd.restore import drain, open_verified, verified_manifest
+from backupd.tarscan import ScanningReader, TarScanner
 from backupd.transfer import UnpackingReader
 
 log = structlog.get_logger("backupd.verify")
 
 OK, MISSING, CORRUPT, MANIFEST = "ok", "missing", "corrupt", "manifest"
-_SMALL_ENTRY_LIMIT = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class VerifyReport:
             "ok": sum(f.status == OK for f in self.findings),
             "problems": [f.__dict__ for f in self.problems],
             "orphans": self.orphans,
-            "bytesRead": self.bytes_read,
+            "bytes_read": self.bytes_read,
         }
 
 
@@ -81,35 +83,33 @@ def choose_sample(archives: Sequence[Archive], sample: int | None, rng: random.R
     return sorted(chosen, key=lambda a: (a.checkpoint_time, a.id))
 
 
-def check_structure(tar_stream: Any, what: str) -> None:
-    """Walk a checkpoint tar (streaming) and require what every runtime's restore needs."""
-    seen: dict[str, bool] = {"config.dump": False, "spec.dump": False, "checkpoint/": False,
-                             "checkpoint/inventory.img": False}
-    try:
-        with tarfile.open(fileobj=tar_stream, mode="r|") as tar:
-            for member in tar:
-                name = member.name.removeprefix("./").rstrip("/")
-                if member.isdir() and name == "checkpoint":
-                    seen["checkpoint/"] = True
-                elif name in ("config.dump", "spec.dump") and member.isfile():
-                    if member.size > _SMALL_ENTRY_LIMIT:
-                        raise IntegrityError(f"{what}: {name} is {member.size} bytes, not a checkpoint's metadata")
-                    data = tar.extractfile(member)
-                    try:
-                        json.loads(data.read() if data else b"")
-                    except ValueError:
-                        raise IntegrityError(f"{what}: {name} is not valid JSON") from None
-                    seen[name] = True
-                elif name == "checkpoint/inventory.img" and member.isfile():
-                    seen[name] = True
-            # drain what tarfile left unread so the digest check sees every byte
-            while tar_stream.read(1 << 20):
-                pass
-    except tarfile.TarError as exc:
-        raise IntegrityError(f"{what}: not a readable tar ({exc})") from None
-    missing = [name for name, present in seen.items() if not present]
+_REQUIRED = ("config.dump", "spec.dump", "checkpoint/inventory.img")
+_JSON_FILES = ("config.dump", "spec.dump")
+
+
+def scan_archive(reader: UnpackingReader, what: str, *, structure: bool) -> None:
+    """Read a verified stream to its end through the member rules every reader applies
+    (:mod:`backupd.tarscan`); with ``structure``, also require what every runtime's restore
+    needs: ``config.dump`` and ``spec.dump`` holding JSON, ``checkpoint/inventory.img``."""
+    present: set[str] = set()
+
+    def keep(name: str) -> bool:
+        if name in _REQUIRED:
+            present.add(name)
+        return structure and name in _JSON_FILES
+
+    scanner = TarScanner(what, keep)
+    drain(ScanningReader(reader, scanner, explain=reader.explain))
+    if not structure:
+        return
+    missing = [name for name in _REQUIRED if name not in present]
     if missing:
         raise IntegrityError(f"{what}: not a checkpoint archive, missing {', '.join(missing)}")
+    for name in _JSON_FILES:
+        try:
+            json.loads(scanner.files[name])
+        except ValueError:
+            raise IntegrityError(f"{what}: {name} is not valid JSON") from None
 
 
 def _verify_stored_only(archive: Archive, stored: Any, what: str) -> tuple[Finding, int]:
@@ -127,36 +127,24 @@ def _verify_stored_only(archive: Archive, stored: Any, what: str) -> tuple[Findi
 
 def verify_archive(archive: Archive, backend: Backend, *, structure: bool = False,
                    identities: Sequence[Any] = ()) -> tuple[Finding, int]:
+    """Read one archive back: its manifest (schema, key, catalog), then every stored byte and,
+    with an identity for encrypted ones, every tar member (:func:`scan_archive`)."""
     what = f"archive {archive.id} ({backend.name}:{archive.key})"
     try:
-        manifest = layout.Manifest.from_json(backend.read_bytes(layout.manifest_key(archive.key)), what)
-    except StorageNotFound:
-        return Finding(archive.id, backend.name, archive.key, MANIFEST, "its manifest is missing"), 0
-    except BackupdError as exc:
+        manifest = verified_manifest(backend, archive)
+    except IntegrityError as exc:
         return Finding(archive.id, backend.name, archive.key, MANIFEST, str(exc)), 0
-    for f in ("tar_sha256", "stored_sha256", "tar_size", "stored_size", "key"):
-        if getattr(manifest, f) != getattr(archive, f):
-            return Finding(archive.id, backend.name, archive.key, MANIFEST,
-                           f"manifest and catalog disagree on {f}"), 0
     try:
-        stored = backend.open(archive.key)
+        if archive.encryption == "age" and not identities:
+            with backend.open(archive.key) as stored:
+                return _verify_stored_only(archive, stored, what)
+        with open_verified(backend, archive, manifest, identities) as reader:
+            try:
+                scan_archive(reader, what, structure=structure)
+            except IntegrityError as exc:
+                return Finding(archive.id, backend.name, archive.key, CORRUPT, str(exc)), reader.tar_size
     except StorageNotFound:
         return Finding(archive.id, backend.name, archive.key, MISSING, "the object is gone"), 0
-    if archive.encryption == "age" and not identities:
-        with stored:
-            return _verify_stored_only(archive, stored, what)
-    try:
-        with stored:
-            reader = UnpackingReader(stored, what=what, tar_sha256=archive.tar_sha256,
-                                     stored_sha256=archive.stored_sha256, tar_size=archive.tar_size,
-                                     stored_size=archive.stored_size, encryption=archive.encryption,
-                                     identities=identities)
-            if structure:
-                check_structure(reader, what)
-            while reader.read(1 << 20):
-                pass
-    except IntegrityError as exc:
-        return Finding(archive.id, backend.name, archive.key, CORRUPT, str(exc)), reader.tar_size
     return Finding(archive.id, backend.name, archive.key, OK), reader.tar_size
 
 

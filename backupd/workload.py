@@ -16,10 +16,16 @@ ReplicaSet or Job are interchangeable and renamed on every rollout, so they are 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from backupd.errors import KubeletProtocolError
+
+#: an RFC 1123 label: namespaces, container names, policy names
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+#: an RFC 1123 subdomain (without the 253-character bound): names of pods and controllers
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 @dataclass(frozen=True)

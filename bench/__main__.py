@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -25,9 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bench.data import MiB, checkpoint_tar
-
-RESULTS = Path(__file__).with_name("results")
-Row = dict[str, object]
+from bench.report import Row, report
 
 
 def wall(cmd: list[str] | str, **kwargs: object) -> float:
@@ -595,19 +592,7 @@ def main() -> None:
             except Exception as exc:  # one broken benchmark must not hide the others' figures
                 rows.append({"bench": name, "case": f"FAILED: {type(exc).__name__}: {exc}"})
             print(f"  {name} took {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
-    print("  ".join(k.ljust(widths[k]) for k in keys))
-    for r in rows:
-        print("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
-    RESULTS.mkdir(exist_ok=True)
-    meta = {"when": datetime.now(UTC).isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "quick": args.quick}
-    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwritten {RESULTS / 'latest.json'}", file=sys.stderr)
-
+    report(rows, "latest", quick=args.quick)
 
 if __name__ == "__main__":
     main()

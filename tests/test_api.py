@@ -71,7 +71,12 @@ def test_json_api_lists_what_the_catalog_holds(served) -> None:  # type: ignore[
     runs = client.get("/api/v1/runs", params={"kind": "checkpoint"}).json()
     assert len(runs) == 2 and {r["outcome"] for r in runs} == {"succeeded"}
     policies = client.get("/api/v1/policies").json()
-    assert policies[0]["metadata"]["name"] == "web"
+    assert policies[0]["metadata"]["name"] == "web" and "error" not in policies[0]
+    # stored by an older backupd that accepted it: listed with why it is not scheduled
+    app.catalog.apply_policies([("feb30", '{"schedule": "0 0 30 2 *", "backend": "local", "retention": {}}')])
+    feb30 = {p["metadata"]["name"]: p for p in client.get("/api/v1/policies").json()}["feb30"]
+    assert feb30["spec"]["schedule"] == "0 0 30 2 *" and "spec.schedule: cron expression" in feb30["error"]
+    app.catalog.delete_policy("feb30")
     bad = client.get("/api/v1/runs", params={"limit": "lots"})
     assert bad.status_code == 400 and "limit" in bad.json()["error"]
     assert client.get("/api/v1/archives", params={"state": "weird"}).status_code == 400

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from backupd.config import load_config, parse_size
+from backupd.config import DEFAULT_CONFIG_PATH, load_config, parse_size
 from backupd.errors import ConfigError
 
 TOML = """\
@@ -132,3 +133,68 @@ def test_sizes(text: str | int, value: int) -> None:
 def test_bad_sizes(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_unknown_backupd_variables_are_errors_naming_them(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKUPD_DATABSE__URL", "sqlite:////tmp/typo.db")
+    monkeypatch.setenv("BACKUPD_KUBELET_URL", "https://10.0.0.9:10250")
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    msg = str(info.value)
+    assert "BACKUPD_DATABSE__URL: unknown variable: no config section 'databse'" in msg
+    assert "BACKUPD_KUBELET_URL: unknown variable: did you mean BACKUPD_KUBELET__URL?" in msg
+
+
+def test_backupd_variables_that_are_not_config_are_allowed(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BACKUPD_AGE_IDENTITY_FILE", "BACKUPD_REGISTRY_PASSWORD", "BACKUPD_FAULTS", "BACKUPD_TEST_ANYTHING",
+                 "BACKUPD_REQUIRE_POSTGRES", "BACKUPD_FUZZ_EXAMPLES", "BACKUPD_SHARED_DIR"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("BACKUPD_CONFIG", str(config_file))
+    assert load_config().kubelet.node_name == "node-a"
+
+
+def test_a_whole_section_as_json_in_the_environment(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKUPD_BACKENDS", '[{"name": "env", "type": "filesystem", "path": "/srv/backups"}]')
+    assert [(b.name, str(b.path)) for b in load_config(config_file).backends] == [("env", "/srv/backups")]
+    monkeypatch.setenv("BACKUPD_BACKENDS", '[{"name": "s3", "type": "s3", "secret_access_key": "AKIA-env-secret"')
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    assert "BACKUPD_BACKENDS: not valid JSON (Expecting ',' delimiter at line 1 column" in str(info.value)
+    assert "AKIA-env-secret" not in str(info.value)
+
+
+def test_a_config_file_that_is_not_utf8(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('[kubelet]\nnode_name = "nœud"\n'.encode("latin-1", errors="replace") + b"\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte \d+ cannot be decoded\)"):
+        load_config(bad)
+
+
+def test_a_toml_syntax_error_says_where(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML: .*\(at line 2, column \d+\)"):
+        load_config(_write(tmp_path / "bad.toml", '[database]\nurl = "sqlite:///x.db\n'))
+
+
+@pytest.mark.parametrize(("replace", "key"), [
+    ('path = "/var/backups/backupd"', "backends.0.filesystem.path"),
+    ('node_name = "node-a"', "kubelet.ca_file"),
+    ('node_name = "node-a"', "kubelet.checkpoint_dir"),
+    ('max_concurrent_checkpoints = 3', "daemon.api_token_file"),
+])
+def test_an_empty_path_setting_is_an_error_not_the_current_directory(config_file: Path, replace: str,
+                                                                    key: str) -> None:
+    name = key.rsplit(".", 1)[1]
+    _write(config_file, TOML.replace(replace, f'{replace}\n{name} = ""' if name != "path" else 'path = ""'))
+    with pytest.raises(ConfigError, match=f"{re.escape(key)}: must not be empty"):
+        load_config(config_file)
+
+
+@pytest.mark.skipif(DEFAULT_CONFIG_PATH.exists(), reason=f"{DEFAULT_CONFIG_PATH} exists on this machine")
+def test_no_config_file_and_no_catalog_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BACKUPD_CONFIG", "BACKUPD_DATABASE", "BACKUPD_DATABASE__URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="no config file: give --config FILE, set BACKUPD_CONFIG, or create "
+                                          "/etc/backupd/config.toml"):
+        load_config()
+    monkeypatch.setenv("BACKUPD_DATABASE__URL", "sqlite:////tmp/from-env.db")  # configured by environment alone
+    assert load_config().database.url == "sqlite:////tmp/from-env.db"

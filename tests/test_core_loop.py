@@ -196,6 +196,38 @@ def test_reconcile_settles_what_a_crash_left(app_factory, sim: NodeSimulator, tm
     assert not (sim.checkpoint_dir / undone.node_path).exists()
 
 
+def test_reconcile_fails_a_pending_row_whose_manifest_is_not_what_it_wrote(app_factory) -> None:  # type: ignore[no-untyped-def]
+    """A manifest at a pending row's key that fails the schema, disagrees with its key or names
+    another object completes nothing: the row fails with the reason, the daemon still starts,
+    and what is in the bucket is left for `catalog rebuild` and `verify` to report."""
+    app = app_factory()
+    app.runner.cycle(web_policy(app, keep_on_node=5))
+    app.runner.cycle(web_policy(app, keep_on_node=5))
+    archives = app.catalog.list_archives()
+    backend = app.backends["local"]
+    written = [json.loads(layout.read_manifest(backend, layout.manifest_key(a.key)).to_json()) for a in archives]
+    tampered = {
+        archives[0].id: json.dumps({**written[0], "namespace": "evil"}).encode(),
+        archives[1].id: b'{"tar_size": 99999999999999999999999}',
+        # agrees with its key, but names the encrypted object beside it, not the row's
+        archives[2].id: json.dumps({**written[2], "key": archives[2].key + ".age", "encryption": "age"}).encode(),
+        archives[3].id: json.dumps({**written[3], "checkpoint_time": "2026-01-01T00:00:00"}).encode(),
+    }
+    for a in archives:
+        backend.delete(layout.manifest_key(a.key))
+        backend.put_bytes(layout.manifest_key(a.key), tampered[a.id])
+        app.catalog.update_archive(a.id, state=PENDING)
+    counts = app.pipeline.reconcile()
+    assert (counts["completed"], counts["failed"]) == (0, 4)
+    errors = {a.id: a.error or "" for a in app.catalog.list_archives(states=(FAILED,))}
+    assert errors.keys() == tampered.keys()
+    assert "disagrees with its key: namespace is 'default' in the key, 'evil' in the manifest" in errors[archives[0].id]
+    assert "tar_size: Input should be less than" in errors[archives[1].id]
+    assert f"names the object {archives[2].key + '.age'!r}, not {archives[2].key!r}" in errors[archives[2].id]
+    assert "checkpoint_time: must be an RFC 3339 time" in errors[archives[3].id]
+    assert all(backend.stat(a.key) is not None for a in archives)  # reported, not deleted
+
+
 def test_failed_commit_removes_the_node_tar_and_temp_files(app_factory, sim: NodeSimulator, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from backupd.backends.wrappers import Fault, FaultInjectingBackend
     from backupd.errors import StorageError

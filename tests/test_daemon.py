@@ -6,6 +6,7 @@ import threading
 import time
 from datetime import timedelta
 
+import structlog.testing
 from sqlalchemy import update
 
 from backupd.backends.wrappers import Wrapper
@@ -170,3 +171,30 @@ def test_uploads_do_not_hold_the_kubelet_back(app_factory, sim) -> None:  # type
     assert all(end <= nxt + 0.01 for (_, end), (nxt, _) in zip(asked, asked[1:], strict=False)), asked
     # some archive was shipping while the kubelet was dumping the next container
     assert any(p0 < k1 and k0 < p1 for p0, p1 in slow.puts for k0, k1 in asked), (slow.puts, asked)
+
+
+NEVER_FIRES = '{"schedule": "0 0 30 2 *", "backend": "local", "retention": {"keepLast": 1}}'
+
+
+def test_a_stored_policy_that_never_fires_is_skipped_with_an_error_and_the_rest_run(app_factory) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    apply(app, "fast", "@every 1s")
+    # stored by an older backupd that accepted it; `policy apply` refuses it now
+    app.catalog.apply_policies([("feb30", NEVER_FIRES)])
+    daemon = app.daemon(policy_poll_seconds=0.2)
+    with structlog.testing.capture_logs() as logs:
+        daemon.start()
+        t = threading.Thread(target=daemon.serve, daemon=True)
+        t.start()
+        time.sleep(1.5)
+        assert {j.id for j in daemon.scheduler.get_jobs() if not j.id.startswith("__")} == {"fast"}
+        app.catalog.delete_policy("feb30")  # forgetting a policy that was never scheduled is no error
+        time.sleep(0.6)
+        daemon.stop(5)
+        t.join(5)
+    [invalid] = [e for e in logs if e["event"] == "policy_invalid"]
+    assert invalid["policy"] == "feb30" and invalid["log_level"] == "error"
+    assert "spec.schedule: cron expression '0 0 30 2 *' never fires" in invalid["error"]
+    assert any(e["event"] == "policy_unscheduled" and e["policy"] == "feb30" for e in logs)
+    assert not any(e["event"] in ("cycle_crashed", "policy_sync_failed") for e in logs)
+    assert checkpoint_runs(app, "fast") and not checkpoint_runs(app, "feb30")

@@ -49,7 +49,7 @@ def test_age_cli_decrypts_what_backupd_stored(app_factory, sim, identity, tmp_pa
     app = encrypted_app(app_factory, recipient)
     for a in app.catalog.list_archives():
         assert a.key.endswith(".tar.zst.age") and a.encryption == "age"
-        manifest = layout.Manifest.from_json((tmp_path / "backend" / layout.manifest_key(a.key)).read_bytes(), "m")
+        manifest = layout.read_manifest(app.backends["local"], layout.manifest_key(a.key))
         assert manifest.encryption == "age"
         stored = tmp_path / "backend" / a.key
         assert b"config.dump" not in stored.read_bytes()  # nothing readable leaves the node

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backupd.errors import PolicyError
-from backupd.policy import parse_policies
+from backupd.policy import Policy, parse_policies
 from backupd.workload import Container, Pod
 
 GOOD = """\
@@ -138,3 +138,23 @@ def test_selector_targets_running_matching_containers_only() -> None:
     assert [(p.name, c.name) for p, c in web.targets(pods)] == [("web-1", "webserver")]
     everything = parse_policies(GOOD, "p.yaml")[1]
     assert len(everything.targets(pods)) == 4
+
+
+@pytest.mark.parametrize(("field", "spec"), [
+    ("spec.schedule", "spec: {schedule: '0 0 30 2 *', backend: local, retention: {keepLast: 1}}"),
+    ("spec.schedule", "spec: {schedule: '0 0 31 4 *', backend: local, retention: {keepLast: 1}}"),
+    ("spec.verify.schedule",
+     "spec: {schedule: '@hourly', backend: local, retention: {keepLast: 1}, verify: {schedule: '0 3 31 9 *'}}"),
+])
+def test_a_schedule_that_never_fires_is_refused(field: str, spec: str) -> None:
+    value = spec.split("schedule: ")[-1].split("'")[1]
+    msg = _bad(BASE3 + spec)
+    assert f"p.yaml: document 3 ('third'): {field}: cron expression '{value}' never fires" in msg
+
+
+def test_a_stored_policy_that_no_longer_validates_is_a_policy_error_naming_it() -> None:
+    spec = '{"schedule": "0 0 30 2 *", "backend": "local", "retention": {"keepLast": 1}}'
+    with pytest.raises(PolicyError, match=r"stored policy 'old': spec.schedule: cron expression '0 0 30 2 \*' never"):
+        Policy.from_spec_json("old", spec)
+    with pytest.raises(PolicyError, match="stored policy 'old': spec: not valid JSON"):
+        Policy.from_spec_json("old", "{")

@@ -130,20 +130,20 @@ def test_each_statefulset_replica_keeps_its_own_newest_archives(cluster, retenti
 
     # restore --latest: several replicas are refused, --pod picks one
     proc = node.cli("restore", "--latest", "--namespace", "shop", "--workload", "statefulset/db", "--container",
-                    "postgres", "--output", str(tmp_path / "db.tar"), check=2)
+                    "postgres", "--to", str(tmp_path / "db.tar"), check=2)
     assert "--latest matches 2 replicas of statefulset/db: db-0, db-1; give --pod" in proc.stderr
     assert not (tmp_path / "db.tar").exists()
     out = node.cli("restore", "--latest", "--namespace", "shop", "--workload", "db", "--pod", "db-0",
-                   "--container", "postgres", "--output", str(tmp_path / "db.tar"), "--json").stdout
+                   "--container", "postgres", "--to", str(tmp_path / "db.tar"), "-o", "json").stdout
     restored = json.loads(out)["archive"]
     assert restored["id"] == newest["db-0"] and restored["replica"] == "db-0"
     assert hashlib.sha256((tmp_path / "db.tar").read_bytes()).hexdigest() == restored["tar_sha256"]
     # a Deployment's pods are one replica: --latest needs no --pod there
     out = node.cli("restore", "--latest", "--namespace", "shop", "--workload", "deployment/cache", "--container",
-                   "redis", "--output", str(tmp_path / "cache.tar"), "--json").stdout
+                   "redis", "--to", str(tmp_path / "cache.tar"), "-o", "json").stdout
     assert json.loads(out)["archive"]["replica"] == ""
     # an archive id with a --pod it is not of is refused
-    proc = node.cli("restore", newest["db-1"], "--pod", "db-0", "--output", str(tmp_path / "x.tar"), check=2)
+    proc = node.cli("restore", newest["db-1"], "--pod", "db-0", "--to", str(tmp_path / "x.tar"), check=2)
     assert "replica 'db-1'" in proc.stderr and "not 'db-0'" in proc.stderr
 
 
@@ -201,7 +201,7 @@ def test_a_daemonset_keeps_one_archive_per_node_across_rollouts(cluster, db_url:
         server.stop()
 
     proc = a.cli("restore", "--latest", "--namespace", "shop", "--workload", "daemonset/agent", "--container",
-                 "fluent-bit", "--output", "x.tar", check=2)
+                 "fluent-bit", "--to", "x.tar", check=2)
     assert "--latest matches 2 replicas of daemonset/agent: node-a, node-b; give --pod" in proc.stderr
 
 
@@ -214,7 +214,7 @@ def test_rebuild_and_old_manifests_derive_the_replica(cluster, tmp_path: Path) -
     old = taken[0]
     text = json.loads(backend.read_bytes(layout.manifest_key(old.key)))
     assert text.pop("replica") == old.replica
-    parsed = layout.Manifest.from_json(json.dumps(text).encode(), "old.json")
+    parsed = layout.Manifest.read(json.dumps(text).encode(), layout.manifest_key(old.key), where="old.json")
     assert parsed.replica == old.replica == old.pod
     fresh = Catalog.open(f"sqlite:///{tmp_path / 'rebuilt.db'}")
     fresh.upgrade()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -47,3 +48,30 @@ def test_every_and_missed() -> None:
 def test_bad_schedules(bad: str) -> None:
     with pytest.raises(ValueError):
         Schedule.parse(bad)
+
+
+@pytest.mark.parametrize("never", ["0 0 30 2 *", "0 0 31 4 *", "0 0 31 6 *", "30 12 31 2,4,6,9,11 *",
+                                   "0 0 30,31 2 *", "* * 31 11 mon-fri", "0 0 30 2 1"])
+def test_a_schedule_that_never_fires_is_refused_naming_it(never: str) -> None:
+    with pytest.raises(ValueError, match=f"cron expression '{re.escape(never)}' never fires"):
+        Schedule.parse(never)
+
+
+@pytest.mark.parametrize(("rare", "after", "fires"), [
+    # day of month AND day of week (APScheduler's rule): a Monday the 29th of February; 2100 is
+    # not a leap year, so this is the longest gap any schedule has: 40 years
+    ("0 0 29 2 1", datetime(2072, 3, 1, tzinfo=UTC), datetime(2112, 2, 29, tzinfo=UTC)),
+    ("0 0 29 2 *", datetime(2097, 3, 1, tzinfo=UTC), datetime(2104, 2, 29, tzinfo=UTC)),
+    ("0 0 31 * fri", datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 7, 31, tzinfo=UTC)),
+])
+def test_rare_schedules_are_accepted_and_fire_when_due(rare: str, after: datetime, fires: datetime) -> None:
+    assert Schedule.parse(rare).next_after(after) == fires
+
+
+def test_a_schedule_that_never_fires_does_not_crash_or_spin_at_runtime() -> None:
+    # parse() refuses it; one built another way answers with an error instead of walking to year 9999
+    never = Schedule("0 0 30 2 *", cron="0 0 30 2 *")
+    with pytest.raises(ValueError, match="never fires"):
+        never.next_after(FRIDAY)
+    with pytest.raises(ValueError, match="never fires"):
+        _ = never.period

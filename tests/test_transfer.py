@@ -88,3 +88,80 @@ def test_catalog_digest_disagreement_is_detected() -> None:
     reader, stored = pack(data)
     with pytest.raises(DigestMismatch, match="tar SHA-256 differs"):
         unpack(stored, reader, tar_sha256="0" * 64)
+
+
+class Counted:
+    """``head``, then ``tail`` bytes of zeros generated as read; counts what was read."""
+
+    def __init__(self, head: bytes, tail: int = 0) -> None:
+        self.head, self.tail, self.read_bytes = head, tail, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = 1 << 20 if n is None or n < 0 else n
+        data, self.head = self.head[:n], self.head[n:]
+        extra = min(n - len(data), self.tail)
+        self.tail -= extra
+        data += bytes(extra)
+        self.read_bytes += len(data)
+        return data
+
+
+def zstd_of_zeros(gib: int) -> bytes:
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor().stream_writer(out, closefd=False) as writer:
+        for _ in range(gib << 10):
+            writer.write(bytes(1 << 20))
+    return out.getvalue()
+
+
+@pytest.mark.timeout(60)  # without the running check, 4 GiB are decompressed and hashed before the end
+def test_a_tar_longer_than_its_size_stops_on_the_read_that_passes_it() -> None:
+    bomb = zstd_of_zeros(4)
+    u = UnpackingReader(Counted(bomb), what="archive b", tar_sha256=None, stored_sha256=None, tar_size=1 << 20,
+                        stored_size=len(bomb))
+    handed_out = 0
+    with pytest.raises(DigestMismatch, match="archive b: .*the tar is longer than its 1048576 bytes"):
+        while data := u.read(256 << 10):
+            handed_out += len(data)
+    assert handed_out <= 1 << 20  # a consumer never sees a byte past the declared size
+
+
+def test_a_stored_object_longer_than_its_size_is_not_read_on() -> None:
+    data = memory_like(1 << 20)
+    reader, stored = pack(data)
+    source = Counted(stored, tail=10 << 30)  # 10 GiB more than the catalog says
+    u = UnpackingReader(source, what="archive s", tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256,
+                        tar_size=reader.tar_size, stored_size=reader.stored_size)
+    with pytest.raises(DigestMismatch, match=f"the stored object is longer than its {reader.stored_size} bytes"):
+        while u.read(1 << 20):
+            pass
+    assert source.read_bytes <= reader.stored_size + (1 << 20)  # one read past it, no more
+
+
+def test_an_encrypted_object_longer_than_its_size_is_not_read_on() -> None:
+    import pyrage
+
+    identity = pyrage.x25519.Identity.generate()
+    reader = PackingReader(io.BytesIO(memory_like(1 << 20)), recipients=[identity.to_public()])
+    stored = b"".join(iter(lambda: reader.read(1 << 20), b""))
+    source = Counted(stored, tail=10 << 30)
+    u = UnpackingReader(source, what="archive e", tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256,
+                        tar_size=reader.tar_size, stored_size=reader.stored_size, encryption="age",
+                        identities=[identity])  # fmt: skip
+    with pytest.raises(DigestMismatch, match="the stored object is longer than"):
+        while u.read(1 << 20):
+            pass
+    assert source.read_bytes <= reader.stored_size + (4 << 20)
+
+
+def test_explain_blames_storage_when_the_object_is_corrupt() -> None:
+    data = memory_like(2 << 20)
+    reader, stored = pack(data)
+    refused = IntegrityError("a malformed tar header")
+    wrong = UnpackingReader(io.BytesIO(stored), what="archive x", tar_sha256="0" * 64, stored_sha256=None)
+    assert wrong.read(1000)
+    blamed = wrong.explain(refused)
+    assert isinstance(blamed, DigestMismatch)
+    assert "so the stored object is corrupt (a malformed tar header)" in str(blamed)
+    right = UnpackingReader(io.BytesIO(stored), what="archive x", tar_sha256=reader.tar_sha256, stored_sha256=None)
+    assert right.read(1000) and right.explain(refused) is refused

@@ -92,8 +92,8 @@ def test_deleted_catalog_is_rebuilt_from_manifests(s3_app_factory, tmp_path: Pat
     assert archive_view(after) == archive_view(before)
     # idempotent: a second rebuild adds nothing and agrees with everything
     again = json.loads(run("catalog", "rebuild", "--backend", "s3", "-o", "json").stdout)
-    assert again == [{"backend": "s3", "added": [], "agreeing": 4, "disagreeing": [], "badManifests": [],
-                      "orphans": [], "missing": []}]
+    assert again == [{"backend": "s3", "added": [], "agreeing": 4, "disagreeing": [], "bad_manifests": [],
+                      "key_disagreements": [], "duplicate_ids": [], "orphans": [], "missing": []}]
 
 
 def test_rebuild_reports_disagreements_orphans_and_missing(app_factory) -> None:  # type: ignore[no-untyped-def]
@@ -186,10 +186,10 @@ def test_restore_drills_run_on_schedule_and_record_results(app_factory) -> None:
     backend.put(victim.key, reader)
     app.catalog.update_archive(victim.id, tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256,
                                tar_size=reader.tar_size, stored_size=reader.stored_size)
-    manifest = layout.Manifest.from_json(backend.read_bytes(layout.manifest_key(victim.key)), "m")
+    manifest = layout.read_manifest(backend, layout.manifest_key(victim.key))
     backend.delete(layout.manifest_key(victim.key))
     backend.put_bytes(layout.manifest_key(victim.key), layout.Manifest(**{
-        **manifest.__dict__, "tar_sha256": reader.tar_sha256, "stored_sha256": reader.stored_sha256,
+        **manifest.model_dump(), "tar_sha256": reader.tar_sha256, "stored_sha256": reader.stored_sha256,
         "tar_size": reader.tar_size, "stored_size": reader.stored_size}).to_json())
     failed = app.drill(p)
     assert not failed.clean

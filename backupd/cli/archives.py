@@ -13,9 +13,10 @@ from backupd.cli.base import (
     Context,
     cli,
     human_bytes,
+    namespace_option,
     pass_ctx,
-    print_json,
-    print_json_pages,
+    print_data,
+    print_data_pages,
     print_table,
     print_table_pages,
 )
@@ -61,8 +62,8 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
     finally:
         if owns_node:
             app.pipeline.release_node_lease(app.holder)
-    if output == "json":
-        print_json([
+    if output != "table":
+        print_data([
             {
                 "policy": r.policy,
                 "error": str(r.error) if r.error else None,
@@ -70,7 +71,7 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
                 "runs": [{**o.run.to_json(), "archive": o.archive.to_json() if o.archive else None} for o in r.outcomes],
             }
             for r in results
-        ])
+        ], output)
     else:
         rows = []
         for r in results:
@@ -92,7 +93,7 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
 
 @cli.command("list")
 @click.option("--policy", "policy_name")
-@click.option("--namespace")
+@namespace_option()
 @click.option("--pod", help="A pod name or a replica (a StatefulSet pod, a DaemonSet pod's node).")
 @click.option("--workload", help="e.g. deployment/web")
 @click.option("--container")
@@ -122,8 +123,8 @@ def list_archives(ctx: Context, policy_name: str | None, namespace: str | None, 
     else:
         page, following = catalog.archive_page(limit=limit, after=after, **filters)
         pages = [page]
-    if output == "json":
-        print_json_pages([a.to_json() for a in page] for page in pages)
+    if output != "table":
+        print_data_pages(([a.to_json() for a in page] for page in pages), output)
     else:
         print_table_pages((_archive_rows(page) for page in pages), ARCHIVE_HEADERS)
     if following is not None:
@@ -142,9 +143,9 @@ def print_deletion(archives: Sequence[Archive], *, dry_run: bool, output: str, p
                    error: BaseException | None = None) -> None:
     """What a delete removed (or, with ``dry_run``, would remove), and the totals."""
     freed = sum(a.stored_size or 0 for a in archives)
-    if output == "json":
-        print_json({"dry_run": dry_run, "deleted": [a.to_json() for a in archives], "bytes_freed": freed,
-                    "pending_skipped": [a.id for a in pending], "error": str(error) if error else None})
+    if output != "table":
+        print_data({"dry_run": dry_run, "deleted": [a.to_json() for a in archives], "bytes_freed": freed,
+                    "pending_skipped": [a.id for a in pending], "error": str(error) if error else None}, output)
         return
     if archives:
         print_table(_deletion_rows(archives), DELETE_HEADERS)
@@ -179,7 +180,7 @@ def _confirm(plan: Plan) -> None:
 @cli.command()
 @click.argument("archive_ids", nargs=-1, metavar="[ID]...")
 @click.option("--policy", "policy_name", help="Archives of this policy (also one that no longer exists).")
-@click.option("--namespace", "-n")
+@namespace_option()
 @click.option("--workload", help="e.g. deployment/web")
 @click.option("--pod")
 @click.option("--container")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -21,8 +21,39 @@ from backupd.sizes import human_bytes  # noqa: F401  (commands import it from he
 if TYPE_CHECKING:
     from backupd.app import App
 
-OUTPUT = click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
-                      help="Output format.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: what ``-o/--output`` means in every command: a format (files are ``--out FILE`` or ``--to FILE``)
+FORMATS = ("table", "json", "yaml")
+
+
+class OutputFormat(click.Choice):
+    """A format name; ``misuse`` turns a value that is no format into the command's own hint
+    (``restore --output x.tar`` wrote a file before ``--output`` meant the format)."""
+
+    def __init__(self, choices: Sequence[str], misuse: Callable[[str], str] | None = None) -> None:
+        super().__init__(choices)
+        self.misuse = misuse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self.misuse is not None and value not in self.choices:
+            raise click.UsageError(self.misuse(value), ctx)
+        return super().convert(value, param, ctx)
+
+
+def output_option(*extra: str, default: str = "table", help: str = "Output format (yaml: the json data as YAML).",
+                  misuse: Callable[[str], str] | None = None) -> Callable[[F], F]:
+    """``-o/--output table|json|yaml`` (plus ``extra`` formats), the same in every command."""
+    return click.option("--output", "-o", "output", type=OutputFormat([*FORMATS, *extra], misuse), default=default,
+                        show_default=True, help=help)
+
+
+OUTPUT = output_option()
+
+
+def namespace_option(help: str = "Only this namespace.") -> Callable[[F], F]:
+    """``-n/--namespace``, as kubectl spells it."""
+    return click.option("--namespace", "-n", "namespace", metavar="NAMESPACE", help=help)
 
 
 def _cell(value: Any) -> str:
@@ -54,19 +85,42 @@ def print_table_pages(pages: Iterable[Iterable[Sequence[Any]]], headers: Sequenc
         print_table_pages([[]], headers, err=err)
 
 
+def render(value: Any, output: str) -> str:
+    """``value`` as ``json`` or ``yaml`` text. YAML holds exactly the JSON data (times and other
+    values JSON shows as strings are strings there too), in block style."""
+    text = json.dumps(value, indent=2, default=str)
+    if output == "json":
+        return text + "\n"
+    import yaml  # only the commands that print YAML pay for it
+
+    return yaml.safe_dump(json.loads(text), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def print_data(value: Any, output: str) -> None:
+    """Print ``value`` in a data format (``-o json`` or ``-o yaml``)."""
+    click.echo(render(value, output), nl=False)
+
+
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+    print_data(value, "json")
 
 
-def print_json_pages(pages: Iterable[Iterable[Any]]) -> None:
-    """A JSON array printed as its pages arrive; the same document :func:`print_json` prints."""
+def print_data_pages(pages: Iterable[Iterable[Any]], output: str) -> None:
+    """A list printed as its pages arrive, as ``json`` or ``yaml``: the document :func:`print_data`
+    prints of the whole list, in the memory of one page."""
     first = True
     for page in pages:
         for item in page:
-            click.echo("[\n" if first else ",\n", nl=False)
-            click.echo(textwrap.indent(json.dumps(item, indent=2, default=str), "  "), nl=False)
+            if output == "json":
+                click.echo("[\n" if first else ",\n", nl=False)
+                click.echo(textwrap.indent(json.dumps(item, indent=2, default=str), "  "), nl=False)
+            else:  # a one-item YAML list is that item's entry in the whole list
+                click.echo(render([item], output), nl=False)
             first = False
-    click.echo("[]" if first else "\n]")
+    if output == "json":
+        click.echo("[]" if first else "\n]")
+    elif first:
+        click.echo(render([], output), nl=False)
 
 
 class Context:

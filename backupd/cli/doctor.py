@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_json
+from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_data
 
 if TYPE_CHECKING:
     from backupd.kubelet import Target
@@ -41,8 +41,8 @@ def doctor(ctx: Context, checkpoint_test: Target | None, output: str) -> None:
     from backupd.doctor import diagnose  # imported when used: see backupd.cli
 
     report = diagnose(ctx.config_path, checkpoint_test=checkpoint_test)
-    if output == "json":
-        print_json(report.to_json())
+    if output != "table":
+        print_data(report.to_json(), output)
     else:
         width = max(len(c.name) for c in report.checks)
         for check in report.checks:

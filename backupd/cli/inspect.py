@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json
+from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_data
 from backupd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -163,8 +163,8 @@ def inspect_command(ctx: Context, target: str, identity_file: str | None, output
                               "the config ([[backends]])")  # fmt: skip
         identities = load_identities(identity_file, "--identity-file") if identity_file else []
         result = inspect_catalog_archive(archive, backend, identities=identities)
-    if output == "json":
-        print_json(result.to_json())
+    if output != "table":
+        print_data(result.to_json(), output)
         return
     if result.archive is not None:
         a = result.archive

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from backupd.cli.archives import finish_deletion
-from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_json, print_table
+from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_data, print_table
 from backupd.errors import InvalidInput, NotFound, PolicyError
 
 
@@ -34,8 +35,8 @@ def policy_apply(ctx: Context, path: str, output: str) -> None:
     policies = parse_policies(text, source, backends=[b.name for b in ctx.config.backends])
     ctx.app.catalog.check_schema()
     results = ctx.app.catalog.apply_policies([(p.name, p.canonical_json()) for p in policies])
-    if output == "json":
-        print_json([{"name": n, "result": r} for n, r in results])
+    if output != "table":
+        print_data([{"name": n, "result": r} for n, r in results], output)
     else:
         for name, result in results:
             click.echo(f"checkpointpolicy/{name} {result}")
@@ -45,29 +46,44 @@ def policy_apply(ctx: Context, path: str, output: str) -> None:
 @OUTPUT
 @pass_ctx
 def policy_list(ctx: Context, output: str) -> None:
-    """Show the policies in the catalog."""
-    from backupd.policy import Policy
+    """Show the policies in the catalog.
+
+    A stored policy this backupd refuses (e.g. a schedule that never fires, kept from an older
+    version) is listed with its error, and is not scheduled by the daemon.
+    """
+    from backupd.policy import stored_document
 
     catalog = ctx.app.catalog
     catalog.check_schema()
-    stored = catalog.list_policies()
-    policies = [(s, Policy.from_spec_json(s.name, s.spec_json)) for s in stored]
-    if output == "json":
-        print_json([{**p.to_document(), "generation": s.generation, "updatedAt": s.updated_at.isoformat()}
-                    for s, p in policies])
+    listed = [(s, stored_document(s.name, s.spec_json)) for s in catalog.list_policies()]
+    for _, doc in listed:
+        if doc.get("error"):
+            click.echo(f"warning: {doc['error']}\n  (not scheduled: apply a corrected policy)", err=True)
+    if output != "table":
+        print_data([{**doc, "generation": s.generation, "updated_at": s.updated_at.isoformat(),
+                     "error": doc.get("error")} for s, doc in listed], output)
         return
     rows = []
-    for s, p in policies:
-        sel = p.spec.selector
-        selector = ",".join(sel.namespaces) if sel.namespaces else "*"
-        if sel.match_labels:
-            selector += " " + ",".join(f"{k}={v}" for k, v in sel.match_labels.items())
-        if sel.containers:
-            selector += " [" + ",".join(sel.containers) + "]"
-        rules = p.spec.retention.model_dump(by_alias=True, exclude_none=True)
-        rows.append((s.name, p.spec.schedule, p.spec.backend, selector,
-                     " ".join(f"{k}={v}" for k, v in rules.items()), s.updated_at))
+    for s, doc in listed:
+        spec = doc["spec"] if isinstance(doc["spec"], dict) else {}
+        if doc.get("error"):
+            retention = "INVALID: not scheduled (see above)"
+        else:
+            retention = " ".join(f"{k}={v}" for k, v in spec["retention"].items())
+        rows.append((s.name, spec.get("schedule"), spec.get("backend"), _selector(spec.get("selector")), retention,
+                     s.updated_at))
     print_table(rows, ["name", "schedule", "backend", "selector", "retention", "updated"])
+
+
+def _selector(selector: Any) -> str:
+    if not isinstance(selector, dict):
+        return "*"
+    text = ",".join(selector.get("namespaces") or ["*"])
+    if selector.get("matchLabels"):
+        text += " " + ",".join(f"{k}={v}" for k, v in selector["matchLabels"].items())
+    if selector.get("containers"):
+        text += " [" + ",".join(selector["containers"]) + "]"
+    return text
 
 
 @policy.command("delete")

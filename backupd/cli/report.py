@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import click
 
-from backupd.cli.base import Context, cli, pass_ctx
+from backupd.cli.base import Context, cli, output_option, pass_ctx, render
 from backupd.config import DEFAULT_STALE_INTERVALS
 from backupd.errors import InvalidInput
 
@@ -36,8 +35,8 @@ def write_private(path: Path, text: str) -> None:
 
 
 @cli.command()
-@click.option("--output", "-o", type=click.Choice(["table", "json", "html"]), default="table", show_default=True,
-              help="Output format (html: one self-contained page with a timeline per workload).")
+@output_option("html", help="Output format (yaml: the json data as YAML; html: one self-contained page with a "
+                           "timeline per workload).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file (mode 0600, atomically) instead of standard output.")
 @click.option("--stale-intervals", type=click.IntRange(min=1, max=1000),
@@ -58,8 +57,8 @@ def report(ctx: Context, output: str, out_path: Path | None, stale_intervals: in
     catalog = ctx.app.catalog
     catalog.check_schema()
     result = load_report(catalog, stale_intervals=stale_intervals)
-    if output == "json":
-        text = json.dumps(result.to_json(), indent=2) + "\n"
+    if output in ("json", "yaml"):
+        text = render(result.to_json(), output)
     elif output == "html":
         text = render_html(result)
     else:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from backupd.cli.base import Context, cli, human_bytes, pass_ctx, print_json
+from backupd.cli.base import FORMATS, Context, cli, human_bytes, namespace_option, output_option, pass_ctx, print_data
 from backupd.errors import InvalidInput
 from backupd.sizes import parse_size
 
@@ -49,21 +49,26 @@ def _check_new_file(path: str, flag: str, force: bool) -> None:
         raise InvalidInput(f"{flag} {path!r} already exists; choose another path or pass --force")
 
 
+def _not_a_format(value: str) -> str:
+    return (f"--output is the output format now ({', '.join(FORMATS)}), not a file; write the tar with "
+            f"--to {value}")
+
+
 @cli.command()
 @click.argument("archive_id", required=False)
-@click.option("--output", "output_file", metavar="FILE", help="Write the checkpoint tar to FILE (0600, atomic).")
+@click.option("--to", "to_file", metavar="FILE", help="Write the checkpoint tar to FILE (0600, atomic).")
 @click.option("--oci-layout", "oci_dir", metavar="DIR", help="Write a checkpoint image as an OCI layout in DIR.")
 @click.option("--image", "image", metavar="REF", help="Push a checkpoint image to REF (registry/repo[:tag]; "
               "tag default: the archive id).")
 @click.option("--pod-manifest", metavar="FILE", help="With --image: also write a Pod (or controller) manifest "
               "that runs the image.")
 @click.option("--latest", is_flag=True, help="The newest committed archive of --namespace/--workload/--container.")
-@click.option("--namespace")
+@namespace_option(help="With --latest: the archive's namespace.")
 @click.option("--workload", help="e.g. deployment/web. With --pod-manifest: render the controller, not a bare Pod.")
 @click.option("--container")
 @click.option("--pod", help="A pod name or replica (a StatefulSet pod such as db-0, a DaemonSet pod's node). "
               "--latest needs it when the workload's archives come from several replicas.")
-@click.option("--force", is_flag=True, help="Replace an existing --output or --pod-manifest file.")
+@click.option("--force", is_flag=True, help="Replace an existing --to or --pod-manifest file.")
 @click.option("--registry-username", metavar="USER")
 @click.option("--registry-password-file", metavar="FILE",
               help=f"File holding the registry password (or set ${PASSWORD_ENV}).")
@@ -83,24 +88,27 @@ def _check_new_file(path: str, flag: str, force: bool) -> None:
               help="Add a label to the restored pod (the archive records only some of the original's).")
 @click.option("--identity-file", metavar="FILE", envvar="BACKUPD_AGE_IDENTITY_FILE",
               help="age identity file that decrypts encrypted archives (or $BACKUPD_AGE_IDENTITY_FILE).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@output_option(help="Format of the result (table: one summary line).", misuse=_not_a_format)
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Deprecated: -o json.")
 @pass_ctx
-def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_dir: str | None, image: str | None,
+def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: str | None, image: str | None,
             pod_manifest: str | None, latest: bool, namespace: str | None, workload: str | None,
             container: str | None, pod: str | None, force: bool, registry_username: str | None,
             registry_password_file: str | None, registry_ca_file: str | None, insecure_registry: bool,
             chunk_size: str, mount_from: tuple[str, ...], manifest_kind: str | None, node_name: str | None,
             pin_node: bool, pod_name: str | None, labels: tuple[str, ...], identity_file: str | None,
-            as_json: bool) -> None:
-    """Restore archive ID (or --latest) to exactly one of --output, --oci-layout or --image.
+            output: str, as_json: bool) -> None:
+    """Restore archive ID (or --latest) to exactly one of --to FILE, --oci-layout DIR or --image REF.
 
     \b
-    backupd restore 3f2a9c1d --output /tmp/web.tar
-    backupd restore --latest --namespace shop --workload statefulset/db --pod db-0 --container postgres \\
+    backupd restore 3f2a9c1d --to /tmp/web.tar
+    backupd restore --latest -n shop --workload statefulset/db --pod db-0 --container postgres \\
         --image registry.example.com/checkpoints/db --pod-manifest db.yaml --pin-node
 
     The archive is streamed out of its backend and checked against the catalog and its manifest
-    (SHA-256 and size) while it streams; a mismatch fails the restore and leaves nothing behind.
+    (SHA-256 and size) while it streams, and its tar members against the rules verify and
+    inspect apply (no links, devices, absolute or `..` names); a mismatch or a hostile member
+    fails the restore (exit 7) and leaves nothing behind.
     """
     # imported here: the restore machinery is not needed for `backupd --help` or other commands
     from backupd import oci, podmanifest
@@ -117,10 +125,11 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
     )
     from backupd.transfer import load_identities
 
-    destinations = [flag for flag, v in (("--output", output_file), ("--oci-layout", oci_dir), ("--image", image))
-                    if v]  # fmt: skip
+    if as_json:
+        output = "json"
+    destinations = [flag for flag, v in (("--to", to_file), ("--oci-layout", oci_dir), ("--image", image)) if v]
     if len(destinations) != 1:
-        raise InvalidInput("give exactly one of --output FILE, --oci-layout DIR or --image REF"
+        raise InvalidInput("give exactly one of --to FILE, --oci-layout DIR or --image REF"
                            + (f" (got {', '.join(destinations)})" if destinations else ""))
     if pod_manifest and not image:
         raise InvalidInput("--pod-manifest needs --image: the manifest refers to the pushed image")
@@ -140,8 +149,8 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
             raise InvalidInput(f"--image {image!r}: push to a tag, not a digest")
     if pod_manifest:
         _check_new_file(pod_manifest, "--pod-manifest", force)
-    if output_file:
-        _check_new_file(output_file, "--output", force)
+    if to_file:
+        _check_new_file(to_file, "--to", force)
 
     app = ctx.app
     app.catalog.check_schema()
@@ -152,13 +161,14 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
 
     identities = load_identities(identity_file, "--identity-file") if identity_file else []
     with open_archive(app.backends, archive, identities) as verified, progress:
-        if output_file:
-            written = restore_to_file(ProgressReader(verified, progress), output_file, overwrite=force)
-            result.update(output=str(Path(output_file).absolute()), bytes=written)
-            summary = f"restored archive {archive.id} to {output_file} ({human_bytes(written)}, verified)"
+        # every destination gets only a tar whose members pass the rules verify and inspect apply
+        scanner = metadata_scanner(archive)
+        layer = ProgressReader(ScanningReader(verified, scanner, explain=verified.explain), progress)
+        if to_file:
+            written = restore_to_file(layer, to_file, overwrite=force)
+            result.update(to=str(Path(to_file).absolute()), bytes=written)
+            summary = f"restored archive {archive.id} to {to_file} ({human_bytes(written)}, verified)"
         else:
-            scanner = metadata_scanner(archive)
-            layer = ProgressReader(ScanningReader(verified, scanner), progress)
             info_box: list[CheckpointInfo] = []
 
             def finish() -> oci.CheckpointImage:
@@ -191,8 +201,8 @@ def restore(ctx: Context, archive_id: str | None, output_file: str | None, oci_d
                     restore_to_file(io.BytesIO(text.encode()), pod_manifest, overwrite=force)
                     result["pod_manifest"] = str(Path(pod_manifest).absolute())
                     summary += f"\nwrote {pod_manifest}: apply it with `kubectl apply -f {pod_manifest}`"
-    if as_json:
-        print_json(result)
+    if output != "table":
+        print_data(result, output)
     else:
         click.echo(summary)
 

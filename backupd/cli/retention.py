@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -11,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import click
 
 from backupd import retention
-from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
+from backupd.cli.base import OUTPUT, Context, cli, human_bytes, output_option, pass_ctx, print_data, print_table
 from backupd.errors import InvalidInput, NotFound, PolicyError, RunsFailed
 
 if TYPE_CHECKING:
@@ -75,12 +76,15 @@ def _keep_options(fn: Any) -> Any:
               help="JSON list of RFC 3339 timestamps, one per archive ('-' = stdin).")
 @_keep_options
 @click.option("--timezone", "tz_name", help="Compute buckets in this IANA zone (default: each time's own offset).")
-@click.option("--now", "now_text", help="RFC 3339; archives at or after it do not anchor keep-within windows.")
-@click.option("--output", "-o", type=click.Choice(["json", "table"]), default="json", show_default=True)
+@click.option("--now", "now_text", metavar="TIME",
+              help="RFC 3339 (default: the current time, as restic's forget); archives at or after it do not "
+                   "anchor keep-within windows.")
+@output_option(default="json")
 def simulate(input_path: str, tz_name: str | None, now_text: str | None, output: str, **flags: Any) -> None:
     """What a rule set keeps of a list of archive times (restic forget semantics).
 
-    Prints {"keep": [{"time", "reasons"}], "remove": [{"time"}]}, newest first.
+    Prints {"keep": [{"time", "reasons"}], "remove": [{"time"}]}, newest first. keep-within
+    windows are measured from the newest archive before --now (default: the current time).
     """
     try:
         raw = sys.stdin.read() if input_path == "-" else Path(input_path).read_text()
@@ -103,10 +107,10 @@ def simulate(input_path: str, tz_name: str | None, now_text: str | None, output:
         **{name: flags[f"keep_{name}"] for name in COUNT_FLAGS},
         **{name.replace("-", "_"): flags[f"keep_{name.replace('-', '_')}"] for name in WITHIN_FLAGS},
     )
-    now = retention.parse_rfc3339(now_text) if now_text else None
+    now = retention.parse_rfc3339(now_text) if now_text else datetime.now(UTC)
     result = retention.simulate(times, rules, tz=tz, now=now)
-    if output == "json":
-        click.echo(json.dumps(result, indent=2))
+    if output != "table":
+        print_data(result, output)
         return
     rows = [(k["time"], "keep", ", ".join(k["reasons"])) for k in result["keep"]]
     rows += [(r["time"], "remove", "") for r in result["remove"]]
@@ -117,7 +121,7 @@ def simulate(input_path: str, tz_name: str | None, now_text: str | None, output:
 def _prune_json(result: PruneResult) -> dict[str, Any]:
     return {
         "policy": result.policy,
-        "dryRun": result.dry_run,
+        "dry_run": result.dry_run,
         "error": str(result.error) if result.error else None,
         "resumed": [a.id for a in result.resumed],
         "groups": [
@@ -128,7 +132,7 @@ def _prune_json(result: PruneResult) -> dict[str, Any]:
                 "container": p.container,
                 "decisions": [
                     {"id": d.archive.id, "time": d.archive.checkpoint_time.isoformat().replace("+00:00", "Z"),
-                     "keep": d.keep, "reasons": list(d.reasons), "storedSize": d.archive.stored_size,
+                     "keep": d.keep, "reasons": list(d.reasons), "stored_size": d.archive.stored_size,
                      "pinned": d.archive.pinned}
                     for d in p.decisions
                 ],
@@ -137,7 +141,7 @@ def _prune_json(result: PruneResult) -> dict[str, Any]:
         ],
         "remove": [a.id for a in result.removals],
         "deleted": [a.id for a in result.deleted],
-        "bytesFreed": result.bytes_freed if not result.dry_run else sum(a.stored_size or 0 for a in result.removals),
+        "bytes_freed": result.bytes_freed if not result.dry_run else sum(a.stored_size or 0 for a in result.removals),
     }
 
 
@@ -162,8 +166,8 @@ def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> 
     results = [app.pruner.prune(p, dry_run=dry_run) for p in policies]
     if not policy_name:  # deletes a crash interrupted in policies deleted since: no prune of theirs finishes them
         results += app.deleter.finish_leftovers({p.name for p in policies}, dry_run=dry_run)
-    if output == "json":
-        print_json([_prune_json(r) for r in results])
+    if output != "table":
+        print_data([_prune_json(r) for r in results], output)
     else:
         for r in results:
             verb = "would remove" if dry_run else "removed"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_json, print_table
+from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_data, print_table
 from backupd.errors import IntegrityError
 
 
@@ -19,7 +19,9 @@ from backupd.errors import IntegrityError
 @pass_ctx
 def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, structure: bool,
                identity_file: str | None, output: str) -> None:
-    """Re-read archives and check sizes and SHA-256 against the catalog and manifests.
+    """Re-read archives and check sizes and SHA-256 against the catalog and manifests, and every
+    tar member against the rules restore and inspect apply (no links, devices, absolute or `..`
+    names).
 
     Exits 7 when anything is missing, corrupt or orphaned.
     """
@@ -31,8 +33,8 @@ def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, struct
     archives = choose_sample(app.catalog.list_archives(policy=policy_name), sample)
     identities = load_identities(identity_file, "--identity-file") if identity_file else []
     report = verify(app.catalog, app.backends, archives, structure=structure, identities=identities)
-    if output == "json":
-        print_json(report.to_json())
+    if output != "table":
+        print_data(report.to_json(), output)
     else:
         rows = [(f.archive_id, f.backend, f.status.upper(), f.detail or f.key) for f in report.findings]
         rows += [("-", name, "ORPHAN", key) for name, keys in report.orphans.items() for key in keys]
@@ -56,7 +58,9 @@ def catalog_group() -> None:
 def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None:
     """Add archives the catalog lacks from the manifests in the backends; report disagreements.
 
-    Idempotent and safe on a live catalog: existing rows are never changed.
+    Idempotent and safe on a live catalog: existing rows are never changed. A manifest that
+    fails the schema or disagrees with its key is reported and not catalogued. Exits 0 once the
+    backends were read, whatever the report holds (read it, or its JSON lists).
     """
     app = ctx.app
     app.catalog.check_schema()
@@ -64,18 +68,26 @@ def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None
     from backupd.rebuild import rebuild
 
     reports = [rebuild(app.catalog, app.backends[name]) for name in names]
-    if output == "json":
-        print_json([r.to_json() for r in reports])
+    if output != "table":
+        print_data([r.to_json() for r in reports], output)
         return
     for r in reports:
         click.echo(f"backend {r.backend}: added {len(r.added)}, already catalogued {r.agreeing}, "
                    f"disagreeing {len(r.disagreeing)}, bad manifests {len(r.bad_manifests)}, "
-                   f"orphans {len(r.orphans)}, catalogued but missing {len(r.missing)}")
+                   f"disagreeing with their key {len({k['key'] for k in r.key_disagreements})}, "
+                   f"duplicate ids {len(r.duplicate_ids)}, orphans {len(r.orphans)}, "
+                   f"catalogued but missing {len(r.missing)}")
         for d in r.disagreeing:
             click.echo(f"  archive {d['id']}: {d['field']} is {d['catalog']!r} in the catalog, "
                        f"{d['manifest']!r} in the manifest")
         for b in r.bad_manifests:
             click.echo(f"  bad manifest {b['key']}: {b['error']}")
+        for k in r.key_disagreements:
+            click.echo(f"  not catalogued, disagrees with its key: {k['key']}: {k['field']} is {k['in_key']!r} in "
+                       f"the key, {k['in_manifest']!r} in the manifest")
+        for d in r.duplicate_ids:
+            click.echo(f"  archive id {d['id']} is claimed by {len(d['keys'])} manifests, catalogued from none the "
+                       f"catalog did not already hold: {', '.join(d['keys'])}")
         for key in r.orphans:
             click.echo(f"  orphan (no manifest; prune removes it after the grace period): {key}")
         for aid in r.missing:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from backupd import layout
 from backupd.backends.memory import MemoryBackend
 from backupd.catalog import Archive
 from backupd.cli.inspect import format_micros, render_tree, tree_lines
@@ -223,27 +224,40 @@ def test_corrupt_stored_object_is_a_digest_mismatch(app_factory, tmp_path: Path)
         inspect_catalog_archive(archive, app.backends["local"])
 
 
-def _stored(tar: bytes, backend: MemoryBackend, key: str) -> Archive:
+def _stored(tar: bytes, backend: MemoryBackend, archive_id: str, **catalog: object) -> Archive:
+    """``tar`` stored as a committed archive with its manifest; ``catalog`` overrides what the
+    catalog row -- and the manifest beside the object -- say about it."""
     reader = PackingReader(io.BytesIO(tar))
+    key = layout.archive_key("default", "pod-p", "app", WHEN, archive_id)
     info = backend.put(key, reader)
-    return Archive(id="0123456789abcdef", state="committed", policy="p", backend=backend.name, key=key, node="n",
-                   namespace="default", pod="p", workload="pod/p", container="app", image="img", checkpoint_time=WHEN,
-                   created_at=WHEN, tar_size=reader.tar_size, stored_size=info.size, tar_sha256=reader.tar_sha256,
-                   stored_sha256=reader.stored_sha256)  # fmt: skip
+    archive = Archive(id=archive_id, state="committed", policy="p", backend=backend.name, key=key, node="n",
+                      namespace="default", pod="p", workload="pod/p", container="app", image="img",
+                      checkpoint_time=WHEN, created_at=WHEN, tar_size=reader.tar_size, stored_size=info.size,
+                      tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256)  # fmt: skip
+    archive = Archive(**{**archive.__dict__, **catalog})
+    manifest = layout.Manifest(archive_id=archive_id, backupd_version="test", compression="zstd",
+                               format_version=layout.FORMAT_VERSION, **{
+        f: getattr(archive, f) for f in ("key", "node", "namespace", "pod", "workload", "container", "image",
+                                         "checkpoint_time", "tar_size", "stored_size", "tar_sha256", "stored_sha256",
+                                         "encryption", "policy")})  # fmt: skip
+    backend.put_bytes(layout.manifest_key(key), manifest.to_json())
+    return archive
 
 
 def test_hostile_archive_in_storage_is_refused_not_blamed_on_storage() -> None:
     """The digests match (it was hostile when it was taken): the verdict is UnsafeArchive."""
     backend = MemoryBackend()
     tar = crafted_tar([*minimal_members(), Crafted("evil", type=tarfile.SYMTYPE, linkname="/etc/shadow")])
-    archive = _stored(tar, backend, "default/pod-p/app/x.tar.zst")
-    with pytest.raises(UnsafeArchive, match="'evil' is a symlink"):
+    archive = _stored(tar, backend, "0123456789abcdef")
+    with pytest.raises(UnsafeArchive, match="'evil' is a link .symlink to '/etc/shadow'"):
         inspect_catalog_archive(archive, backend)
-    broken = _stored(tar, backend, "default/pod-p/app/y.tar.zst")
-    broken = Archive(**{**broken.__dict__, "tar_sha256": "0" * 64})
+    broken = _stored(tar, backend, "fedcba9876543210", tar_sha256="0" * 64)
     with pytest.raises(DigestMismatch, match="tar SHA-256 differs; so the stored object is corrupt"):
         inspect_catalog_archive(broken, backend)
-    with pytest.raises(IntegrityError, match="longer than the 1024 bytes the catalog records"):
+    short = _stored(tar, backend, "00000000000000aa", tar_size=1024)
+    with pytest.raises(DigestMismatch, match="the tar is longer than its 1024 bytes"):
+        inspect_catalog_archive(short, backend)
+    with pytest.raises(IntegrityError, match="disagree on tar_size"):
         inspect_catalog_archive(Archive(**{**archive.__dict__, "tar_size": 1024}), backend)
     with pytest.raises(NotFound, match="is failed, not committed"):
         inspect_catalog_archive(Archive(**{**archive.__dict__, "state": "failed"}), backend)

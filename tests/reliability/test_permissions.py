@@ -63,7 +63,7 @@ def test_files_0600_and_directories_0700_everywhere_backupd_writes(tmp_path: Pat
     backupd("prune")
     backupd("verify")
     archive = backupd("list").splitlines()[1].split()[0]
-    backupd("restore", archive, "--output", str(out / "restored.tar"))
+    backupd("restore", archive, "--to", str(out / "restored.tar"))
     backupd("restore", archive, "--oci-layout", str(out / "layout"))
     backupd("report", "-o", "html", "--out", str(out / "report.html"))
 

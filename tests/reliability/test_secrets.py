@@ -242,7 +242,7 @@ def run_session(rig: Rig, s3: Any, bucket: str) -> None:
     rig.run("report", "-o", "json")
     rig.run("report", "-o", "html", "--out", str(rig.out / "report.html"))
     s3_archive = next(a["id"] for a in archives if a["backend"] == "s3")
-    rig.run("restore", s3_archive, "--output", str(rig.out / "restored.tar"))
+    rig.run("restore", s3_archive, "--to", str(rig.out / "restored.tar"))
     rig.run("inspect", s3_archive, expect=None)
     rig.run("doctor", expect=None)
     # failing runs: the kubelet refuses the token, then S3 refuses the keys
@@ -395,12 +395,12 @@ def test_age_identities_never_leak(tmp_path: Path) -> None:
         assert run("policy", "apply", "-f", "-", stdin=POLICIES.split("---\n")[1]).returncode == 0
         assert run("checkpoint").returncode == 0
         archive = json.loads(run("list", "-o", "json").stdout)[0]["id"]
-        assert run("restore", archive, "--output", str(tmp_path / "ok.tar"), "--identity-file", str(key_file)
+        assert run("restore", archive, "--to", str(tmp_path / "ok.tar"), "--identity-file", str(key_file)
                    ).returncode == 0
         assert run("verify", "--identity-file", str(key_file)).returncode == 0
-        assert run("restore", archive, "--output", str(tmp_path / "no.tar"), "--identity-file", str(wrong_file)
+        assert run("restore", archive, "--to", str(tmp_path / "no.tar"), "--identity-file", str(wrong_file)
                    ).returncode in (2, 7)
-        assert run("restore", archive, "--output", str(tmp_path / "no.tar"), "--identity-file", str(bad_file)
+        assert run("restore", archive, "--to", str(tmp_path / "no.tar"), "--identity-file", str(bad_file)
                    ).returncode == 2
     assert not (tmp_path / "no.tar").exists()
     written = [p.read_bytes() for p in (tmp_path / "backend").rglob("*") if p.is_file()]

@@ -148,7 +148,7 @@ def test_no_stored_policy_makes_the_report_fail(app_factory, db_url: str) -> Non
     assert set(by_name) == {"good", *BROKEN}
     assert by_name["good"].error is None and by_name["good"].managed
     problems = {name: by_name[name].error for name in BROKEN}
-    assert problems["never-fires"] == "schedule '0 0 30 2 *' never fires"
+    assert "never fires" in problems["never-fires"] and "0 0 30 2 *" in problems["never-fires"]
     assert all(problems[n] for n in BROKEN if n != "no-such-backend"), problems
     # the report needs no backend: a policy naming one this daemon lacks is still reported in full
     assert problems["no-such-backend"] is None and by_name["no-such-backend"].managed
@@ -168,7 +168,7 @@ def test_no_stored_policy_makes_the_report_fail(app_factory, db_url: str) -> Non
     assert listed.status_code == 200, listed.text
     documents = {d["metadata"]["name"]: d for d in listed.json()}
     assert documents["good"]["spec"]["schedule"] == "@hourly" and "error" not in documents["good"]
-    assert "spec" not in documents["keeps-nothing"] and "keep rule" in documents["keeps-nothing"]["error"]
+    assert "keep rule" in documents["keeps-nothing"]["error"]
     assert answer.status_code == 200, answer.text
     assert {p["name"]: p["error"] for p in answer.json()["policies"]}["never-fires"] == problems["never-fires"]
 

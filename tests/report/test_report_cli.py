@@ -123,7 +123,7 @@ def test_report_command(app_factory, sim: NodeSimulator, tmp_path: Path,  # type
     assert facts == {"dots": 3, "charts": 2}
 
     _, err = in_process(capsys, cfg, "report", "--output", "xml", check=2)
-    assert "'xml' is not one of 'table', 'json', 'html'" in err
+    assert "'xml' is not one of 'table', 'json', 'yaml', 'html'" in err
     _, err = in_process(capsys, cfg, "report", "--out", str(out.parent), check=2)
     assert f"'{out.parent}' is a directory" in err
     _, err = in_process(capsys, cfg, "report", "--out", str(tmp_path / "no-such-dir" / "r.json"), check=2)

@@ -33,9 +33,11 @@ needs_registry = pytest.mark.skipif(
 
 
 
-def write_config(path: Path, tmp_path: Path, sim: NodeSimulator, *, s3: dict[str, str] | None = None) -> Path:
+def write_config(path: Path, tmp_path: Path, sim: NodeSimulator, *, s3: dict[str, str] | None = None,
+                 db_url: str | None = None) -> Path:
+    db_url = db_url or f"sqlite:///{tmp_path / 'catalog.db'}"
     text = (
-        f'[database]\nurl = "sqlite:///{tmp_path / "catalog.db"}"\n'
+        f'[database]\nurl = "{db_url}"\n'
         f'[kubelet]\nurl = "{sim.url}"\nca_file = "{sim.ca_file}"\ncert_file = "{sim.client_cert}"\n'
         f'key_file = "{sim.client_key}"\ncheckpoint_dir = "{sim.checkpoint_dir}"\nnode_name = "sim-node"\n'
         f'[daemon]\nmin_free_space = 0\n'

@@ -76,7 +76,7 @@ def test_restore_from_s3_resumes_the_process_where_it_was_checkpointed(
 
             restored_tar = tmp_path / "restored" / "counter.tar"
             restored_tar.parent.mkdir()
-            rig.run("restore", archive.id, "--output", str(restored_tar), capsys=capsys)
+            rig.run("restore", archive.id, "--to", str(restored_tar), capsys=capsys)
 
             images = real_criu.extract_checkpoint_images(restored_tar, tmp_path / "restored")
             pid = real_criu.criu_restore(images, tmp_path / "restored" / "work")

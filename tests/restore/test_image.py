@@ -43,7 +43,7 @@ def _check_annotations(annotations: dict[str, str], archive, engine: str = "cri-
 def test_oci_layout_is_a_checkpoint_image_skopeo_reads(rig: Rig, tmp_path: Path, capsys) -> None:
     archive = rig.take()[0]
     layout_dir = tmp_path / "image"
-    out, _ = rig.run("restore", archive.id, "--oci-layout", str(layout_dir), "--json", capsys=capsys)
+    out, _ = rig.run("restore", archive.id, "--oci-layout", str(layout_dir), "-o", "json", capsys=capsys)
     result = json.loads(out)
     assert result["ref_name"] == archive.id
 
@@ -84,7 +84,7 @@ def test_push_reads_back_with_skopeo_and_the_pod_manifest_runs_it(rig: Rig, regi
     repo = f"{registry.host}/checkpoints/web"
     pod_yaml = tmp_path / "pod.yaml"
     out, _ = rig.run("restore", archive.id, "--image", repo, "--insecure-registry", "--pod-manifest",
-                     str(pod_yaml), "--pin-node", "--label", "team=checkout", "--json", capsys=capsys)
+                     str(pod_yaml), "--pin-node", "--label", "team=checkout", "-o", "json", capsys=capsys)
     result = json.loads(out)
     assert result["image"] == f"{repo}:{archive.id}" and result["layer"] == "uploaded"
     src = f"docker://{repo}:{archive.id}"
@@ -112,14 +112,14 @@ def test_push_reads_back_with_skopeo_and_the_pod_manifest_runs_it(rig: Rig, regi
     assert pod["spec"]["containers"] == [{"name": "nginx", "image": f"{repo}@{result['manifest_digest']}"}]
 
     # the same archive again: the layer is already there, the manifest digest is the same
-    out, _ = rig.run("restore", archive.id, "--image", repo, "--insecure-registry", "--json", capsys=capsys)
+    out, _ = rig.run("restore", archive.id, "--image", repo, "--insecure-registry", "-o", "json", capsys=capsys)
     again = json.loads(out)
     assert again["layer"] == "exists" and again["manifest_digest"] == result["manifest_digest"]
 
     # another repository: mounted from the first, no upload
     other = f"{registry.host}/dr/web"
     out, _ = rig.run("restore", archive.id, "--image", f"{other}:v1", "--insecure-registry", "--mount-from",
-                     "checkpoints/web", "--json", capsys=capsys)
+                     "checkpoints/web", "-o", "json", capsys=capsys)
     assert json.loads(out)["layer"] == "mounted"
     assert json.loads(skopeo("inspect", *registry.skopeo_auth(), f"docker://{other}:v1"))["Layers"] == [
         f"sha256:{archive.tar_sha256}"]
@@ -132,7 +132,7 @@ def test_chunked_upload_and_workload_template(rig: Rig, registry: Registry, tmp_
     pod_yaml = tmp_path / "deploy.yaml"
     out, _ = rig.run("restore", "--latest", "--namespace", "default", "--workload", "deployment/web", "--container",
                      "nginx", "--image", f"{repo}:dr", "--insecure-registry", "--chunk-size", "512Ki",
-                     "--pod-manifest", str(pod_yaml), "--node-name", "node-b", "--json", capsys=capsys)
+                     "--pod-manifest", str(pod_yaml), "--node-name", "node-b", "-o", "json", capsys=capsys)
     result = json.loads(out)
     assert result["layer"] == "uploaded" and result["archive"]["id"] == archive.id
     copied = tmp_path / "copied"
@@ -191,7 +191,7 @@ def test_tls_registry_with_basic_auth(rig: Rig, auth_registry: Registry, tmp_pat
     assert "unauthorized" in err and wrong not in out + err
 
     out, err = rig.run("restore", archive.id, "--image", repo, *ca, *creds, "--registry-password-file",
-                       str(password_file), "--json", capsys=capsys)
+                       str(password_file), "-o", "json", capsys=capsys)
     assert auth_registry.password not in out + err
     digest = json.loads(out)["manifest_digest"]
     raw = skopeo("inspect", "--raw", *auth_registry.skopeo_auth(), f"docker://{repo}:{archive.id}")
@@ -199,6 +199,6 @@ def test_tls_registry_with_basic_auth(rig: Rig, auth_registry: Registry, tmp_pat
     assert oci.sha256_digest(raw.encode()) == digest
 
     # the password from the environment works as well
-    out, _ = rig.run("restore", archive.id, "--image", f"{repo}:env", *ca, *creds, "--json",
+    out, _ = rig.run("restore", archive.id, "--image", f"{repo}:env", *ca, *creds, "-o", "json",
                      env={"BACKUPD_REGISTRY_PASSWORD": auth_registry.password}, capsys=capsys)
     assert json.loads(out)["layer"] == "exists"

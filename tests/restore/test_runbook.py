@@ -52,5 +52,5 @@ def test_restore_without_backupd_with_the_aws_cli_and_zstd(
     assert f'"tar_sha256": "{newest.tar_sha256}"' in proc.stdout
 
     # and with backupd, from the same bucket
-    rig.run("restore", newest.id, "--output", str(work / "with-backupd.tar"), capsys=capsys)
+    rig.run("restore", newest.id, "--to", str(work / "with-backupd.tar"), capsys=capsys)
     assert (work / "with-backupd.tar").read_bytes() == (work / "checkpoint.tar").read_bytes()

@@ -1,0 +1,88 @@
+"""A deduplicating repository on any backend, and checkpoint tars from the node simulator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backupd.backends.base import Backend
+from backupd.dedup import ArchiveWriter, ChunkIds, PackStore, WriteResult, restore
+from backupd.dedup.pack import read_pack_index
+from backupd.simulator.archive import write_checkpoint_archive
+from backupd.simulator.topology import default_topology, materialize
+
+
+class Repo:
+    """Archives written through the real writer into ``backend``; the set of stored chunk ids
+    stands in for the catalog (phase 2) and is filled from the packs' own indexes."""
+
+    def __init__(self, backend: Backend, *, ids: ChunkIds | None = None, recipients: Sequence[Any] = (),
+                 identities: Sequence[Any] = (), **options: Any) -> None:
+        self.backend = backend
+        self.ids = ids or ChunkIds()
+        self.recipients, self.identities = list(recipients), list(identities)
+        self.options = options
+        self.stored: set[bytes] = set()
+        self.count = 0
+
+    def known(self, ids: list[bytes]) -> set[bytes]:
+        return {i for i in ids if i in self.stored}
+
+    def write(self, data: bytes, **options: Any) -> tuple[str, WriteResult]:
+        writer = ArchiveWriter(self.backend, known=self.known, ids=self.ids, recipients=self.recipients,
+                               **{**self.options, **options})
+        result = writer.write(io.BytesIO(data), what="test tar", total_size=len(data))
+        for pack in result.packs:
+            self.stored.update(read_pack_index(self.backend, pack.key, identities=self.identities).order)
+        self.count += 1
+        key = f"dedup/recipes/archive-{self.count}.recipe"
+        self.backend.put(key, result.recipe)
+        result.recipe.close()
+        return key, result
+
+    def read(self, key: str, *, tar_sha256: str | None = None, **kwargs: Any) -> bytes:
+        store = PackStore(self.backend, identities=self.identities)
+        out = io.BytesIO()
+        try:
+            with self.backend.open(key) as recipe:
+                restore(recipe, store, out, ids=self.ids, identities=self.identities, tar_sha256=tar_sha256,
+                        **kwargs)
+        finally:
+            store.close()
+        return out.getvalue()
+
+    def round_trip(self, data: bytes, **options: Any) -> WriteResult:
+        key, result = self.write(data, **options)
+        assert result.tar_sha256 == hashlib.sha256(data).hexdigest()
+        assert result.tar_size == len(data)
+        assert self.read(key, tar_sha256=result.tar_sha256) == data
+        return result
+
+
+CheckpointTar = Callable[..., bytes]
+
+
+@pytest.fixture(scope="session")
+def checkpoint_tar(tmp_path_factory: pytest.TempPathFactory) -> CheckpointTar:
+    """Synthetic checkpoint tars (CRI-O layout) of one container; ``sequence`` changes the
+    memory content the way successive checkpoints do. Cached per arguments."""
+    pod = next(p for p in materialize(default_topology(), seed=3) if p.containers)
+    cache: dict[tuple[int, int], bytes] = {}
+    directory: Path = tmp_path_factory.mktemp("tars")
+
+    def build(sequence: int = 0, memory_bytes: int = 2 << 20) -> bytes:
+        if (sequence, memory_bytes) not in cache:
+            path = directory / f"{sequence}-{memory_bytes}.tar"
+            with open(path, "wb") as fh:
+                write_checkpoint_archive(fh, pod, pod.containers[0], memory_bytes=memory_bytes, seed=3,
+                                         sequence=sequence, checkpointed_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+            cache[(sequence, memory_bytes)] = path.read_bytes()
+        return cache[(sequence, memory_bytes)]
+
+    return build
