@@ -7,7 +7,8 @@ webhook is configured) and, after each cycle, calls :func:`check_and_alert` with
 fails is logged (with the webhook's host only) and retried on a later call.
 
 **When it alerts.** An alert has a key ``(kind, run kind, policy, namespace, workload, container,
-error kind)``; while a key is active it is not sent again:
+error kind)`` (for ``stale``, the replica in place of the error kind); while a key is active it
+is not sent again:
 
 * ``failed_run``: a run failed (a checkpoint of one container, a policy's discovery, a prune or a
   verify). A container that keeps failing with the same error alerts once; the key is resolved
@@ -30,7 +31,8 @@ URLs. ``format="json"``::
     {"source": "backupd", "version", "node", "sent_at", "dropped",
      "alerts": [{"kind": "failed_run" | "stale" | "recovered", "severity": "error" | "warning" | "info",
                  "summary", "policy", "namespace", "workload", "container", "run_kind", "run_id", "pod",
-                 "node", "started_at", "error_kind", "error", "status", "newest", "recovery_point_age_seconds"}]}
+                 "node", "started_at", "error_kind", "error", "status", "newest", "recovery_point_age_seconds",
+                 "replica"}]}                                                       # replica: stale only
 
 ``format="slack"``: ``{"text": ...}`` (Slack incoming webhooks, Mattermost, Rocket.Chat), one
 line per alert, with Slack's ``& < >`` escaped.
@@ -146,7 +148,9 @@ def run_key(run: RunLike) -> Key:
 
 
 def stale_key(w: WorkloadStatus) -> Key:
-    return (STALE, "checkpoint", w.policy, w.namespace, w.workload, w.container, None)
+    # The last place, a failed run's error kind, holds the replica: each replica of a
+    # StatefulSet or DaemonSet goes stale, and recovers, on its own.
+    return (STALE, "checkpoint", w.policy, w.namespace, w.workload, w.container, w.replica or None)
 
 
 class Notifier:
@@ -256,7 +260,8 @@ class Notifier:
                    f"{status.reason}")
         return self._raise(Alert(stale_key(status), STALE, "warning", summary, {
             "policy": status.policy, "namespace": status.namespace, "workload": status.workload,
-            "container": status.container, "run_kind": "checkpoint", "status": status.status,
+            "replica": status.replica, "container": status.container, "run_kind": "checkpoint",
+            "status": status.status,
             "newest": _ts(status.newest), "recovery_point_age_seconds": age.total_seconds() if age else None,
             "error_kind": status.last_failure.error_kind if status.last_failure else None,
             "error": _scrub(status.last_failure.error) if status.last_failure else None,
@@ -422,10 +427,13 @@ def check_and_alert(notifier: Notifier, report: Report) -> None:
                 for run in (p.last_prune, p.last_verify):
                     if run is not None:
                         notifier.notify_run(run)
+                # failed-run alerts are per container, and its replicas are workloads of their own:
+                # one replica's success must not resolve another's failure
+                failing = {(w.namespace, w.workload, w.container) for w in p.workloads if w.failing}
                 for w in p.workloads:
                     if w.failing and w.last_failure is not None:
                         notifier.notify_failed_run(w.last_failure)
-                    elif w.last_success is not None:
+                    elif w.last_success is not None and (w.namespace, w.workload, w.container) not in failing:
                         notifier.resolve_target("checkpoint", w.policy, w.namespace, w.workload, w.container)
                     notifier.notify_stale(w)
     except Exception:  # the daemon must go on whatever happens here

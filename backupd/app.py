@@ -158,7 +158,9 @@ class App:
     def http_server(self, listen: str | None = None) -> HttpServer:
         api = Api(self.catalog, self.metrics, token=self.config.daemon.api_token(),
                   kubelet_probe=self.kubelet.pods, report=lambda: self.report().to_json())
-        return HttpServer(api, listen or self.config.daemon.http_listen)
+        daemon = self.config.daemon
+        return HttpServer(api, listen or daemon.http_listen, timeout=daemon.http_timeout_seconds,
+                          max_connections=daemon.http_max_connections)
 
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
         periodic = {"maintenance": (self.maintenance, timedelta(hours=1))}

@@ -48,12 +48,16 @@ ENV_PREFIX = "BACKUPD_"
 #: the crash tests' fault injection) or by the test suite (also every ``BACKUPD_TEST_*``)
 NON_CONFIG_ENV = frozenset({
     "BACKUPD_CONFIG", "BACKUPD_AGE_IDENTITY_FILE", "BACKUPD_REGISTRY_PASSWORD", "BACKUPD_FAULTS",
-    "BACKUPD_REQUIRE_POSTGRES", "BACKUPD_FUZZ_EXAMPLES", "BACKUPD_SHARED_DIR",
+    "BACKUPD_REQUIRE_POSTGRES", "BACKUPD_FUZZ_EXAMPLES", "BACKUPD_SHARED_DIR", "BACKUPD_BENCH_DATABASE_URL",
 })
 NON_CONFIG_ENV_PREFIX = "BACKUPD_TEST_"
 
 NO_CONFIG = (f"no config file: give --config FILE, set BACKUPD_CONFIG, or create {DEFAULT_CONFIG_PATH} "
              "(see config/example.toml); or configure by environment alone, with at least BACKUPD_DATABASE__URL")
+
+#: the daemon's HTTP server: seconds a client has to send a whole request, open connections at most
+DEFAULT_HTTP_TIMEOUT_SECONDS = 10.0
+DEFAULT_HTTP_MAX_CONNECTIONS = 256
 
 Size = Annotated[int, Field(ge=0)]
 
@@ -142,6 +146,11 @@ class DaemonConfig(_Section):
     http_listen: str = "127.0.0.1:9790"
     #: when set, the JSON API (/api/v1/*) requires this bearer token; health and metrics stay open
     api_token_file: ConfigPath | None = None
+    #: a connection that has not sent a complete request this many seconds after connecting (or
+    #: after its previous answer) is closed
+    http_timeout_seconds: float = Field(default=DEFAULT_HTTP_TIMEOUT_SECONDS, gt=0, le=300)
+    #: open HTTP connections at most; past it the longest-idle one is closed for a newcomer
+    http_max_connections: int = Field(default=DEFAULT_HTTP_MAX_CONNECTIONS, ge=8, le=10000)
     #: how long SIGTERM waits for in-flight uploads before giving up on them
     shutdown_grace_seconds: int = Field(default=60, ge=0)
     #: skip checkpoints when the node checkpoint directory has less free space than this

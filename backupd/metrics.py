@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from backupd.catalog import COMMITTED, SUCCEEDED, ArchiveRow, Catalog, RunRow
+from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, ArchiveRow, Catalog, RunRow
 from backupd.errors import BackupdError
 
 # Checkpoints of real workloads take from a second to many minutes.
@@ -42,6 +42,11 @@ class Metrics:
 
     def error(self, exc: BaseException) -> None:
         self.errors.labels(kind=exc.kind if isinstance(exc, BackupdError) else type(exc).__name__).inc()
+
+    def run_failed(self, kind: str, exc: BaseException) -> None:
+        """A failed run of ``kind``: counted once in runs and once in errors by its class."""
+        self.runs.labels(kind=kind, outcome=RUN_FAILED).inc()
+        self.error(exc)
 
     def watch_catalog(self, catalog: Catalog) -> None:
         self.registry.register(CatalogCollector(catalog))

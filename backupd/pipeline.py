@@ -122,8 +122,7 @@ class Pipeline:
                 # A bug must cost one run, not the daemon: record it and keep the traceback.
                 bound.exception("unexpected_error")
                 exc = BackupdError(f"internal error: {type(exc).__name__}: {exc}")
-            self.metrics.runs.labels(kind="checkpoint", outcome=RUN_FAILED).inc()
-            self.metrics.error(exc)
+            self.metrics.run_failed("checkpoint", exc)
             run = self.catalog.finish_run(run_id, RUN_FAILED, error=exc)
             bound.error("run_finished", outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind,
                         duration_seconds=round(time.monotonic() - started, 3))

@@ -1,13 +1,21 @@
 """The retention report: per policy and per workload, what is kept, how fresh it is, what goes next.
 
-:func:`build_report` is pure -- policies, archives, runs and a moment in, a :class:`Report` out;
-no clock, no catalog, no IO -- so the CLI, the daemon's ``/api/v1/report`` and the alerts all
-see the same answer for the same inputs. :func:`load_report` is the thin shell that reads the
-catalog for it. :func:`render_table` and :func:`render_html` present a report.
+:func:`assemble` is pure -- the report's facts (:class:`ReportFacts`) and a moment in, a
+:class:`Report` out; no clock, no catalog, no IO -- so the CLI, the daemon's ``/api/v1/report``
+and the alerts all see the same answer for the same facts. The facts come either from every
+archive and run (:func:`build_report`, for tests and small inputs) or from the catalog's
+aggregates (:func:`load_report`): per workload its counts, sizes, oldest and newest archive, and
+only the newest archives the retention rules look at (:func:`backupd.retention.plan_head`); per
+policy its storage curve in at most ``STORAGE_POINTS`` steps; the latest run of each kind,
+target, pod and outcome. Both give the same report (tested); the catalog's way costs what the
+number of workloads and their rules' reach cost, not what the number of archives does.
+:func:`render_table` and :func:`render_html` present a report.
 
-Workloads are retention groups: policy + namespace + workload (owning controller) + container.
-They come from the policy's committed archives *and* from its checkpoint runs, so a container
-whose every run failed (runs, no archive) is listed too.
+Workloads are retention groups: policy + namespace + workload (owning controller) + replica +
+container (the replica of a StatefulSet pod is the pod, of a DaemonSet pod its node, ``""``
+for interchangeable pods: :func:`backupd.workload.replica_of`). They come from the policy's
+committed archives *and* from its checkpoint runs (a run's replica is derived from its pod and
+node), so a container whose every run failed (runs, no archive) is listed too.
 
 **Status** of a workload, precisely. Let ``newest`` be the checkpoint time of its newest
 committed archive, ``f1 = schedule.next_after(newest)`` the first scheduled run after it,
@@ -19,7 +27,9 @@ committed archive, ``f1 = schedule.next_after(newest)`` the first scheduled run 
   a new archive;
 * ``MISSING`` -- ``now > fN + grace`` (N scheduled runs passed without an archive), or the
   workload has no committed archive at all (e.g. every run of it failed);
-* ``UNMANAGED`` -- archives of a policy that no longer exists: nothing schedules or prunes them.
+* ``UNMANAGED`` -- archives of a policy that no longer exists, or whose stored spec cannot be
+  applied any more (it no longer validates, its schedule never fires: the policy's ``error``
+  says why): nothing schedules or prunes them.
 
 Independently of status, ``failing`` says the workload's latest cycle had a failure: some pod's
 latest checkpoint run failed, and that run started within ``max(3/4 period, 5 min)`` of the
@@ -40,13 +50,17 @@ Times are RFC 3339 UTC with ``Z``, sizes bytes, durations seconds::
         "last_success", "last_failure",        # checkpoint runs of any target (run or null)
         "last_prune", "last_verify",           # the latest run of that kind (run or null)
         "prune": {"remove_archives", "remove_bytes"},
-        "storage": [{"time", "stored_bytes"}], # cumulative bytes of the kept archives by time
+        "storage": [{"time", "stored_bytes"}], # cumulative bytes of the kept archives by time,
+                                               # at most STORAGE_POINTS steps
+        "error",                               # why a stored policy cannot be applied, else null
         "workloads": [{
-           "policy", "namespace", "workload", "container", "status", "reason", "failing",
+           "policy", "namespace", "workload", "replica", "container", "status", "reason", "failing",
            "archives", "stored_bytes", "oldest", "newest", "recovery_point_age_seconds",
            "due_at", "late_after", "missing_after", "next_run", "last_success", "last_failure",
-           "prune": {"remove_archives", "remove_bytes", "remove": [archive point]},
-           "timeline": [archive point]}]}]}
+           "prune": {"remove_archives", "remove_bytes",  # all of the workload's archives
+                     "remove": [archive point]},        # those on the timeline
+           "timeline": [archive point],        # the newest TIMELINE_POINTS archives
+           "timeline_complete"}]}]}            # false when older archives are not listed
 
     run:           {"id", "kind", "outcome", "policy", "namespace", "pod", "workload", "container",
                     "node", "started_at", "finished_at", "error_kind", "error"}
@@ -59,27 +73,27 @@ would do (:func:`backupd.prune.plan_policy`).
 
 from __future__ import annotations
 
+import functools
 import html
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, Archive, Catalog, Run
+from backupd import retention
+from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, ArchiveSummary, Catalog, GroupStats, Run
 from backupd.config import DEFAULT_STALE_INTERVALS
+from backupd.errors import PolicyError
 from backupd.policy import Policy
-from backupd.prune import plan_policy
+from backupd.prune import Planned
 from backupd.schedule import Schedule
 from backupd.sizes import human_bytes
+from backupd.workload import GROUP_BY_REPLICA, replica_identity
 
 OK, LATE, MISSING, UNMANAGED = "OK", "LATE", "MISSING", "UNMANAGED"
 _SEVERITY = {OK: 0, UNMANAGED: 1, LATE: 2, MISSING: 3}
 FORMAT = "backupd.report/v1"
-
-# How many runs per policy and outcome the shell reads: enough for every target's latest success
-# and failure on any realistic node; the catalog forgets runs after daemon.run_history_days.
-RUN_HISTORY_LIMIT = 10_000
 
 
 def _ts(moment: datetime | None) -> str | None:
@@ -155,11 +169,18 @@ class WorkloadStatus:
     policy: str
     namespace: str
     workload: str
+    replica: str  # "" for workloads whose pods are interchangeable (backupd.workload.replica_of)
     container: str
     status: str
     reason: str
     failing: bool
-    timeline: tuple[ArchivePoint, ...]  # oldest first
+    archives: int
+    stored_bytes: int
+    oldest: datetime | None
+    newest: datetime | None
+    timeline: tuple[ArchivePoint, ...]  # the newest TIMELINE_POINTS archives, oldest first
+    remove_archives: int  # what the next prune removes: every archive, not only the timeline's
+    remove_bytes: int
     recovery_point_age: timedelta | None
     due_at: datetime | None  # the first scheduled run after the newest archive
     late_after: datetime | None
@@ -170,33 +191,23 @@ class WorkloadStatus:
 
     @property
     def target(self) -> str:
-        return f"{self.namespace}/{self.workload}/{self.container}"
+        """``namespace/workload/container``, with ``[replica]`` after the workload when it has one."""
+        replica = f"[{self.replica}]" if self.replica else ""
+        return f"{self.namespace}/{self.workload}{replica}/{self.container}"
 
     @property
-    def archives(self) -> int:
-        return len(self.timeline)
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(p.stored_size for p in self.timeline)
-
-    @property
-    def oldest(self) -> datetime | None:
-        return self.timeline[0].time if self.timeline else None
-
-    @property
-    def newest(self) -> datetime | None:
-        return self.timeline[-1].time if self.timeline else None
+    def timeline_complete(self) -> bool:
+        return len(self.timeline) == self.archives
 
     @property
     def prune_remove(self) -> list[ArchivePoint]:
+        """The removals on the timeline (``remove_archives`` counts them all)."""
         return [p for p in self.timeline if not p.keep]
 
     def to_json(self) -> dict[str, Any]:
-        remove = self.prune_remove
         age = self.recovery_point_age
         return {
-            "policy": self.policy, "namespace": self.namespace, "workload": self.workload,
+            "policy": self.policy, "namespace": self.namespace, "workload": self.workload, "replica": self.replica,
             "container": self.container, "status": self.status, "reason": self.reason, "failing": self.failing,
             "archives": self.archives, "stored_bytes": self.stored_bytes,
             "oldest": _ts(self.oldest), "newest": _ts(self.newest),
@@ -205,16 +216,17 @@ class WorkloadStatus:
             "next_run": _ts(self.next_run),
             "last_success": self.last_success.to_json() if self.last_success else None,
             "last_failure": self.last_failure.to_json() if self.last_failure else None,
-            "prune": {"remove_archives": len(remove), "remove_bytes": sum(p.stored_size for p in remove),
-                      "remove": [p.to_json() for p in remove]},
+            "prune": {"remove_archives": self.remove_archives, "remove_bytes": self.remove_bytes,
+                      "remove": [p.to_json() for p in self.prune_remove]},
             "timeline": [p.to_json() for p in self.timeline],
+            "timeline_complete": self.timeline_complete,
         }
 
 
 @dataclass(frozen=True)
 class PolicyReport:
     name: str
-    managed: bool  # False: archives of a policy that is no longer in the catalog
+    managed: bool  # False: archives of a policy that is no longer in the catalog, or cannot be applied
     schedule: str | None
     timezone: str | None
     backend: str | None
@@ -226,6 +238,7 @@ class PolicyReport:
     last_verify: RunSummary | None
     workloads: tuple[WorkloadStatus, ...]
     storage: tuple[StoragePoint, ...]
+    error: str | None = None  # why a stored policy cannot be applied (its archives are then UNMANAGED)
 
     @property
     def status(self) -> str:
@@ -242,11 +255,14 @@ class PolicyReport:
         return sum(w.stored_bytes for w in self.workloads)
 
     @property
-    def prune_remove(self) -> list[ArchivePoint]:
-        return [p for w in self.workloads for p in w.prune_remove]
+    def remove_archives(self) -> int:
+        return sum(w.remove_archives for w in self.workloads)
+
+    @property
+    def remove_bytes(self) -> int:
+        return sum(w.remove_bytes for w in self.workloads)
 
     def to_json(self) -> dict[str, Any]:
-        remove = self.prune_remove
         return {
             "name": self.name, "managed": self.managed, "schedule": self.schedule, "timezone": self.timezone,
             "backend": self.backend, "period_seconds": self.period.total_seconds() if self.period else None,
@@ -256,9 +272,10 @@ class PolicyReport:
             "last_failure": self.last_failure.to_json() if self.last_failure else None,
             "last_prune": self.last_prune.to_json() if self.last_prune else None,
             "last_verify": self.last_verify.to_json() if self.last_verify else None,
-            "prune": {"remove_archives": len(remove), "remove_bytes": sum(p.stored_size for p in remove)},
+            "prune": {"remove_archives": self.remove_archives, "remove_bytes": self.remove_bytes},
             "storage": [s.to_json() for s in self.storage],
             "workloads": [w.to_json() for w in self.workloads],
+            "error": self.error,
         }
 
 
@@ -274,14 +291,14 @@ class Report:
 
     def summary(self) -> dict[str, int]:
         workloads = list(self.workloads())
-        remove = [p for w in workloads for p in w.prune_remove]
         counts = {s: sum(1 for w in workloads if w.status == s) for s in (OK, LATE, MISSING, UNMANAGED)}
         return {
             "policies": len(self.policies), "workloads": len(workloads),
             "ok": counts[OK], "late": counts[LATE], "missing": counts[MISSING], "unmanaged": counts[UNMANAGED],
             "failing": sum(1 for w in workloads if w.failing),
             "archives": sum(w.archives for w in workloads), "stored_bytes": sum(w.stored_bytes for w in workloads),
-            "prune_remove_archives": len(remove), "prune_remove_bytes": sum(p.stored_size for p in remove),
+            "prune_remove_archives": sum(w.remove_archives for w in workloads),
+            "prune_remove_bytes": sum(w.remove_bytes for w in workloads),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -318,11 +335,6 @@ def assess(schedule: Schedule, newest: datetime | None, now: datetime,
     if now <= late_after:
         return OK, due, late_after, missing_after
     return (LATE if now <= missing_after else MISSING), due, late_after, missing_after
-
-
-def _latest(runs: Iterable[Run], outcome: str) -> RunSummary | None:
-    best = max((r for r in runs if r.outcome == outcome), key=lambda r: (r.started_at, r.id), default=None)
-    return RunSummary.of(best) if best is not None else None
 
 
 def _age(delta: timedelta) -> str:
@@ -368,20 +380,230 @@ def _next_run(schedule: Schedule, last_started: datetime | None, now: datetime) 
     return schedule.next_after(now)
 
 
-def _storage(points: Iterable[ArchivePoint]) -> tuple[StoragePoint, ...]:
-    total, series = 0, []
-    for p in sorted(points, key=lambda p: (p.time, p.id)):
-        total += p.stored_size
-        if series and series[-1].time == p.time:
-            series[-1] = StoragePoint(p.time, total)
+Target = tuple[str, str, str, str]  # namespace, workload, replica, container
+RunKey = tuple[str, Target | None, str | None, str]  # kind, target, pod, outcome
+
+
+@dataclass(frozen=True)
+class GroupFacts:
+    """What the report knows of one retention group's committed archives: aggregates over all
+    of them, and the next prune's decision on each of its newest ``TIMELINE_POINTS``."""
+
+    stats: GroupStats
+    timeline: tuple[ArchivePoint, ...]  # oldest first
+    remove_archives: int
+    remove_bytes: int
+
+    @property
+    def target(self) -> Target:
+        return (self.stats.namespace, self.stats.workload, self.stats.replica, self.stats.container)
+
+
+@dataclass(frozen=True)
+class PolicyRuns:
+    """What the report knows of one policy's runs: the latest finished run of each kind, target,
+    pod and outcome, and when a checkpoint run last started."""
+
+    latest: dict[RunKey, RunSummary] = field(default_factory=dict)
+    last_checkpoint_start: datetime | None = None
+    targets: frozenset[Target] = frozenset()  # every target a checkpoint run names
+
+    @functools.cached_property
+    def _by_kind_target(self) -> dict[tuple[str, Target | None], list[tuple[str | None, str, RunSummary]]]:
+        index: dict[tuple[str, Target | None], list[tuple[str | None, str, RunSummary]]] = {}
+        for (kind, target, pod, outcome), run in self.latest.items():
+            index.setdefault((kind, target), []).append((pod, outcome, run))
+            if target is not None:
+                index.setdefault((kind, None), []).append((pod, outcome, run))
+        return index
+
+    def last(self, kind: str, outcome: str | None = None, target: Target | None = None) -> RunSummary | None:
+        """The latest run of ``kind`` (and ``outcome`` and ``target`` where given; any target
+        when ``target`` is None, runs without a target included)."""
+        return max((r for _p, o, r in self._by_kind_target.get((kind, target), ()) if outcome is None or o == outcome),
+                   key=lambda r: (r.started_at, r.id), default=None)
+
+    def failing(self, target: Target, period: timedelta) -> bool:
+        """The target's latest cycle had a failure (module docstring: ``failing``)."""
+        mine = [(p, r) for p, _o, r in self._by_kind_target.get(("checkpoint", target), ())]
+        if not mine:
+            return False
+        latest_by_pod: dict[str | None, RunSummary] = {}
+        for pod, r in mine:
+            known = latest_by_pod.get(pod)
+            if known is None or (r.started_at, r.id) > (known.started_at, known.id):
+                latest_by_pod[pod] = r
+        cycle_start = max(r.started_at for _p, r in mine) - max(period * 3 / 4, timedelta(minutes=5))
+        return any(r.outcome == RUN_FAILED and r.started_at >= cycle_start for r in latest_by_pod.values())
+
+
+@dataclass(frozen=True)
+class PolicyProblem:
+    """A stored policy the report cannot evaluate (its spec no longer validates, its schedule
+    never fires...): reported with the error, its archives as unmanaged."""
+
+    name: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ReportFacts:
+    """Everything a report is computed from, per policy name; :func:`facts_from_lists` and
+    :func:`facts_from_catalog` gather the same facts from lists or from the catalog."""
+
+    policies: tuple[Policy | PolicyProblem, ...]
+    groups: dict[str, list[GroupFacts]]
+    runs: dict[str, PolicyRuns]
+    storage: dict[str, tuple[StoragePoint, ...]]
+
+
+# How many archives of a workload the report lists with their decision (the newest ones); the
+# counts and sizes always cover all of them. How many steps a policy's storage curve has at most.
+TIMELINE_POINTS = 100
+STORAGE_POINTS = 200
+
+
+def policy_problem(policy: Policy, now: datetime) -> str | None:
+    """Why the report cannot evaluate ``policy`` (None: it can). Everything it will ask of the
+    policy is asked here once, so a policy stored by an older or newer backupd, or with a
+    schedule that never fires, becomes a line of the report instead of its failure."""
+    try:
+        schedule = policy.schedule
+        schedule.next_after(now)
+        schedule.period  # noqa: B018 - computing it is the check
+        policy.rules.validate()
+        policy.tz  # noqa: B018
+    except Exception as exc:  # anything a stored spec can make these raise; the report must go on
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def decide(policy: Policy | None, newest: Sequence[Planned], older: tuple[int, int, int, int] = (0, 0, 0, 0),
+           ) -> tuple[tuple[ArchivePoint, ...], int, int] | None:
+    """The next prune's decisions on a group's newest archives, and what it removes in all.
+
+    ``newest``: the group's newest committed archives (every one when ``older`` is zero),
+    cut as :meth:`backupd.catalog.Catalog.group_head` cuts them; ``older``: (count, bytes) of
+    its older unpinned and (count, bytes) of its older pinned archives. Returns (timeline
+    points oldest first, archives removed, bytes removed), or None when the rules look beyond
+    ``newest`` (:func:`backupd.retention.plan_head`): give more. ``policy`` None: a policy
+    nothing applies (unmanaged), which keeps everything. The points are the newest
+    ``TIMELINE_POINTS``.
+    """
+    ordered = sorted(newest, key=lambda a: (a.checkpoint_time, a.id))  # as the catalog lists them
+    if policy is None:
+        return tuple(ArchivePoint(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned, True, ("no policy",))
+                     for a in ordered[-TIMELINE_POINTS:]), 0, 0
+    older_count, older_bytes, older_pinned, older_pinned_bytes = older
+    items = retention.items((a.id for a in ordered), (a.checkpoint_time for a in ordered),
+                            (a.stored_size or 0 for a in ordered), (a.pinned for a in ordered), len(ordered))
+    if not any(older):
+        result: retention.Plan | None = retention.plan(items, policy.rules, tz=policy.tz)
+    else:
+        if older_pinned and ordered:  # their bytes count against maxTotalBytes; the rules never see them
+            items.append(retention.Item("", ordered[0].checkpoint_time - timedelta(days=1), older_pinned_bytes,
+                                        pinned=True))
+        result = retention.plan_head(items, policy.rules, tz=policy.tz)
+    if result is None:
+        return None
+    removed = result.remove  # the stand-in is pinned: never among them
+    shown = [d for d in result.decisions[:TIMELINE_POINTS + 1] if d.item.id][:TIMELINE_POINTS]
+    points = tuple(ArchivePoint(d.item.id, d.item.time, d.item.size, d.item.pinned, d.keep, d.reasons or ("no rule",))
+                   for d in reversed(shown))
+    return points, len(removed) + older_count, sum(d.item.size for d in removed) + older_bytes
+
+
+def storage_steps(steps: Iterable[tuple[datetime, int]]) -> tuple[StoragePoint, ...]:
+    """A policy's storage curve from ``(time, bytes)`` steps oldest first: the running sum."""
+    total, series = 0, list[StoragePoint]()
+    for moment, size in steps:
+        total += size
+        if series and series[-1].time == moment:
+            series[-1] = StoragePoint(moment, total)
         else:
-            series.append(StoragePoint(p.time, total))
+            series.append(StoragePoint(moment, total))
     return tuple(series)
+
+
+def downsample(steps: Sequence[tuple[datetime, int]], points: int) -> list[tuple[datetime, int]]:
+    """At most ``points`` of ``(time, bytes)`` steps (oldest first): those in each of ``points``
+    equal spans of their time range merged into one, at the newest time of the span, so a
+    running sum stays exact at every time it is given for."""
+    if len(steps) <= points:
+        return list(steps)
+    oldest, newest = steps[0][0], steps[-1][0]
+    width = max((newest - oldest).total_seconds() / points, 1e-6)
+    merged: dict[int, tuple[datetime, int]] = {}
+    for moment, size in steps:
+        key = math.floor((moment - oldest).total_seconds() / width)
+        merged[key] = (moment, merged.get(key, (moment, 0))[1] + size)
+    return [merged[k] for k in sorted(merged)]
+
+
+def _target(run: Run, group_by: str) -> Target | None:
+    """The retention group a checkpoint run's container is in (runs record no replica: it is
+    derived from the run's pod and node as the pipeline derived the archive's)."""
+    if run.namespace and run.workload and run.container:
+        replica = replica_identity(run.workload.partition("/")[0], run.pod or "", run.node, group_by)
+        return (run.namespace, run.workload, replica, run.container)
+    return None
+
+
+def runs_facts(runs: Iterable[Run], group_by: Mapping[str, str] | None = None) -> dict[str, PolicyRuns]:
+    """Per policy: the latest finished run of each kind, target, pod and outcome. ``group_by``:
+    each policy's ``groupBy`` (``replica`` for those not named)."""
+    latest: dict[str, dict[RunKey, RunSummary]] = {}
+    starts: dict[str, datetime] = {}
+    targets: dict[str, set[Target]] = {}
+    for r in runs:
+        if r.policy is None:
+            continue
+        target = _target(r, (group_by or {}).get(r.policy, GROUP_BY_REPLICA))
+        if r.kind == "checkpoint":
+            if r.policy not in starts or r.started_at > starts[r.policy]:
+                starts[r.policy] = r.started_at
+            if target is not None:
+                targets.setdefault(r.policy, set()).add(target)
+        if r.outcome not in (SUCCEEDED, RUN_FAILED):
+            continue
+        key = (r.kind, target, r.pod, r.outcome)
+        mine = latest.setdefault(r.policy, {})
+        known = mine.get(key)
+        if known is None or (r.started_at, r.id) > (known.started_at, known.id):
+            mine[key] = RunSummary.of(r)
+    return {name: PolicyRuns(latest.get(name, {}), starts.get(name), frozenset(targets.get(name, ())))
+            for name in set(latest) | set(starts)}
+
+
+def facts_from_lists(policies: Sequence[Policy | PolicyProblem], archives: Iterable[Planned],
+                     runs: Iterable[Run]) -> ReportFacts:
+    """The facts of a report, from every archive and run (the pure path: tests, small inputs)."""
+    valid = {p.name: p for p in policies if isinstance(p, Policy)}
+    grouped: dict[tuple[str, str, str, str, str], list[Planned]] = {}
+    for a in archives:
+        if a.state == COMMITTED:
+            grouped.setdefault(a.group, []).append(a)
+    groups: dict[str, list[GroupFacts]] = {}
+    storage: dict[str, list[Planned]] = {}
+    for (name, namespace, workload, replica, container), members in sorted(grouped.items()):
+        decided = decide(valid.get(name), members)
+        assert decided is not None  # every archive given: always decided
+        points, removed, removed_bytes = decided
+        times = [a.checkpoint_time for a in members]
+        pinned = [a.stored_size or 0 for a in members if a.pinned]
+        stats = GroupStats(name, namespace, workload, replica, container, len(members),
+                           sum(a.stored_size or 0 for a in members), min(times), max(times), len(pinned), sum(pinned))
+        groups.setdefault(name, []).append(GroupFacts(stats, points, removed, removed_bytes))
+        storage.setdefault(name, []).extend(members)
+    steps = {name: sorted((a.checkpoint_time, a.stored_size or 0) for a in members)
+             for name, members in storage.items()}
+    return ReportFacts(tuple(policies), groups, runs_facts(runs, _group_by(policies)),
+                       {name: storage_steps(downsample(series, STORAGE_POINTS)) for name, series in steps.items()})
 
 
 def build_report(
     policies: Sequence[Policy],
-    archives: Iterable[Archive],
+    archives: Iterable[Planned],
     runs: Iterable[Run],
     now: datetime,
     *,
@@ -394,147 +616,186 @@ def build_report(
     pod) and its latest finished prune and verify run; more is fine. Archives of policies not in ``policies`` are
     reported as ``UNMANAGED``; runs of such policies only where they have archives.
     """
+    return assemble(facts_from_lists(policies, archives, runs), now, stale_intervals=stale_intervals)
+
+
+def assemble(facts: ReportFacts, now: datetime, *, stale_intervals: int = DEFAULT_STALE_INTERVALS) -> Report:
+    """The report from its facts (:class:`ReportFacts`) at ``now``. Pure."""
     if stale_intervals < 1:
         raise ValueError(f"stale_intervals must be at least 1, got {stale_intervals}")
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    by_policy: dict[str, list[Archive]] = {}
-    for a in archives:
-        if a.state == COMMITTED:
-            by_policy.setdefault(a.policy, []).append(a)
-    runs_by_policy: dict[str, list[Run]] = {}
-    for r in runs:
-        if r.policy is not None:
-            runs_by_policy.setdefault(r.policy, []).append(r)
-
-    reports = [
-        _policy_report(p, by_policy.get(p.name, []), runs_by_policy.get(p.name, []), now, stale_intervals)
-        for p in sorted(policies, key=lambda p: p.name)
-    ]
-    known = {p.name for p in policies}
-    for name in sorted(set(by_policy) - known):
-        reports.append(_unmanaged_report(name, by_policy[name], runs_by_policy.get(name, []), now))
+    reports = []
+    for p in sorted(facts.policies, key=lambda p: p.name):
+        runs = facts.runs.get(p.name, PolicyRuns())
+        groups = facts.groups.get(p.name, [])
+        storage = facts.storage.get(p.name, ())
+        problem = p.error if isinstance(p, PolicyProblem) else policy_problem(p, now)
+        if problem is not None or not isinstance(p, Policy):
+            reports.append(_unmanaged_report(p.name, groups, runs, storage, now, error=problem))
+        else:
+            reports.append(_policy_report(p, groups, runs, storage, now, stale_intervals))
+    known = {p.name for p in facts.policies}
+    for name in sorted(set(facts.groups) - known):
+        reports.append(_unmanaged_report(name, facts.groups[name], facts.runs.get(name, PolicyRuns()),
+                                         facts.storage.get(name, ()), now))
     return Report(generated_at=now, stale_intervals=stale_intervals, policies=tuple(reports))
 
 
-Target = tuple[str, str, str]  # namespace, workload, container
-
-
-def _checkpoint_runs_by_target(runs: list[Run]) -> dict[Target, list[Run]]:
-    out: dict[Target, list[Run]] = {}
-    for r in runs:
-        if r.kind == "checkpoint" and r.namespace and r.workload and r.container:
-            out.setdefault((r.namespace, r.workload, r.container), []).append(r)
-    return out
-
-
-def _policy_report(policy: Policy, archives: list[Archive], runs: list[Run], now: datetime,
-                   stale_intervals: int) -> PolicyReport:
+def _policy_report(policy: Policy, groups: list[GroupFacts], runs: PolicyRuns, storage: tuple[StoragePoint, ...],
+                   now: datetime, stale_intervals: int) -> PolicyReport:
     schedule = policy.schedule
-    points: dict[Target, list[ArchivePoint]] = {}
-    for plan in plan_policy(policy, archives):
-        points[(plan.namespace, plan.workload, plan.container)] = [
-            ArchivePoint(d.archive.id, d.archive.checkpoint_time, d.archive.stored_size or 0, d.archive.pinned,
-                         d.keep, d.reasons)
-            for d in reversed(plan.decisions)  # plans list newest first; timelines read oldest first
-        ]
-    target_runs = _checkpoint_runs_by_target(runs)
-    checkpoint_runs = [r for r in runs if r.kind == "checkpoint"]
-    next_run = _next_run(schedule, max((r.started_at for r in checkpoint_runs), default=None), now)
-
+    period = schedule.period
+    next_run = _next_run(schedule, runs.last_checkpoint_start, now)
+    by_target = {g.target: g for g in groups}
     workloads = []
-    for target in sorted(set(points) | set(target_runs)):
-        timeline = tuple(points.get(target, ()))
-        mine = target_runs.get(target, [])
-        last_success, last_failure = _latest(mine, SUCCEEDED), _latest(mine, RUN_FAILED)
-        failing = _failing(mine, schedule.period)
-        newest = timeline[-1].time if timeline else None
+    for target in sorted(set(by_target) | runs.targets):
+        group = by_target.get(target)
+        last_success = runs.last("checkpoint", SUCCEEDED, target)
+        last_failure = runs.last("checkpoint", RUN_FAILED, target)
+        failing = runs.failing(target, period)
+        newest = group.stats.newest if group else None
         status, due, late_after, missing_after = assess(schedule, newest, now, stale_intervals)
         workloads.append(WorkloadStatus(
-            policy=policy.name, namespace=target[0], workload=target[1], container=target[2], status=status,
+            policy=policy.name, namespace=target[0], workload=target[1], replica=target[2], container=target[3],
+            status=status,
             reason=_reason(status, newest, now, due, failing, last_failure, stale_intervals), failing=failing,
-            timeline=timeline, recovery_point_age=max(now - newest, timedelta(0)) if newest else None,
+            **_archive_fields(group), recovery_point_age=max(now - newest, timedelta(0)) if newest else None,
             due_at=due, late_after=late_after, missing_after=missing_after, next_run=next_run,
             last_success=last_success, last_failure=last_failure,
         ))
     return PolicyReport(
         name=policy.name, managed=True, schedule=policy.spec.schedule, timezone=policy.spec.timezone,
-        backend=policy.spec.backend, period=schedule.period, next_run=next_run,
-        last_success=_latest(checkpoint_runs, SUCCEEDED), last_failure=_latest(checkpoint_runs, RUN_FAILED),
-        last_prune=_latest_any(runs, "prune"), last_verify=_latest_any(runs, "verify"),
-        workloads=tuple(workloads), storage=_storage(p for ps in points.values() for p in ps),
+        backend=policy.spec.backend, period=period, next_run=next_run,
+        last_success=runs.last("checkpoint", SUCCEEDED), last_failure=runs.last("checkpoint", RUN_FAILED),
+        last_prune=runs.last("prune"), last_verify=runs.last("verify"),
+        workloads=tuple(workloads), storage=storage,
     )
 
 
-def _failing(runs: list[Run], period: timedelta) -> bool:
-    finished = [r for r in runs if r.outcome in (SUCCEEDED, RUN_FAILED)]
-    if not finished:
-        return False
-    latest_by_pod: dict[str | None, Run] = {}
-    for r in finished:
-        known = latest_by_pod.get(r.pod)
-        if known is None or (r.started_at, r.id) > (known.started_at, known.id):
-            latest_by_pod[r.pod] = r
-    cycle_start = max(r.started_at for r in finished) - max(period * 3 / 4, timedelta(minutes=5))
-    return any(r.outcome == RUN_FAILED and r.started_at >= cycle_start for r in latest_by_pod.values())
+def _archive_fields(group: GroupFacts | None) -> dict[str, Any]:
+    if group is None:
+        return {"archives": 0, "stored_bytes": 0, "oldest": None, "newest": None, "timeline": (),
+                "remove_archives": 0, "remove_bytes": 0}
+    return {"archives": group.stats.archives, "stored_bytes": group.stats.stored_bytes,
+            "oldest": group.stats.oldest, "newest": group.stats.newest, "timeline": group.timeline,
+            "remove_archives": group.remove_archives, "remove_bytes": group.remove_bytes}
 
 
-def _latest_any(runs: list[Run], kind: str) -> RunSummary | None:
-    finished = [r for r in runs if r.kind == kind and r.outcome in (SUCCEEDED, RUN_FAILED)]
-    best = max(finished, key=lambda r: (r.started_at, r.id), default=None)
-    return RunSummary.of(best) if best is not None else None
-
-
-def _unmanaged_report(name: str, archives: list[Archive], runs: list[Run], now: datetime) -> PolicyReport:
-    groups: dict[Target, list[Archive]] = {}
-    for a in archives:
-        groups.setdefault((a.namespace, a.workload, a.container), []).append(a)
-    target_runs = _checkpoint_runs_by_target(runs)
+def _unmanaged_report(name: str, groups: list[GroupFacts], runs: PolicyRuns, storage: tuple[StoragePoint, ...],
+                      now: datetime, *, error: str | None = None) -> PolicyReport:
+    reason = (f"policy {name!r} cannot be applied ({error}): nothing schedules or prunes these archives" if error
+              else f"policy {name!r} no longer exists: nothing schedules or prunes these archives")
     workloads = []
-    for target, members in sorted(groups.items()):
-        members.sort(key=lambda a: (a.checkpoint_time, a.id))
-        timeline = tuple(ArchivePoint(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned, True, ("no policy",))
-                         for a in members)
-        mine = target_runs.get(target, [])
-        newest = timeline[-1].time
+    for group in sorted(groups, key=lambda g: g.target):
         workloads.append(WorkloadStatus(
-            policy=name, namespace=target[0], workload=target[1], container=target[2], status=UNMANAGED,
-            reason=f"policy {name!r} no longer exists: nothing schedules or prunes these archives",
-            failing=False, timeline=timeline, recovery_point_age=max(now - newest, timedelta(0)),
+            policy=name, namespace=group.stats.namespace, workload=group.stats.workload,
+            replica=group.stats.replica, container=group.stats.container, status=UNMANAGED, reason=reason,
+            failing=False,
+            **_archive_fields(group), recovery_point_age=max(now - group.stats.newest, timedelta(0)),
             due_at=None, late_after=None, missing_after=None, next_run=None,
-            last_success=_latest(mine, SUCCEEDED), last_failure=_latest(mine, RUN_FAILED),
+            last_success=runs.last("checkpoint", SUCCEEDED, group.target),
+            last_failure=runs.last("checkpoint", RUN_FAILED, group.target),
         ))
     return PolicyReport(
         name=name, managed=False, schedule=None, timezone=None, backend=None, period=None, next_run=None,
         last_success=None, last_failure=None, last_prune=None, last_verify=None, workloads=tuple(workloads),
-        storage=_storage(p for w in workloads for p in w.timeline),
+        storage=storage, error=error,
     )
 
 
 # -- the shell: reading the catalog ---------------------------------------------------------
 
 
+def facts_from_catalog(catalog: Catalog, policies: Sequence[Policy | PolicyProblem], now: datetime) -> ReportFacts:
+    """The facts of a report from the catalog's aggregates: per group its counts and sizes and
+    only the newest archives the retention rules look at (usually ``TIMELINE_POINTS``; more when
+    a policy's rules reach further back), per policy its storage curve in ``STORAGE_POINTS``
+    steps, and the latest run of each kind, target, pod and outcome. Memory and time follow the
+    number of workloads and what their rules keep, not the number of archives."""
+    usable = {p.name: p for p in policies if isinstance(p, Policy) and policy_problem(p, now) is None}
+    groups: dict[str, list[GroupFacts]] = {}
+    pending = {stats.group: (stats, first_read(usable.get(stats.policy), stats)) for stats in catalog.group_stats()}
+    while pending:
+        reads: dict[int, list[tuple[str, str, str, str, str]]] = {}
+        for group, (_stats, unpinned) in pending.items():
+            reads.setdefault(unpinned, []).append(group)
+        for unpinned, batch in reads.items():
+            for group, (newest, complete) in catalog.group_heads(batch, unpinned).items():
+                stats = pending[group][0]
+                decided = decide(usable.get(stats.policy), newest, (0, 0, 0, 0) if complete else _older(stats, newest))
+                if decided is None:  # the rules reach further back than these: read more of the group
+                    pending[group] = (stats, unpinned * 4)
+                    continue
+                del pending[group]
+                points, removed, removed_bytes = decided
+                groups.setdefault(stats.policy, []).append(GroupFacts(stats, points, removed, removed_bytes))
+    for members in groups.values():
+        members.sort(key=lambda g: g.target)
+    series = catalog.storage_series([(name, sum(g.stats.archives for g in members))
+                                     for name, members in groups.items()], STORAGE_POINTS)
+    storage = {name: storage_steps(downsample(steps, STORAGE_POINTS)) for name, steps in series.items()}
+    runs = runs_facts(catalog.latest_runs(), _group_by(policies))
+    return ReportFacts(tuple(policies), groups, runs, storage)
+
+
+def _group_by(policies: Sequence[Policy | PolicyProblem]) -> dict[str, str]:
+    return {p.name: p.spec.group_by for p in policies if isinstance(p, Policy)}
+
+
+_BUCKET = {"hourly": timedelta(hours=1), "daily": timedelta(days=1), "weekly": timedelta(days=7),
+           "monthly": timedelta(days=31), "yearly": timedelta(days=366)}
+
+
+def first_read(policy: Policy | None, stats: GroupStats) -> int:
+    """How many of a group's newest unpinned archives to read first: as many as the policy's
+    rules reach back over, at the group's average spacing (plus a quarter), and at least a
+    timeline's. Only a guess to save round trips: :func:`decide` says when it was too few."""
+    if policy is None:
+        return TIMELINE_POINTS
+    rules = policy.rules
+    counts = {name: getattr(rules, name) for name in ("last", *_BUCKET)}
+    if -1 in counts.values():
+        return max(stats.archives, 1)  # unlimited: every archive counts
+    reach = [_BUCKET[name] * count for name, count in counts.items() if name in _BUCKET]
+    for name in ("within", "within_hourly", "within_daily", "within_weekly", "within_monthly", "within_yearly"):
+        d = getattr(rules, name)
+        if d is not None:
+            reach.append(timedelta(days=366 * d.years + 31 * d.months + d.days, hours=d.hours))
+    spacing = (stats.newest - stats.oldest) / max(stats.archives - 1, 1)
+    within = max(reach, default=timedelta(0)) / spacing if spacing else 0
+    # every rule walks from the newest archive at once: the one reaching furthest decides
+    return max(TIMELINE_POINTS, int(max(counts["last"], within) * 1.25) + 1)
+
+
+def _older(stats: GroupStats, newest: list[ArchiveSummary]) -> tuple[int, int, int, int]:
+    """(count, bytes) of a group's unpinned and of its pinned archives older than ``newest``."""
+    pinned = [a for a in newest if a.pinned]
+    unpinned_bytes = sum(a.stored_size or 0 for a in newest if not a.pinned)
+    # never below zero: archives committed or deleted between the two queries shift the counts a little
+    return (max(0, stats.archives - stats.pinned - (len(newest) - len(pinned))),
+            max(0, stats.stored_bytes - stats.pinned_bytes - unpinned_bytes),
+            max(0, stats.pinned - len(pinned)), max(0, stats.pinned_bytes - sum(a.stored_size or 0 for a in pinned)))
+
+
+def stored_policies(catalog: Catalog) -> list[Policy | PolicyProblem]:
+    """The catalog's policies; one this backupd refuses (:meth:`Policy.from_spec_json`) as a
+    :class:`PolicyProblem`."""
+    out: list[Policy | PolicyProblem] = []
+    for stored in catalog.list_policies():
+        try:
+            out.append(Policy.from_spec_json(stored.name, stored.spec_json))
+        except PolicyError as exc:
+            out.append(PolicyProblem(stored.name, str(exc)))
+    return out
+
+
 def load_report(catalog: Catalog, *, now: datetime | None = None,
                 stale_intervals: int = DEFAULT_STALE_INTERVALS) -> Report:
-    """Read policies, committed archives and recent runs from the catalog and build the report.
-
-    Reads per policy its newest :data:`RUN_HISTORY_LIMIT` succeeded and failed checkpoint
-    runs (a target whose latest run is older than that shows no last run) and its latest
-    prune and verify runs.
-    """
-    policies = []
-    for stored in catalog.list_policies():
-        policies.append(Policy.from_spec_json(stored.name, stored.spec_json))
-    archives = catalog.list_archives()
-    names = {p.name for p in policies} | {a.policy for a in archives}
-    runs: list[Run] = []
-    for name in sorted(names):
-        for outcome in (SUCCEEDED, RUN_FAILED):
-            runs += catalog.list_runs(policy=name, kind="checkpoint", outcome=outcome, limit=RUN_HISTORY_LIMIT)
-        for kind in ("prune", "verify"):
-            for outcome in (SUCCEEDED, RUN_FAILED):
-                runs += catalog.list_runs(policy=name, kind=kind, outcome=outcome, limit=1)
-    return build_report(policies, archives, runs, now or datetime.now(UTC), stale_intervals=stale_intervals)
+    """The report of everything in the catalog, from its aggregates (:func:`facts_from_catalog`)."""
+    moment = now or datetime.now(UTC)
+    return assemble(facts_from_catalog(catalog, stored_policies(catalog), moment), moment,
+                    stale_intervals=stale_intervals)
 
 
 # -- rendering: text -------------------------------------------------------------------------
@@ -584,23 +845,25 @@ def render_table(report: Report) -> str:
                 if run is not None and run.outcome == RUN_FAILED:
                     out.append("  " + _run_line(label + " failed", run))
         else:
-            out.append(f"policy {p.name} [UNMANAGED]: no longer in the catalog; its archives are neither "
-                       "scheduled nor pruned")
+            why = f"cannot be applied: {p.error}" if p.error else "no longer in the catalog"
+            out.append(f"policy {p.name} [UNMANAGED]: {why}; its archives are neither scheduled nor pruned")
         if not p.workloads:
             out.append("  no workload has been checkpointed yet")
             continue
+        replicas = any(w.replica for w in p.workloads)  # a column only where some workload has them
         rows = []
         for w in p.workloads:
-            remove = w.prune_remove
             rows.append([
-                w.status + ("!" if w.failing else ""), w.namespace, w.workload, w.container, str(w.archives),
+                w.status + ("!" if w.failing else ""), w.namespace, w.workload,
+                *([w.replica or "-"] if replicas else []), w.container, str(w.archives),
                 human_bytes(w.stored_bytes), _cell(w.oldest), _cell(w.newest),
                 _age(w.recovery_point_age) if w.recovery_point_age is not None else "-",
                 _cell(w.last_success.started_at if w.last_success else None),
                 _cell(w.last_failure.started_at if w.last_failure else None),
-                f"{len(remove)} ({human_bytes(sum(a.stored_size for a in remove))})" if remove else "0",
+                f"{w.remove_archives} ({human_bytes(w.remove_bytes)})" if w.remove_archives else "0",
             ])
-        headers = ["status", "namespace", "workload", "container", "archives", "stored", "oldest", "newest", "age",
+        headers = ["status", "namespace", "workload", *(["replica"] if replicas else []), "container", "archives",
+                   "stored", "oldest", "newest", "age",
                    "last success", "last failure", "prune removes"]
         out += ["  " + line for line in _table(rows, headers)]
         notes = [w for w in p.workloads if w.status != OK or w.failing]
@@ -748,8 +1011,10 @@ def _timeline_svg(w: WorkloadStatus, now: datetime, period: timedelta | None, id
     for p in kept:
         families[_family(p)] = families.get(_family(p), 0) + 1
     kept_text = ", ".join(f"{n} {f}" for f, n in sorted(families.items(), key=lambda kv: -kv[1])) or "none"
-    desc = (f"{len(w.timeline)} archive(s) of {w.target} between {_cell(w.oldest)} and {_cell(w.newest)}: "
-            f"{len(kept)} kept ({kept_text}), {len(removed)} removed by the next prune. Status {w.status}.")
+    which = f"{len(w.timeline)}" if w.timeline_complete else f"The newest {len(w.timeline)} of {w.archives}"
+    desc = (f"{which} archive(s) of {w.target} between {_cell(times[0] if times else None)} and "
+            f"{_cell(w.newest)}: {len(kept)} kept ({kept_text}), {len(removed)} removed by the next prune. "
+            f"Status {w.status}.")
     height = 86
     parts = [
         f'<svg viewBox="0 0 {_WIDTH} {height}" width="{_WIDTH}" height="{height}" role="img" '
@@ -852,23 +1117,22 @@ _KEEP, _REMOVE = "keep", '<strong class="error">remove</strong>'
 def _workload_rows(p: PolicyReport) -> str:
     rows = []
     for w in p.workloads:
-        remove = w.prune_remove
         failing = ' <span class="badge failing">failing</span>' if w.failing else ""
         age = _e(_age(w.recovery_point_age)) if w.recovery_point_age is not None else "none"
         rows.append(
             "<tr>"
             f"<td>{_badge(w.status)}{failing}</td>"
-            f'<td class="mono target">{_e(w.namespace)}/{_e(w.workload)}/{_e(w.container)}</td>'
+            f'<td class="mono target">{_e(w.target)}</td>'
             f'<td class="num">{w.archives}</td><td class="num">{_e(human_bytes(w.stored_bytes))}</td>'
             f'<td class="mono time">{_e(_cell(w.oldest))}<br>{_e(_cell(w.newest))}</td>'
             f'<td><strong>{age}</strong><br><span class="muted">{_e(w.reason)}</span></td>'
             f"<td>{_run_html(w.last_success)}</td><td>{_run_html(w.last_failure)}</td>"
-            f'<td class="num">{len(remove)}<br>{_e(human_bytes(sum(a.stored_size for a in remove)))}</td>'
+            f'<td class="num">{w.remove_archives}<br>{_e(human_bytes(w.remove_bytes))}</td>'
             "</tr>"
         )
     return (
         '<div class="scroll"><table><caption class="muted">Workloads of this policy</caption><thead><tr>'
-        '<th scope="col">Status</th><th scope="col">Namespace/workload/container</th>'
+        '<th scope="col">Status</th><th scope="col">Namespace/workload[replica]/container</th>'
         '<th scope="col" class="num">Archives</th><th scope="col" class="num">Stored</th>'
         '<th scope="col">Oldest<br>newest</th><th scope="col">Recovery point age</th>'
         '<th scope="col">Last successful run</th><th scope="col">Last failed run</th>'
@@ -887,10 +1151,11 @@ def _archive_table(w: WorkloadStatus) -> str:
         f"<td>{_e(', '.join(a.reasons))}</td></tr>"
         for a in shown
     )
-    more = (f'<p class="muted">and {len(newest_first) - len(shown)} older archive(s) '
-            "(all of them are in the JSON report)</p>") if len(newest_first) > len(shown) else ""
+    more = (f'<p class="muted">and {w.archives - len(shown)} older archive(s), not listed (the next prune '
+            f"removes {w.remove_archives - len([a for a in shown if not a.keep])} of them)</p>"
+            if w.archives > len(shown) else "")
     return (
-        f"<details><summary>Archives of {_e(w.target)} ({len(newest_first)}), newest first</summary>"
+        f"<details><summary>Archives of {_e(w.target)} ({w.archives}), newest first</summary>"
         '<table><thead><tr><th scope="col">Archive</th><th scope="col">Checkpoint time</th>'
         '<th scope="col" class="num">Stored</th><th scope="col">Next prune</th><th scope="col">Reasons</th>'
         f"</tr></thead><tbody>{rows}</tbody></table>{more}</details>"
@@ -943,7 +1208,7 @@ def render_html(report: Report) -> str:
                 f'<p>Schedule <code>{_e(p.schedule)}</code> ({_e(p.timezone)}), backend <code>{_e(p.backend)}</code>; '
                 f"next run <span class=\"mono\">{_e(_cell(p.next_run))}</span>. "
                 f"{p.archives} archive(s), {_e(human_bytes(p.stored_bytes))}; the next prune removes "
-                f"{len(p.prune_remove)} ({_e(human_bytes(sum(a.stored_size for a in p.prune_remove)))}).</p>"
+                f"{p.remove_archives} ({_e(human_bytes(p.remove_bytes))}).</p>"
                 f"<p>Last successful run: {_run_html(p.last_success)}. Last failed run: {_run_html(p.last_failure)}."
                 + "".join(f" Last {kind} run <strong class=\"error\">failed</strong>: {_run_html(run)}."
                           for kind, run in (("prune", p.last_prune), ("verify", p.last_verify))
@@ -951,8 +1216,10 @@ def render_html(report: Report) -> str:
                 + "</p>"
             )
         else:
-            body.append("<p>This policy is no longer in the catalog: its archives are neither scheduled nor pruned. "
-                        "Delete or pin them explicitly.</p>")
+            why = (f'cannot be applied: <span class="error">{_e(p.error)}</span>' if p.error
+                   else "is no longer in the catalog")
+            body.append(f"<p>This policy {why}. Its archives are neither scheduled nor pruned: fix it with "
+                        "<code>backupd policy apply</code>, or delete or pin them explicitly.</p>")
         if not p.workloads:
             body.append('<p class="muted">No workload has been checkpointed by this policy yet.</p></section>')
             continue

@@ -57,6 +57,7 @@ __all__ = [
     "Rules",
     "parse_rfc3339",
     "plan",
+    "plan_head",
     "simulate",
 ]
 
@@ -390,15 +391,15 @@ class _WallClocks:
         return chain(self._done, map(self._convert, islice(self._times, len(self._done), None)))
 
 
-def _walk_bucket(keys: Iterable[int], count: int, stop: int, mask: list[int], bit: int, oldest_bit: int) -> None:
+def _walk_bucket(keys: Iterable[int], count: int, stop: int, mask: list[int], bit: int, oldest_bit: int) -> bool:
     """One bucket rule over ``mask[:stop]`` (``keys`` are those archives' bucket keys).
 
     Keeps each archive whose key differs from the previous archive's, until ``count`` archives
     are kept (-1: never stops); if the walk reaches the group's oldest archive with slots left
-    and did not keep it already, keeps it as ``oldest``.
+    and did not keep it already, keeps it as ``oldest``. True when the rule used up its slots.
     """
     if not stop:
-        return
+        return False
     ahead, behind = tee(keys)
     next(ahead, None)
     # Index 0 opens the first bucket, then every index whose key differs from its predecessor's.
@@ -411,6 +412,7 @@ def _walk_bucket(keys: Iterable[int], count: int, stop: int, mask: list[int], bi
     slots_left = count == -1 or kept < count
     if slots_left and stop == len(mask) and index != stop - 1:
         mask[stop - 1] |= oldest_bit
+    return not slots_left
 
 
 def _first_index(times: list[datetime], predicate: Callable[[datetime], bool]) -> int:
@@ -418,9 +420,13 @@ def _first_index(times: list[datetime], predicate: Callable[[datetime], bool]) -
     return bisect.bisect_left(times, True, key=predicate)
 
 
-def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None, now: datetime | None) -> list[int]:
-    """restic's ApplyPolicy over newest-first ``times``: one reason bitmask per archive."""
+def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None,
+                now: datetime | None) -> tuple[list[int], bool]:
+    """restic's ApplyPolicy over newest-first ``times``: one reason bitmask per archive, and
+    whether every rule stopped before the oldest of them (so archives older still would change
+    nothing here and would all be removed: see :func:`plan_head`)."""
     total = len(times)
+    decided = True
     walls = _WallClocks(times, zone)
     if now is None:
         latest = 0
@@ -440,9 +446,12 @@ def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None, now: d
     # within and last keep a prefix of the walk: build those bits in bulk.
     prefixes = []
     if _active(rules.within):
-        prefixes.append((window_end(rules.within), _BIT["within"]))
+        end = window_end(rules.within)
+        prefixes.append((end, _BIT["within"]))
+        decided &= end < total
     if rules.last:
         prefixes.append((total if rules.last == -1 else min(rules.last, total), _BIT["last"]))
+        decided &= rules.last != -1 and rules.last <= total
     mask: list[int] = []
     for end in sorted({e for e, _ in prefixes}):
         mask.extend(repeat(sum(b for e, b in prefixes if e >= end), end - len(mask)))
@@ -452,7 +461,7 @@ def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None, now: d
         count = getattr(rules, name)
         if count:
             walk = walls.upto(total) if count == -1 else walls.lazily()
-            _walk_bucket(_KEYS[name](walk), count, total, mask, _BIT[name], _BIT["oldest " + name])
+            decided &= _walk_bucket(_KEYS[name](walk), count, total, mask, _BIT[name], _BIT["oldest " + name])
     for name in _WINDOW_RULES:
         duration = getattr(rules, name)
         if _active(duration):
@@ -460,7 +469,8 @@ def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None, now: d
             bucket = name.removeprefix("within_")
             reason = "within-" + bucket
             _walk_bucket(_KEYS[bucket](walls.upto(end)), -1, end, mask, _BIT[reason], _BIT["oldest " + reason])
-    return mask
+            decided &= end < total
+    return mask, decided
 
 
 @contextmanager
@@ -512,12 +522,41 @@ def plan(
     newest archive anchors them. Raises `PolicyError` if ``rules`` are invalid or keep nothing,
     ``ValueError`` for a naive ``now`` or archive time.
     """
+    return _plan(items, rules, tz, now)[0]
+
+
+def plan_head(
+    items: Iterable[Item],
+    rules: Rules,
+    *,
+    tz: tzinfo | None = None,
+    now: datetime | None = None,
+) -> Plan | None:
+    """The plan of a group's newest archives, when they alone decide it; else None.
+
+    ``items``: the group's unpinned archives from the newest down to some time, every one at
+    that time included, plus all of the group's pinned archives (or, for the pinned ones older
+    than that time, stand-ins of the same total size, older than every other item: the rules
+    never look at pinned archives, only ``max_total_bytes`` counts their bytes).
+
+    When every rule stops before the oldest of the given unpinned archives, :func:`plan` of the
+    whole group decides each given archive exactly as the returned plan does, and removes
+    every older unpinned archive with no reason: a report can then tell what a prune of a
+    million archives does from the few it keeps. Otherwise (a rule reaches the oldest given
+    archive, or counts without limit) returns None: give more of the group. Same errors as
+    :func:`plan`.
+    """
+    result, decided = _plan(items, rules, tz, now)
+    return result if decided else None
+
+
+def _plan(items: Iterable[Item], rules: Rules, tz: tzinfo | None, now: datetime | None) -> tuple[Plan, bool]:
     rules.validate()
     if now is not None and now.utcoffset() is None:
         raise ValueError(f"now must be timezone-aware, got {now!r}")
     listed = items if isinstance(items, list) else list(items)
     if not listed:
-        return Plan(())
+        return Plan(()), False
 
     with gc_paused():
         # Python's sort is stable with reverse=True too: equal times keep their input order.
@@ -541,11 +580,11 @@ def plan(
         pinned = list(map(_PINNED, ordered))
         if any(pinned):
             unpinned = list(map(not_, pinned))
-            rule_mask = _rule_masks(list(compress(times, unpinned)), rules, tz, now)
+            rule_mask, decided = _rule_masks(list(compress(times, unpinned)), rules, tz, now)
             mask = [_BIT["pinned"]] * len(ordered)
             deque(map(mask.__setitem__, compress(counter(), unpinned), rule_mask), maxlen=0)
         else:
-            mask = _rule_masks(times, rules, tz, now)
+            mask, decided = _rule_masks(times, rules, tz, now)
 
         if not mask[0]:
             mask[0] = _BIT["newest"]
@@ -565,7 +604,7 @@ def plan(
         }
         reasons_of[_SIZE_CAPPED] = ("size cap",)
         keeps = map((0).__lt__, mask)
-        return Plan(_decisions(ordered, keeps, map(reasons_of.__getitem__, mask)))
+        return Plan(_decisions(ordered, keeps, map(reasons_of.__getitem__, mask))), decided
 
 
 # -- simulate and timestamps -----------------------------------------------------------------

@@ -14,6 +14,7 @@ not a leap year). Every other combination fires more often, so a search bounded 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
@@ -78,6 +79,13 @@ def _crontab(expr: str) -> str:
     return " ".join(fields)
 
 
+@functools.lru_cache(maxsize=256)
+def _cron_trigger(cron: str, tz: tzinfo) -> CronTrigger:
+    # Parsing a crontab costs more than asking it for a fire time; the report asks a few times per
+    # workload, the daemon at every job. A CronTrigger's answers depend only on these two.
+    return CronTrigger.from_crontab(cron, timezone=tz)
+
+
 @dataclass(frozen=True)
 class Schedule:
     text: str
@@ -114,7 +122,7 @@ class Schedule:
         if self.interval is not None:
             return IntervalTrigger(seconds=self.interval.total_seconds(), start_date=start, timezone=self.tz)
         assert self.cron is not None
-        return CronTrigger.from_crontab(self.cron, timezone=self.tz)
+        return _cron_trigger(self.cron, self.tz)
 
     def _first_after(self, moment: datetime) -> datetime | None:
         """The first cron fire time strictly after ``moment`` within :data:`HORIZON`, else None.

@@ -136,7 +136,21 @@ class Runner:
             self.gate.leave(key)
 
     def cycle(self, policy: Policy) -> CycleResult:
-        """Discover targets, checkpoint each through the worker pool, wait for all."""
+        """Discover targets, checkpoint each through the worker pool, wait for all.
+
+        A cycle that fails as a whole (discovery, or an error escaping it) counts as one failed
+        checkpoint run in the metrics: no per-container run exists to count it.
+        """
+        try:
+            result = self._cycle(policy)
+        except Exception as exc:
+            self.pipeline.metrics.run_failed("checkpoint", exc)
+            raise
+        if result.error is not None:
+            self.pipeline.metrics.run_failed("checkpoint", result.error)
+        return result
+
+    def _cycle(self, policy: Policy) -> CycleResult:
         result = CycleResult(policy.name)
         bound = log.bind(policy=policy.name)
         try:

@@ -1,6 +1,7 @@
 """`make bench`: every figure is a ratio against a baseline measured in the same invocation.
 
     python -m bench [--quick] [NAME ...]     names: compression fs s3 rss cycle retention prune
+    python -m bench catalog                  opt-in: a million archives in PostgreSQL (list, API)
 
 Prints a table and writes bench/results/latest.json. Needs `aws` (awscli) and `zstd`/`gzip` on
 PATH for the baselines; a benchmark whose baseline tool is missing is reported as skipped.
@@ -355,19 +356,225 @@ def bench_prune(work: Path, quick: bool) -> list[Row]:
              "delete requests": len(requests), "backupd s": round(elapsed, 2), "target": "<= 1 request per 1,000 objects"}]
 
 
+CATALOG_GROUPS = 1_000  # workloads: 10 policies x 100 deployments, one container each
+CATALOG_POLICY = "{keepLast: 24, keepDaily: 7}"
+
+
+def _pg_url() -> str | None:
+    return os.environ.get("BACKUPD_BENCH_DATABASE_URL") or os.environ.get("BACKUPD_TEST_DATABASE_URL")
+
+
+@contextlib.contextmanager
+def pg_schema(url: str) -> Iterator[tuple[str, str]]:
+    """A fresh PostgreSQL schema: (SQLAlchemy URL, libpq conninfo for psql/psycopg), both with
+    the schema as search_path; dropped afterwards."""
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    schema = "bench_" + secrets.token_hex(4)
+    base = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    try:
+        yield f"{url}{sep}options=-csearch_path%3D{schema}", f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def load_catalog(conninfo: str, groups: int, per_group: int) -> None:
+    """``groups`` workloads of ``per_group`` hourly archives each, by COPY, and one succeeded
+    checkpoint run per archive (one in 50 failed instead, as a flaky workload's would)."""
+    import psycopg
+
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    columns = ("id, state, policy, backend, key, node, namespace, pod, workload, container, image, checkpoint_time, "
+               "created_at, committed_at, tar_size, stored_size, tar_sha256, stored_sha256, compression, encryption, "
+               "pinned, node_tar_deleted")
+    run_columns = ("kind, policy, node, namespace, pod, workload, container, archive_id, started_at, finished_at, "
+                   "outcome, error_kind, error, bytes_in, bytes_out, duration_seconds")
+    def each() -> Iterator[tuple[int, str, str, str, str, str, datetime]]:
+        """(n, policy, namespace, workload, pod, node, time) of every archive, in order."""
+        n = 0
+        for g in range(groups):
+            for i in range(per_group):
+                yield (n, f"policy-{g % 10}", f"team-{g // 10:03d}", f"deployment/app-{g:04d}",
+                       f"app-{g:04d}-7d9c-{i % 3}", f"node-{g % 50:02d}", t0 + timedelta(hours=i, seconds=g))
+                n += 1
+
+    with psycopg.connect(conninfo) as conn, conn.cursor() as cur:
+        with cur.copy(f"COPY archives ({columns}) FROM STDIN") as copy:
+            for n, policy, namespace, workload, pod, node, t in each():
+                aid = f"{n:016x}"
+                copy.write_row((aid, "committed", policy, "s3", f"{namespace}/{workload}/app/{aid}", node, namespace,
+                                pod, workload, "app", "registry.example/app:1", t, t, t, 40 << 20,
+                                (8 << 20) + (n * 7919) % (1 << 20), "a" * 64, "b" * 64, "zstd", "none", n % 997 == 0,
+                                True))
+        with cur.copy(f"COPY runs ({run_columns}) FROM STDIN") as copy:
+            for n, policy, namespace, workload, pod, node, t in each():
+                failed = (n % 50) == 49
+                copy.write_row(("checkpoint", policy, node, namespace, pod, workload, "app",
+                                None if failed else f"{n:016x}", t - timedelta(seconds=30), t,
+                                "failed" if failed else "succeeded", "CheckpointFailed" if failed else None,
+                                "criu failed" if failed else None, 0 if failed else 40 << 20,
+                                0 if failed else 8 << 20, 30.0))
+        conn.commit()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")  # what autovacuum does after a bulk load: statistics, visibility map
+
+
+def best(fn: Callable[[], object], n: int = 3) -> tuple[float, float]:
+    """(best, first) wall time of ``n`` calls: the first is the cold one."""
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times), times[0]
+
+
+@contextlib.contextmanager
+def bench_catalog_db(url: str, work: Path, name: str, groups: int, per_group: int) -> Iterator[tuple[Path, str]]:
+    """A fresh schema holding ``groups`` x ``per_group`` archives (and as many runs) under 10
+    policies: yields a backupd config file for it and its conninfo."""
+    from backupd.catalog import Catalog
+    from backupd.policy import parse_policies
+
+    with pg_schema(url) as (db_url, conninfo):
+        catalog = Catalog.open(db_url)
+        catalog.upgrade()
+        catalog.apply_policies([(p.name, p.canonical_json()) for p in parse_policies("---\n".join(
+            f"apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {{name: policy-{k}}}\n"
+            f"spec: {{schedule: '@hourly', backend: s3, retention: {CATALOG_POLICY}}}\n" for k in range(10)),
+            "bench", backends=["s3"])])
+        catalog.close()
+        if groups:
+            started = time.perf_counter()
+            load_catalog(conninfo, groups, per_group)
+            print(f"  {name}: loaded {groups * per_group:,} archives and runs in {time.perf_counter() - started:.0f} s",
+                  file=sys.stderr)
+        config = work / f"{name}.toml"
+        config.write_text(f'[database]\nurl = "{db_url}"\n[[backends]]\nname = "s3"\ntype = "s3"\nbucket = "b"\n')
+        yield config, conninfo
+
+
+@contextlib.contextmanager
+def api_process(config: Path, env: dict[str, str]) -> Iterator[tuple[Callable[..., object], Callable[[], int]]]:
+    """bench.api_worker serving the catalog of ``config``: yields a GET (raising on errors) and
+    the process's peak RSS in KiB so far."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench.api_worker", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().split()[1])  # type: ignore[union-attr]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+            def get(path: str, **params: object) -> httpx.Response:
+                response = client.get(path, params=params)
+                response.raise_for_status()
+                return response
+
+            def rss() -> int:
+                return next(int(line.split()[1]) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                            if line.startswith("VmHWM:"))
+
+            yield get, rss
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_catalog(work: Path, quick: bool) -> list[Row]:
+    """A million archives in PostgreSQL, in two shapes (1,000 workloads x 1,000 archives; 100
+    x 10,000), each with a run per archive: `backupd list --limit 50` (a process, as a user
+    runs it), and against the daemon's HTTP API in a process of its own
+    `/api/v1/archives?limit=50` and `/api/v1/report`, with that process's peak RSS.
+    Baselines: psql running the page's SELECT and the report's per-workload GROUP BY, and
+    backupd listing an empty catalog (its start-up)."""
+    import psycopg
+
+    from backupd.catalog import Cursor
+
+    url = _pg_url()
+    if url is None:
+        return [{"bench": "catalog", "case": "skipped: set BACKUPD_BENCH_DATABASE_URL (or BACKUPD_TEST_DATABASE_URL) "
+                                             "to a PostgreSQL database"}]
+    if not shutil.which("psql"):
+        return [{"bench": "catalog", "case": "skipped: needs psql for the baseline"}]
+    scale = 10 if quick else 1
+    rows: list[Row] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
+    page_sql = "SELECT * FROM archives WHERE state = 'committed' ORDER BY checkpoint_time, id LIMIT 50"
+    aggregate_sql = ("SELECT policy, namespace, workload, replica, container, count(*), sum(stored_size), "
+                     "min(checkpoint_time), max(checkpoint_time) FROM archives WHERE state = 'committed' "
+                     "GROUP BY 1, 2, 3, 4, 5")
+
+    def backupd(config: Path, *args: str) -> None:
+        subprocess.run([sys.executable, "-m", "backupd", "--config", str(config), *args], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def psql(conninfo: str, sql: str) -> float:
+        return best(lambda: wall(["psql", conninfo, "-q", "-o", os.devnull, "-c", sql]))[0]
+
+    with bench_catalog_db(url, work, "empty", 0, 0) as (empty, _):
+        empty_list, _ = best(lambda: backupd(empty, "list", "--limit", "50", "-o", "json"))
+    for groups, per_group in ((1_000, 1_000 // scale), (100, 10_000 // scale)):
+        total = groups * per_group
+        shape = f"{groups:,} workloads x {per_group:,} archives"
+        with bench_catalog_db(url, work, f"w{groups}", groups, per_group) as (config, conninfo):
+            psql_page, psql_aggregate = psql(conninfo, page_sql), psql(conninfo, aggregate_sql)
+            with psycopg.connect(conninfo) as conn:  # a cursor half way through the listing order
+                moment, ident = conn.execute("SELECT checkpoint_time, id FROM archives ORDER BY checkpoint_time, id "
+                                             "OFFSET %s LIMIT 1", (total // 2,)).fetchone()
+            middle = str(Cursor(moment, ident))
+            if groups == 1_000:
+                full_list, _ = best(lambda: backupd(config, "list", "--limit", "50", "-o", "json"))
+                deep_list, _ = best(lambda: backupd(config, "list", "--limit", "50", "--after", middle,  # noqa: B023
+                                                    "-o", "json"))
+                rows.append({"bench": "catalog", "case": f"backupd list --limit 50, {total:,} archives (a process)",
+                             "baseline s": round(psql_page, 3), "backupd s": round(full_list, 3),
+                             "vs baseline": round(full_list / psql_page, 2), "target": "< 1 s",
+                             "note": f"psql of the page's SELECT; backupd on an empty catalog {empty_list:.3f} s, "
+                                     f"a page from the middle {deep_list:.3f} s"})
+            with api_process(config, env) as (get, rss):
+                if groups == 1_000:
+                    page, page_cold = best(lambda: get("/api/v1/archives", limit=50))
+                    deep, _ = best(lambda: get("/api/v1/archives", limit=50, after=middle))  # noqa: B023
+                    rows.append({"bench": "catalog", "case": f"GET /api/v1/archives?limit=50, {total:,} archives",
+                                 "baseline s": round(psql_page, 3), "backupd s": round(page, 4),
+                                 "vs baseline": round(page / psql_page, 2), "target": "< 1 s",
+                                 "note": f"first (cold) {page_cold:.3f} s; a page from the middle {deep:.4f} s"})
+                report, report_cold = best(lambda: get("/api/v1/report"))
+                size = len(get("/api/v1/report").content)  # type: ignore[attr-defined]
+                peak = rss()
+            rows += [
+                {"bench": "catalog", "case": f"GET /api/v1/report, {shape}", "baseline s": round(psql_aggregate, 3),
+                 "backupd s": round(report, 3), "vs baseline": round(report / psql_aggregate, 2), "target": "< 1 s",
+                 "note": f"psql of the GROUP BY per workload; first (cold) {report_cold:.3f} s; {size / 1e6:.1f} MB"},
+                {"bench": "catalog", "case": f"peak RSS of the serving process, {shape}",
+                 "peak RSS MiB": round(peak / 1024), "target": "< 512 MiB"},
+            ]
+    return rows
+
+
 BENCHES: dict[str, Callable[[Path, bool], list[Row]]] = {
     "compression": bench_compression, "fs": bench_fs, "s3": bench_s3, "rss": bench_rss, "cycle": bench_cycle,
-    "retention": bench_retention, "prune": bench_prune,
+    "retention": bench_retention, "prune": bench_prune, "catalog": bench_catalog,
 }
+#: what `python -m bench` runs without names; the others are opt-in (they need a PostgreSQL server)
+DEFAULT_BENCHES = [name for name in BENCHES if name != "catalog"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHES)} (default: all)")
+    ap.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHES)} (default: all but catalog)")
     ap.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, not for BENCHMARKS.md)")
     ap.add_argument("--workdir", type=Path, help="where inputs are generated (default: a temp dir)")
     args = ap.parse_args()
-    names = args.names or list(BENCHES)
+    names = args.names or DEFAULT_BENCHES
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")

@@ -83,6 +83,28 @@ def test_json_api_lists_what_the_catalog_holds(served) -> None:  # type: ignore[
     assert client.post("/api/v1/archives").status_code == 405
 
 
+def test_listings_are_pages_linked_by_a_cursor(served) -> None:  # type: ignore[no-untyped-def]
+    app, client = served
+    first = client.get("/api/v1/archives", params={"limit": 1, "workload": "deployment/web"})
+    assert first.status_code == 200 and len(first.json()) == 1
+    cursor = first.headers["X-Next-Cursor"]
+    assert cursor == f"{first.json()[0]['checkpoint_time']}/{first.json()[0]['id']}"
+    link = first.headers["Link"]
+    assert link.startswith("</api/v1/archives?") and link.endswith('>; rel="next"') and "workload=deployment%2Fweb" in link
+    second = client.get(link[1:link.index(">")])
+    assert second.status_code == 200 and "X-Next-Cursor" not in second.headers and "Link" not in second.headers
+    assert [a["id"] for a in first.json() + second.json()] == [a.id for a in app.catalog.list_archives()]
+
+    runs = client.get("/api/v1/runs", params={"limit": 1})
+    older = client.get("/api/v1/runs", params={"limit": 1, "after": runs.headers["X-Next-Cursor"]})
+    assert [r["id"] for r in runs.json() + older.json()] == [r.id for r in app.catalog.list_runs()]
+    assert "X-Next-Cursor" not in older.headers
+
+    for path, cursor in (("/api/v1/archives", "yesterday"), ("/api/v1/runs", "2026-03-01T12:00:00Z/abc")):
+        bad = client.get(path, params={"after": cursor})
+        assert bad.status_code == 400 and bad.json()["error"].startswith("after: "), bad.text
+
+
 def test_bearer_token_guards_the_api_only(app_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     app = app_factory()
     (tmp_path / "token").write_text("s3cr3t-api-token\n")
@@ -112,9 +134,11 @@ def test_openapi_document_validates() -> None:
 _paths = st.sampled_from(["/api/v1/policies", "/api/v1/archives", "/api/v1/runs", "/api/v1/report", "/api/v1/nope",
                           "/readyz", "/healthz", "/metrics", "/openapi.json"])
 _names = st.sampled_from(["limit", "state", "kind", "outcome", "policy", "namespace", "pod", "workload", "container",
-                          "x"])
+                          "after", "x"])
 _values = st.one_of(st.text(max_size=30), st.integers(-5, 5000).map(str),
-                    st.sampled_from(["committed", "failed", "checkpoint", "prune", "succeeded", "deployment/web"]))
+                    st.sampled_from(["committed", "failed", "checkpoint", "prune", "succeeded", "deployment/web",
+                                     "2026-03-01T12:00:00Z/1", "9999-12-31T23:59:59.999999+14:00/ffff", "0001-01-01/0",
+                                     "0001-01-01T00:00:00+01:00/7"]))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -493,7 +493,7 @@ def test_all_archives_pinned():
 
 def test_the_newest_archive_is_kept_even_if_the_walk_dropped_it(monkeypatch):
     # restic's rules always keep the newest archive; the guard is there for the day they don't.
-    monkeypatch.setattr(retention, "_rule_masks", lambda times, *_: [0] * len(times))
+    monkeypatch.setattr(retention, "_rule_masks", lambda times, *_: ([0] * len(times), True))
     result = plan(items_at(utc(2024, 1, 2), utc(2024, 1, 1)), Rules(daily=1))
     assert [(d.keep, d.reasons) for d in result.decisions] == [(True, ("newest",)), (False, ())]
 

@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from backupd.cli.base import OUTPUT, Context, cli, human_bytes, namespace_option, pass_ctx, print_data, print_table
+from backupd.cli.base import (
+    OUTPUT,
+    Context,
+    cli,
+    human_bytes,
+    namespace_option,
+    pass_ctx,
+    print_data,
+    print_data_pages,
+    print_table,
+    print_table_pages,
+)
 from backupd.cli.retention import DurationParam
 from backupd.errors import InvalidInput, PolicyError, RunsFailed
 
@@ -87,22 +98,37 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
 @click.option("--workload", help="e.g. deployment/web")
 @click.option("--container")
 @click.option("--all-states", is_flag=True, help="Include pending, failed and deleting archives.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many archives (default: every one, read "
+              "from the catalog a page at a time). When more follow, the cursor of the next page is printed on "
+              "standard error.")
+@click.option("--after", "after_text", metavar="CURSOR",
+              help="Only archives after this cursor: the one a previous --limit listing printed (the "
+                   "checkpoint_time/id of its last archive).")
 @OUTPUT
 @pass_ctx
 def list_archives(ctx: Context, policy_name: str | None, namespace: str | None, pod: str | None,
-                  workload: str | None, container: str | None, all_states: bool, output: str) -> None:
+                  workload: str | None, container: str | None, all_states: bool, limit: int | None,
+                  after_text: str | None, output: str) -> None:
     """Archives in the catalog (committed ones unless --all-states), oldest first."""
-    from backupd.catalog import ARCHIVE_STATES, COMMITTED
+    from backupd.catalog import ARCHIVE_STATES, COMMITTED, Cursor
 
-    ctx.app.catalog.check_schema()
-    archives = ctx.app.catalog.list_archives(
-        policy=policy_name, namespace=namespace, pod_or_replica=pod, workload=workload, container=container,
-        states=ARCHIVE_STATES if all_states else (COMMITTED,),
-    )
-    if output != "table":
-        print_data([a.to_json() for a in archives], output)
+    after = Cursor.parse(after_text, "--after") if after_text is not None else None
+    catalog = ctx.app.catalog
+    catalog.check_schema()
+    filters: dict[str, Any] = dict(policy=policy_name, namespace=namespace, pod_or_replica=pod, workload=workload,
+                                   container=container, states=ARCHIVE_STATES if all_states else (COMMITTED,))
+    if limit is None:
+        pages: Iterable[list[Any]] = catalog.archive_pages(after=after, **filters)
+        following = None
     else:
-        print_table(_archive_rows(archives), ARCHIVE_HEADERS)
+        page, following = catalog.archive_page(limit=limit, after=after, **filters)
+        pages = [page]
+    if output != "table":
+        print_data_pages(([a.to_json() for a in page] for page in pages), output)
+    else:
+        print_table_pages((_archive_rows(page) for page in pages), ARCHIVE_HEADERS)
+    if following is not None:
+        click.echo(f"more archives follow: --after {following}", err=True)
 
 
 DELETE_HEADERS = ["id", "time", "namespace", "workload", "pod", "container", "stored"]

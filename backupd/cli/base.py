@@ -7,6 +7,7 @@ package named after what it manages and registers itself on :data:`cli`.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -66,11 +67,22 @@ def _cell(value: Any) -> str:
 
 
 def print_table(rows: Iterable[Sequence[Any]], headers: Sequence[str], *, err: bool = False) -> None:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), err=err)
-    for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), err=err)
+    print_table_pages([rows], headers, err=err)
+
+
+def print_table_pages(pages: Iterable[Iterable[Sequence[Any]]], headers: Sequence[str], *, err: bool = False) -> None:
+    """A table printed as its pages arrive: columns are as wide as the first page needs (a
+    longer cell later widens only its own row), so a million rows need one page of memory."""
+    widths: list[int] | None = None
+    for page in pages:
+        cells = [[_cell(v) for v in row] for row in page]
+        if widths is None:
+            widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+            click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), err=err)
+        for r in cells:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), err=err)
+    if widths is None:
+        print_table_pages([[]], headers, err=err)
 
 
 def render(value: Any, output: str) -> str:
@@ -91,6 +103,24 @@ def print_data(value: Any, output: str) -> None:
 
 def print_json(value: Any) -> None:
     print_data(value, "json")
+
+
+def print_data_pages(pages: Iterable[Iterable[Any]], output: str) -> None:
+    """A list printed as its pages arrive, as ``json`` or ``yaml``: the document :func:`print_data`
+    prints of the whole list, in the memory of one page."""
+    first = True
+    for page in pages:
+        for item in page:
+            if output == "json":
+                click.echo("[\n" if first else ",\n", nl=False)
+                click.echo(textwrap.indent(json.dumps(item, indent=2, default=str), "  "), nl=False)
+            else:  # a one-item YAML list is that item's entry in the whole list
+                click.echo(render([item], output), nl=False)
+            first = False
+    if output == "json":
+        click.echo("[]" if first else "\n]")
+    elif first:
+        click.echo(render([], output), nl=False)
 
 
 class Context:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from backupd.api import parse_listen
 from backupd.config import load_config
 from backupd.policy import parse_policies
 
@@ -99,7 +100,8 @@ def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
 def test_every_object_is_valid_against_the_kubernetes_schema(rendered: Objects) -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="PyPI package kubernetes-validate (test extra)")
     kinds = {o["kind"] for o in rendered}
-    assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"} <= kinds
+    assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet",
+            "NetworkPolicy"} <= kinds
     for version in SCHEMA_VERSIONS:
         for obj in rendered:
             try:
@@ -187,9 +189,13 @@ def test_rbac_grants_exactly_the_kubelet_subresources(render: Callable[..., Obje
 # -- wiring: what the daemon's config, the probes and the downward API must agree on -------
 
 
+POD_IP = "10.244.3.17"
+
+
 def _daemon_env(container: dict[str, Any]) -> dict[str, str]:
-    """The container's environment as the kubelet would build it on node-a (10.0.0.5)."""
-    downward = {"spec.nodeName": "node-a", "status.hostIP": "10.0.0.5"}
+    """The container's environment as the kubelet would build it on node-a (10.0.0.5), for a
+    pod whose IP is POD_IP."""
+    downward = {"spec.nodeName": "node-a", "status.hostIP": "10.0.0.5", "status.podIP": POD_IP}
     env: dict[str, str] = {}
     for var in container.get("env", []):
         if "value" in var:
@@ -236,7 +242,9 @@ def test_the_config_in_the_configmap_loads_with_the_daemonsets_environment(
     else:
         assert str(config.kubelet.ca_file) == f"{SA_DIR}/ca.crt"
     assert str(config.kubelet.checkpoint_dir) == CHECKPOINT_DIR
-    assert config.daemon.http_listen == f"0.0.0.0:{HTTP_PORT}"
+    # the pod's own address, never 0.0.0.0: the kubelet's probes and the scraper use the pod IP
+    assert config.daemon.http_listen == f"{POD_IP}:{HTTP_PORT}"
+    assert parse_listen(config.daemon.http_listen) == (POD_IP, HTTP_PORT)
     assert spec["terminationGracePeriodSeconds"] > config.daemon.shutdown_grace_seconds
     if config.database.url.startswith("sqlite:"):
         db_dir = str(Path(config.database.url.removeprefix("sqlite:///")).parent)
@@ -247,6 +255,55 @@ def test_the_config_in_the_configmap_loads_with_the_daemonsets_environment(
     policies = parse_policies(configmap["data"]["policies.yaml"], "policies.yaml",
                               backends=[b.name for b in config.backends])
     assert policies and all(p.spec.selector.match_labels for p in policies)  # opt-in by label, never "everything"
+
+
+def test_the_api_requires_a_token_from_the_operators_secret(rendered: Objects, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = one(rendered, "DaemonSet")["spec"]["template"]["spec"]
+    backupd = spec["containers"][0]
+    env = _daemon_env(backupd)
+    token_file = env["BACKUPD_DAEMON__API_TOKEN_FILE"]
+    (mount,) = [m for m in backupd["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    # required: without the Secret the pod does not start, rather than serve the API unguarded
+    assert secret["secretName"] == "backupd-api-token" and not secret.get("optional", False)
+    assert secret["items"] == [{"key": "token", "path": token_file.removeprefix(mount["mountPath"] + "/")}]
+    assert secret["defaultMode"] == 0o400
+    # created by the operator, never rendered from the repository (a generated one would be committed)
+    assert not [o for o in rendered if o["kind"] == "Secret"]
+
+    for key in [k for k in os.environ if k.startswith("BACKUPD_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    path = tmp_path / "config.toml"
+    path.write_text(one(rendered, "ConfigMap")["data"]["config.toml"])
+    config = load_config(path)
+    assert str(config.daemon.api_token_file) == token_file
+
+
+def test_the_network_policy_admits_the_scraper_to_the_http_port_and_nobody_else(
+    rendered: Objects, render: Callable[..., Objects]
+) -> None:
+    daemonset = one(rendered, "DaemonSet")
+    pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    policy = one(rendered, "NetworkPolicy", "backupd")
+    assert policy["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items() and spec["podSelector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]  # egress stays open: kubelet, S3, PostgreSQL
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]  # one peer holding both selectors: pods with the label in that namespace
+    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    ports = {p["name"]: p["containerPort"] for p in daemonset["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}] and ports == {"http": HTTP_PORT}
+    # the port the PodMonitor scrapes is the one admitted
+    monitor = next(d for d in yaml.safe_load_all((K8S / "monitoring" / "podmonitor.yaml").read_text()) if d)
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["http"]
+    assert monitor["spec"]["selector"]["matchLabels"] == spec["podSelector"]["matchLabels"]
 
 
 def test_probes_and_downward_api(rendered: Objects) -> None:
@@ -260,6 +317,10 @@ def test_probes_and_downward_api(rendered: Objects) -> None:
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     assert env["BACKUPD_KUBELET__URL"]["value"] == "https://$(NODE_IP):10250"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["BACKUPD_DAEMON__HTTP_LISTEN"]["value"] == f"$(POD_IP):{HTTP_PORT}"
+    # probes without a host go to the pod IP, where the server listens
+    assert not any("host" in backupd[p]["httpGet"] for p in ("livenessProbe", "startupProbe", "readinessProbe"))
     for c in containers(spec):
         requests, limits = c["resources"]["requests"], c["resources"]["limits"]
         assert {"cpu", "memory"} <= requests.keys() and "memory" in limits, c["name"]

@@ -109,9 +109,40 @@ def test_discovery_fault_leaves_everything_consistent(app, sim: NodeSimulator, c
     assert result.error is not None and result.error.kind == kind, result.error
     (failed,) = [r for r in app.catalog.list_runs(policy="web") if r.outcome == RUN_FAILED]
     assert failed.error_kind == kind
+    assert counted(app, "backupd_runs_total", kind="checkpoint", outcome="failed") == 1
+    assert counted(app, "backupd_errors_total", kind=kind) == 1
     assert sum(r.method == "POST" for r in sim.requests) == posts_before, "checkpoints without discovery"
     assert assert_consistent(app).ids == before
     recovers(app, sim, before)
+
+
+def counted(app, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
+    """A sample of the app's own Prometheus exposition, as a scraper reads it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(app.metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def test_kubelet_down_is_a_failed_run_in_the_metrics(app, sim: NodeSimulator) -> None:  # type: ignore[no-untyped-def]
+    """The kubelet is gone: the cycle fails before any per-container run, and it is still one
+    failed checkpoint run and one error of its class in /metrics, as the run row says."""
+    before = baseline(app)
+    failed_before = counted(app, "backupd_runs_total", kind="checkpoint", outcome="failed")
+    sim.stop()
+    result = daemon_cycle(app, app.runner.load_policy("web"))
+    assert result.error is not None and result.error.kind == "KubeletUnreachable", result.error
+    (failed,) = [r for r in app.catalog.list_runs(policy="web") if r.outcome == RUN_FAILED]
+    assert failed.error_kind == "KubeletUnreachable"
+    assert counted(app, "backupd_runs_total", kind="checkpoint", outcome="failed") == failed_before + 1
+    assert counted(app, "backupd_errors_total", kind="KubeletUnreachable") == 1
+    assert assert_consistent(app).ids == before
+    sim.start()
+    recovers(app, sim, before)
+    assert counted(app, "backupd_runs_total", kind="checkpoint", outcome="failed") == failed_before + 1
 
 
 def test_untrusted_client_certificate(app, app_factory, sim: NodeSimulator) -> None:  # type: ignore[no-untyped-def]

@@ -275,3 +275,33 @@ def test_alerts_config(tmp_path: Path) -> None:
         AlertsConfig(stale_intervals=0)
     config = AlertsConfig(webhook_url="https://hooks.example/services/T/B/x", format="slack")
     assert WEBHOOK_TOKEN not in repr(config) and "hooks.example" not in repr(config)  # SecretStr
+
+
+def test_replicas_go_stale_and_fail_each_on_their_own_without_flapping(receiver: Receiver) -> None:
+    """db-1 of a StatefulSet is stale and failing while db-0 is fine: one stale and one failed-run
+    alert, unchanged by every further check (db-0's successes do not resolve db-1's failure)."""
+    from dataclasses import replace
+
+    notifier = Notifier(receiver.url(), min_interval=0)
+    p = policy(schedule="@hourly")
+    now = T0 + timedelta(hours=6)
+
+    def of(pod: str, item):  # type: ignore[no-untyped-def]
+        return replace(item, workload="statefulset/db", container="pg", pod=pod, **(
+            {"replica": pod} if hasattr(item, "replica") else {}))
+
+    archives = [of("db-0", archive(1, now - timedelta(minutes=20))), of("db-1", archive(2, now - timedelta(hours=5)))]
+    runs = [of("db-0", run(1, now - timedelta(minutes=20), "succeeded", workload="statefulset/db", container="pg")),
+            of("db-1", run(2, now - timedelta(minutes=19), RUN_FAILED, workload="statefulset/db", container="pg",
+                           error_kind="CheckpointFailed", error="x"))]
+    for _ in range(3):
+        check_and_alert(notifier, build_report([p], archives, runs, now))
+    sent = [a for d in receiver.deliveries for a in d.json()["alerts"]]
+    assert sorted((a["kind"], a.get("replica")) for a in sent) == [("failed_run", None), ("stale", "db-1")]
+    assert next(a for a in sent if a["kind"] == "failed_run")["pod"] == "db-1"
+    # db-1 is back: its archive is fresh and its run succeeded
+    archives.append(of("db-1", archive(3, now)))
+    runs.append(of("db-1", run(3, now, "succeeded", workload="statefulset/db", container="pg")))
+    check_and_alert(notifier, build_report([p], archives, runs, now + timedelta(minutes=1)))
+    assert [a["kind"] for d in receiver.deliveries[-1:] for a in d.json()["alerts"]] == ["recovered", "recovered"]
+    notifier.close()

@@ -221,12 +221,13 @@ def test_json_field_names_are_the_documented_contract() -> None:
     pol = doc["policies"][0]
     assert set(pol) == {"name", "managed", "schedule", "timezone", "backend", "period_seconds", "status", "archives",
                         "stored_bytes", "next_run", "last_success", "last_failure", "last_prune", "last_verify",
-                        "prune", "storage", "workloads"}
+                        "prune", "storage", "workloads", "error"}
     assert pol["period_seconds"] == 3600 and pol["last_prune"]["kind"] == "prune" and pol["last_verify"] is None
     w = pol["workloads"][0]
-    assert set(w) == {"policy", "namespace", "workload", "container", "status", "reason", "failing", "archives",
-                      "stored_bytes", "oldest", "newest", "recovery_point_age_seconds", "due_at", "late_after",
-                      "missing_after", "next_run", "last_success", "last_failure", "prune", "timeline"}
+    assert set(w) == {"policy", "namespace", "workload", "replica", "container", "status", "reason", "failing",
+                      "archives", "stored_bytes", "oldest", "newest", "recovery_point_age_seconds", "due_at",
+                      "late_after", "missing_after", "next_run", "last_success", "last_failure", "prune", "timeline",
+                      "timeline_complete"}
     assert w["recovery_point_age_seconds"] == 60 and w["status"] == "OK" and w["newest"] == "2026-03-02T02:59:00Z"
     assert set(w["last_failure"]) == {"id", "kind", "outcome", "policy", "namespace", "pod", "workload", "container",
                                       "node", "started_at", "finished_at", "error_kind", "error"}
