@@ -169,7 +169,7 @@ def test_a_manifest_planted_under_a_foreign_prefix_never_speaks_for_another_work
 
     dest = bucket.tmp_path / "latest.tar"
     code, out, err = bucket.cli("restore", "--latest", "--namespace", "default", "--workload", "deployment/web",
-                                "--container", "nginx", "--output", str(dest), "--json")
+                                "--container", "nginx", "--to", str(dest), "-o", "json")
     assert code == 0, err
     assert json.loads(out)["archive"]["id"] == newest.id
     assert dest.read_bytes() == (bucket.sim.checkpoint_dir / newest.node_path).read_bytes()
@@ -285,7 +285,7 @@ def test_verify_restore_and_inspect_refuse_each_hostile_member_alike(bucket: Buc
     (finding,) = report.findings
     assert finding.status == CORRUPT and NEEDLES[kind] in finding.detail, finding
     messages = {}
-    for command in (["verify", "-o", "json"], ["restore", archive.id, "--output", str(dest / "x.tar")],
+    for command in (["verify", "-o", "json"], ["restore", archive.id, "--to", str(dest / "x.tar")],
                     ["inspect", archive.id]):  # fmt: skip
         code, out, err = bucket.cli(*command)
         assert code == 7, (command, code, out, err)
@@ -349,7 +349,7 @@ def test_a_zstd_bomb_stops_at_its_declared_size(bucket: Bucket, bomb: bytes) -> 
     dest.mkdir()
 
     def commands(archive_id: str) -> list[list[str]]:
-        return [["restore", archive_id, "--output", str(dest / f"{archive_id}.tar")], ["verify", "-o", "json"],
+        return [["restore", archive_id, "--to", str(dest / f"{archive_id}.tar")], ["verify", "-o", "json"],
                 ["inspect", archive_id]]  # fmt: skip
 
     # the yardstick for memory: the same commands on an archive that is fine
