@@ -13,22 +13,23 @@ from datetime import timedelta
 
 import structlog
 
-from backupd.alerts import Notifier, check_and_alert, notifier_from_config
-from backupd.api import Api, HttpServer
 from backupd.backends import Backend, open_backends
-from backupd.catalog import RUN_FAILED, SUCCEEDED, Catalog, now_utc
+from backupd.catalog.store import Catalog
 from backupd.config import Config
-from backupd.delete import Deleter
+from backupd.daemon.alerts import Notifier, check_and_alert, notifier_from_config
+from backupd.daemon.api import Api, HttpServer
+from backupd.daemon.scheduler import CycleResult, Daemon, Runner
 from backupd.errors import BackupdError, IntegrityError, LeaseHeld
-from backupd.kubelet import KubeletClient
 from backupd.metrics import Metrics
-from backupd.node import CheckpointDir
-from backupd.pipeline import Pipeline
-from backupd.policy import Policy
-from backupd.prune import Pruner, lease_holder, remove_orphans
-from backupd.report import Report, load_report
-from backupd.scheduler import CycleResult, Daemon, Runner
-from backupd.verify import VerifyReport, choose_sample, verify
+from backupd.model import RUN_FAILED, SUCCEEDED, now_utc
+from backupd.node.checkpoints import CheckpointDir
+from backupd.node.kubelet import KubeletClient
+from backupd.policy.document import Policy
+from backupd.report.build import Report, load_report
+from backupd.storage.commit import Pipeline
+from backupd.storage.delete import Deleter
+from backupd.storage.prune import Pruner, lease_holder, remove_orphans
+from backupd.storage.verify import VerifyReport, choose_sample, verify
 
 log = structlog.get_logger("backupd.app")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from backupd.backends import open_backend
-from backupd.catalog import SUCCEEDED, Catalog
+from backupd.catalog.store import Catalog
 from backupd.config import DEFAULT_CONFIG_PATH, BackendConfig, Config, S3BackendConfig, load_config
 from backupd.errors import (
     EXIT_OK,
@@ -60,8 +60,9 @@ from backupd.errors import (
     TargetGone,
     UnsafeCheckpointPath,
 )
-from backupd.kubelet import KubeletClient, Target
-from backupd.node import CheckpointDir
+from backupd.model import SUCCEEDED
+from backupd.node.checkpoints import CheckpointDir
+from backupd.node.kubelet import KubeletClient, Target
 
 Severity = Literal["blocking", "warning"]
 BLOCKING: Severity = "blocking"

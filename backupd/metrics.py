@@ -15,8 +15,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from backupd.catalog import COMMITTED, RUN_FAILED, SUCCEEDED, ArchiveRow, Catalog, RunRow
+from backupd.catalog.schema import ArchiveRow, RunRow
+from backupd.catalog.store import Catalog
 from backupd.errors import BackupdError
+from backupd.model import COMMITTED, RUN_FAILED, SUCCEEDED
 
 # Checkpoints of real workloads take from a second to many minutes.
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)

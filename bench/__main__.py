@@ -247,7 +247,7 @@ def bench_cycle(work: Path, quick: bool) -> list[Row]:
     from backupd.app import App
     from backupd.config import Config, DaemonConfig, DatabaseConfig, FilesystemBackendConfig, KubeletConfig
     from backupd.logs import configure
-    from backupd.policy import parse_policies
+    from backupd.policy.document import parse_policies
 
     configure(level="warning")
     n, latency, workers = (60 if quick else 200), 0.1, 2
@@ -281,9 +281,10 @@ def bench_retention(work: Path, quick: bool) -> list[Row]:
     from a SQLite catalog."""
     from sqlalchemy import insert
 
-    from backupd.catalog import ArchiveRow, Catalog
-    from backupd.policy import parse_policies
-    from backupd.prune import plan_policy
+    from backupd.catalog.schema import ArchiveRow
+    from backupd.catalog.store import Catalog
+    from backupd.policy.document import parse_policies
+    from backupd.storage.prune import plan_policy
 
     n = 200_000 if quick else 1_000_000
     (p,) = parse_policies("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: big}\n"
@@ -319,11 +320,12 @@ def bench_retention(work: Path, quick: bool) -> list[Row]:
 
 def bench_prune(work: Path, quick: bool) -> list[Row]:
     """Prune 10,000 S3 objects (5,000 archives + manifests): count the delete requests."""
-    from backupd import layout
     from backupd.backends.s3 import S3Backend
-    from backupd.catalog import Archive, Catalog
-    from backupd.policy import parse_policies
-    from backupd.prune import Pruner
+    from backupd.catalog.store import Catalog
+    from backupd.model import Archive
+    from backupd.policy.document import parse_policies
+    from backupd.storage import layout
+    from backupd.storage.prune import Pruner
 
     archives_n = 5_000
     with moto_server() as endpoint:
@@ -440,8 +442,8 @@ def best(fn: Callable[[], object], n: int = 3) -> tuple[float, float]:
 def bench_catalog_db(url: str, work: Path, name: str, groups: int, per_group: int) -> Iterator[tuple[Path, str]]:
     """A fresh schema holding ``groups`` x ``per_group`` archives (and as many runs) under 10
     policies: yields a backupd config file for it and its conninfo."""
-    from backupd.catalog import Catalog
-    from backupd.policy import parse_policies
+    from backupd.catalog.store import Catalog
+    from backupd.policy.document import parse_policies
 
     with pg_schema(url) as (db_url, conninfo):
         catalog = Catalog.open(db_url)
@@ -496,7 +498,7 @@ def bench_catalog(work: Path, quick: bool) -> list[Row]:
     backupd listing an empty catalog (its start-up)."""
     import psycopg
 
-    from backupd.catalog import Cursor
+    from backupd.catalog.store import Cursor
 
     url = _pg_url()
     if url is None:

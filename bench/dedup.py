@@ -14,7 +14,7 @@ every dump:
   fanouts at 1 page): new pack bytes, of which index, plus recipe = uploaded; the ratio
   ``uploaded / changed`` (the target is <= 1.3 for every dump after the first);
 * ship time of the first dump to a filesystem backend: ``transfer.PackingReader`` (the full
-  format) against :class:`~backupd.dedup.ArchiveWriter`, alternating, five of each (median,
+  format) against :class:`~backupd.storage.dedup.ArchiveWriter`, alternating, five of each (median,
   best, CPU seconds), the same age-encrypted, and a verified restore of each.
 
 ``--quick`` measures the defaults only (each dump on its row, and the ship times). Dumps are
@@ -40,9 +40,9 @@ import zstandard
 
 from backupd.backends.filesystem import FilesystemBackend
 from backupd.backends.memory import MemoryBackend
-from backupd.dedup import ArchiveWriter, ChunkIds, PackStore, restore
-from backupd.dedup.pack import read_pack_index
-from backupd.transfer import PackingReader
+from backupd.storage.dedup import ArchiveWriter, ChunkIds, PackStore, restore
+from backupd.storage.dedup.pack import read_pack_index
+from backupd.storage.transfer import PackingReader
 from bench.criu_workload import MiB, criu_dumps
 from bench.report import Row, report
 
@@ -112,7 +112,7 @@ def ship_times(tar: Path, work: Path, rounds: int = 5) -> dict[str, float]:
     writer (packs plus recipe), alternating, ``rounds`` of each (the machine is shared: the
     median and the CPU seconds say more than one run); then the same age-encrypted, and a
     verified restore of each."""
-    from backupd.transfer import UnpackingReader
+    from backupd.storage.transfer import UnpackingReader
 
     with open(tar, "rb") as fh:
         while fh.read(16 * MiB):

@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backupd.backends import open_backend
-from backupd.catalog import Catalog
+from backupd.catalog.store import Catalog
 from backupd.config import FilesystemBackendConfig, KubeletConfig, S3BackendConfig
-from backupd.kubelet import KubeletClient
-from backupd.node import CheckpointDir
-from backupd.pipeline import Pipeline
-from backupd.policy import parse_policies
-from backupd.workload import Container, Pod
+from backupd.model import Container, Pod
+from backupd.node.checkpoints import CheckpointDir
+from backupd.node.kubelet import KubeletClient
+from backupd.policy.document import parse_policies
+from backupd.storage.commit import Pipeline
 
 POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: bench}\n"
           "spec: {schedule: '@hourly', backend: target, retention: {keepLast: 1}}\n")

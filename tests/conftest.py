@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from backupd.catalog import Catalog
+from backupd.catalog.store import Catalog
 
 PG_URL = os.environ.get("BACKUPD_TEST_DATABASE_URL")
 

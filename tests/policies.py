@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backupd.policy import Policy, parse_policies
+from backupd.policy.document import Policy, parse_policies
 
 
 def web_policy(*, backend: str = "local", retention: str = "{keepLast: 3}", keep_on_node: int = 0,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupd.api import openapi_document
-from backupd.policy import parse_policies
+from backupd.daemon.api import openapi_document
+from backupd.policy.document import parse_policies
 
 POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: web}\n"
           "spec: {selector: {namespaces: [default], matchLabels: {app: web}}, schedule: '@hourly', backend: local, "
@@ -48,7 +48,7 @@ def test_health_readiness_and_metrics(served, sim) -> None:  # type: ignore[no-u
 
 def test_readiness_names_the_failing_dependency(served, sim) -> None:  # type: ignore[no-untyped-def]
     app, client = served
-    from backupd import api
+    from backupd.daemon import api
 
     api.READY_CACHE_SECONDS = 0.0
     try:

@@ -13,7 +13,10 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from backupd.catalog import (
+from backupd.catalog.schema import Base
+from backupd.catalog.store import Catalog
+from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated
+from backupd.model import (
     COMMITTED,
     DELETING,
     FAILED,
@@ -22,12 +25,9 @@ from backupd.catalog import (
     RUNNING,
     SUCCEEDED,
     Archive,
-    Base,
-    Catalog,
+    recorded_replica,
 )
-from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated
 from backupd.retry import Backoff
-from backupd.workload import recorded_replica
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

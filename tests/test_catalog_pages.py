@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, event, insert, text
 
-from backupd.catalog import COMMITTED, FAILED, ArchiveRow, Catalog, Cursor, RunRow
+from backupd.catalog.schema import ArchiveRow, RunRow
+from backupd.catalog.store import Catalog, Cursor
 from backupd.errors import InvalidInput
+from backupd.model import COMMITTED, FAILED
 from tests.test_catalog import T0, make_archive
 
 

@@ -125,7 +125,7 @@ def test_run_logs_json_and_stops_cleanly_on_sigterm(cfg: Path) -> None:
 
 def test_policy_apply_refuses_a_schedule_that_never_fires_and_list_survives_a_stored_one(cfg: Path,
                                                                                         tmp_path: Path) -> None:
-    from backupd.catalog import Catalog
+    from backupd.catalog.store import Catalog
 
     backupd(cfg, "db", "upgrade")
     proc = backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY.replace("@every 2s", "0 0 30 2 *"), check=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backupd.catalog import Catalog
+from backupd.catalog.store import Catalog
 from tests.test_catalog_pages import fill
 from tests.test_cli import backupd, cfg  # noqa: F401 - the fixture
 

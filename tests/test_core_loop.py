@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from backupd import layout
 from backupd.backends.filesystem import TEMP_PREFIX
-from backupd.catalog import COMMITTED, FAILED, PENDING, RUN_FAILED, SUCCEEDED
-from backupd.policy import Policy
+from backupd.model import COMMITTED, FAILED, PENDING, RUN_FAILED, SUCCEEDED
+from backupd.policy.document import Policy
 from backupd.simulator.server import NodeSimulator
+from backupd.storage import layout
 from tests import policies
 
 

@@ -10,8 +10,9 @@ import structlog.testing
 from sqlalchemy import update
 
 from backupd.backends.wrappers import Wrapper
-from backupd.catalog import RunRow, now_utc
-from backupd.policy import parse_policies
+from backupd.catalog.schema import RunRow
+from backupd.model import now_utc
+from backupd.policy.document import parse_policies
 
 POLICY = """\
 apiVersion: backupd.io/v1

@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 
-from backupd import layout
-from backupd.api import Api
 from backupd.app import App
 from backupd.backends.wrappers import Fault, FaultInjectingBackend
-from backupd.catalog import COMMITTED, DELETING, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive
 from backupd.config import load_config
-from backupd.delete import Deleter, Selection
+from backupd.daemon.api import Api
 from backupd.errors import StorageUnavailable
-from backupd.prune import Pruner
+from backupd.model import COMMITTED, DELETING, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive
+from backupd.storage import layout
+from backupd.storage.delete import Deleter, Selection
+from backupd.storage.prune import Pruner
 from tests.policies import apply, web_policy
 from tests.reliability.inprocess import run_cli
 from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET, REGION

@@ -11,12 +11,12 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from backupd import layout
 from backupd.errors import ConfigError, InvalidInput
-from backupd.policy import parse_policies
-from backupd.restore import open_archive
-from backupd.transfer import load_identities
-from backupd.verify import CORRUPT, OK, verify
+from backupd.policy.document import parse_policies
+from backupd.storage import layout
+from backupd.storage.read import open_archive
+from backupd.storage.transfer import load_identities
+from backupd.storage.verify import CORRUPT, OK, verify
 
 POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: web}\n"
           "spec: {selector: {namespaces: [default], matchLabels: {app: web}}, schedule: '@hourly', backend: BACKEND, "
@@ -121,7 +121,7 @@ def test_bad_recipients_and_identity_files_are_clear_errors(tmp_path: Path) -> N
 
 
 def test_inspect_an_encrypted_catalog_archive_with_the_identity(app_factory, identity) -> None:  # type: ignore[no-untyped-def]
-    from backupd.inspect import inspect_catalog_archive
+    from backupd.storage.read import inspect_catalog_archive
 
     key, recipient = identity
     app = encrypted_app(app_factory, recipient)

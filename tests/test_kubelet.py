@@ -24,7 +24,7 @@ from backupd.errors import (
     TargetGone,
     UnsafeCheckpointPath,
 )
-from backupd.kubelet import KubeletClient, Target
+from backupd.node.kubelet import KubeletClient, Target
 
 CKPT_DIR = Path("/var/lib/kubelet/checkpoints")
 TARGET = Target("default", "web-7d9f8c6b5-abcde", "nginx")

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from backupd import layout
 from backupd.backends.memory import MemoryBackend
 from backupd.errors import ManifestInvalid, ManifestKeyMismatch, StorageNotFound
+from backupd.storage import layout
 
 KEY = "shop/statefulset-db/postgres/20260102T030405Z-0123456789abcdef.tar.zst"
 MKEY = layout.manifest_key(KEY)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from backupd.errors import PolicyError
-from backupd.policy import Policy, parse_policies
-from backupd.workload import Container, Pod
+from backupd.model import Container, Pod
+from backupd.policy.document import Policy, parse_policies
 
 GOOD = """\
 apiVersion: backupd.io/v1

@@ -19,16 +19,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backupd import layout
 from backupd.app import App
-from backupd.catalog import COMMITTED, DELETING, PENDING, Archive, Catalog
+from backupd.catalog.store import Catalog
 from backupd.config import load_config
-from backupd.policy import Policy, PolicySpec
-from backupd.prune import plan_policy
-from backupd.rebuild import rebuild
+from backupd.model import COMMITTED, DELETING, PENDING, Archive, replica_identity
+from backupd.policy.document import Policy, PolicySpec
 from backupd.simulator.server import NodeSimulator
 from backupd.simulator.topology import ContainerSpec, PodSpec, parse_topology
-from backupd.workload import replica_identity
+from backupd.storage import layout
+from backupd.storage.prune import plan_policy
+from backupd.storage.rebuild import rebuild
 from tests.test_cli import backupd
 
 

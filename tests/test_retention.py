@@ -9,9 +9,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from backupd import retention
 from backupd.errors import PolicyError
-from backupd.retention import Decision, Duration, Item, Plan, Rules, parse_rfc3339, plan, simulate
+from backupd.policy import retention
+from backupd.policy.retention import Decision, Duration, Item, Plan, Rules, parse_rfc3339, plan, simulate
 
 UTC = UTC
 PLUS1 = timezone(timedelta(hours=1))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from backupd.errors import PolicyError
-from backupd.retention import Duration, Item, Rules, parse_rfc3339, plan
+from backupd.policy.retention import Duration, Item, Rules, parse_rfc3339, plan
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "restic-policy"
 POLICY_COUNT = 40

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from backupd.retention import Duration, Item, Rules, plan, plan_head
+from backupd.policy.retention import Duration, Item, Rules, plan, plan_head
 from tests.test_retention_properties import SETTINGS, groups, nows, rule_sets, zones
 
 # Rules a short head can decide as often as not: small counts, short windows (the general rule

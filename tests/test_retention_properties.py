@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupd.retention import Duration, Item, Plan, Rules, plan
+from backupd.policy.retention import Duration, Item, Plan, Rules, plan
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

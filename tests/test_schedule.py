@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from backupd.schedule import Schedule
+from backupd.policy.schedule import Schedule
 
 FRIDAY = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)  # a Friday
 

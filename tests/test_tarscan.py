@@ -8,9 +8,9 @@ import tarfile
 
 import pytest
 
+from backupd.archive.inspect import inspect_stream
+from backupd.archive.tar import Limits, TarScanner
 from backupd.errors import UnsafeArchive
-from backupd.inspect import inspect_stream
-from backupd.tarscan import Limits, TarScanner
 from tests.inspect.archives import Crafted, crafted_tar, minimal_members
 
 HOSTILE = {

@@ -8,7 +8,7 @@ import pytest
 import zstandard
 
 from backupd.errors import IntegrityError
-from backupd.transfer import DigestMismatch, PackingReader, UnpackingReader
+from backupd.storage.transfer import DigestMismatch, PackingReader, UnpackingReader
 
 
 def memory_like(size: int) -> bytes:

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from backupd import layout
-from backupd.catalog import COMMITTED
 from backupd.cli import cli
-from backupd.policy import parse_policies
-from backupd.rebuild import rebuild
-from backupd.transfer import PackingReader
-from backupd.verify import CORRUPT, MANIFEST, MISSING, OK, choose_sample, verify
+from backupd.model import COMMITTED
+from backupd.policy.document import parse_policies
+from backupd.storage import layout
+from backupd.storage.rebuild import rebuild
+from backupd.storage.transfer import PackingReader
+from backupd.storage.verify import CORRUPT, MANIFEST, MISSING, OK, choose_sample, verify
 from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET, REGION
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backupd.workload import Pod, Workload, recorded_replica, replica_of, workload_of
+from backupd.model import Pod, Workload, recorded_replica, replica_of, workload_of
 
 
 @pytest.mark.parametrize(

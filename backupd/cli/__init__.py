@@ -26,7 +26,7 @@ __all__ = ["cli", "human_bytes", "main", "print_json", "print_table"]
 
 
 def _attach_optional_commands() -> None:
-    from backupd.demo import demo
+    from backupd.cli.demo import demo
     from backupd.simulator.cli import simulate_node
 
     cli.add_command(demo)

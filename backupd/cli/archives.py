@@ -24,9 +24,9 @@ from backupd.cli.retention import DurationParam
 from backupd.errors import InvalidInput, PolicyError, RunsFailed
 
 if TYPE_CHECKING:
-    from backupd.catalog import Archive
-    from backupd.delete import DeleteResult, Plan
-    from backupd.retention import Duration
+    from backupd.model import Archive
+    from backupd.policy.retention import Duration
+    from backupd.storage.delete import DeleteResult, Plan
 
 
 def _archive_rows(archives: Iterable[Any]) -> list[tuple[Any, ...]]:
@@ -110,7 +110,8 @@ def list_archives(ctx: Context, policy_name: str | None, namespace: str | None, 
                   workload: str | None, container: str | None, all_states: bool, limit: int | None,
                   after_text: str | None, output: str) -> None:
     """Archives in the catalog (committed ones unless --all-states), oldest first."""
-    from backupd.catalog import ARCHIVE_STATES, COMMITTED, Cursor
+    from backupd.catalog.store import Cursor
+    from backupd.model import ARCHIVE_STATES, COMMITTED
 
     after = Cursor.parse(after_text, "--after") if after_text is not None else None
     catalog = ctx.app.catalog
@@ -201,7 +202,7 @@ def delete(ctx: Context, archive_ids: tuple[str, ...], policy_name: str | None, 
     need --force; several archives matched by filters need --yes (or a yes at the terminal's
     prompt); pending archives (a commit in flight) are never deleted.
     """
-    from backupd.delete import Selection
+    from backupd.storage.delete import Selection
 
     ctx.app.catalog.check_schema()
     deleter = ctx.app.deleter

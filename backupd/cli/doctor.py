@@ -9,7 +9,7 @@ import click
 from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_data
 
 if TYPE_CHECKING:
-    from backupd.kubelet import Target
+    from backupd.node.kubelet import Target
 
 _MARKS = {"ok": "✓", "failed": "✗", "warning": "!", "skipped": "-"}
 

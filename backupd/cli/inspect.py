@@ -12,7 +12,7 @@ from backupd.cli.base import OUTPUT, Context, cli, human_bytes, pass_ctx, print_
 from backupd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from backupd.inspect import Inspection
+    from backupd.archive.inspect import Inspection
 
 Tree = tuple[str, list[Any]]  # (label, children)
 
@@ -146,8 +146,9 @@ def inspect_command(ctx: Context, target: str, identity_file: str | None, output
     headers) are refused with exit code 7; a truncated or corrupt one too.
     """
     # imported here: the CRIU decoders and the catalog are not needed for `backupd --help`
-    from backupd.inspect import inspect_catalog_archive, inspect_file, inspect_stream, looks_like_archive_id
-    from backupd.transfer import load_identities
+    from backupd.archive.inspect import inspect_file, inspect_stream, looks_like_archive_id
+    from backupd.storage.read import inspect_catalog_archive
+    from backupd.storage.transfer import load_identities
 
     if target == "-":
         result = inspect_stream(sys.stdin.buffer, source="stdin")

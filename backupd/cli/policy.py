@@ -25,7 +25,7 @@ def policy() -> None:
 @pass_ctx
 def policy_apply(ctx: Context, path: str, output: str) -> None:
     """Create or update every policy of a file; nothing is applied if one document is invalid."""
-    from backupd.policy import parse_policies
+    from backupd.policy.document import parse_policies
 
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
@@ -51,7 +51,7 @@ def policy_list(ctx: Context, output: str) -> None:
     A stored policy this backupd refuses (e.g. a schedule that never fires, kept from an older
     version) is listed with its error, and is not scheduled by the daemon.
     """
-    from backupd.policy import stored_document
+    from backupd.policy.document import stored_document
 
     catalog = ctx.app.catalog
     catalog.check_schema()
@@ -93,8 +93,8 @@ def _selector(selector: Any) -> str:
 @pass_ctx
 def policy_delete(ctx: Context, name: str, purge: bool, force: bool) -> None:
     """Delete a policy. Its archives stay in the catalog and backend, unless --purge."""
-    from backupd.catalog import COMMITTED, PENDING
-    from backupd.delete import Selection
+    from backupd.model import COMMITTED, PENDING
+    from backupd.storage.delete import Selection
 
     catalog = ctx.app.catalog
     catalog.check_schema()

@@ -52,7 +52,7 @@ def report(ctx: Context, output: str, out_path: Path | None, stale_intervals: in
     if stale_intervals is None:
         alerts = getattr(ctx.config, "alerts", None)
         stale_intervals = getattr(alerts, "stale_intervals", DEFAULT_STALE_INTERVALS)
-    from backupd.report import load_report, render_html, render_table  # the report's weight only when asked
+    from backupd.report.build import load_report, render_html, render_table  # the report's weight only when asked
 
     catalog = ctx.app.catalog
     catalog.check_schema()

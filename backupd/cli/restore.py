@@ -15,9 +15,9 @@ from backupd.errors import InvalidInput
 from backupd.sizes import parse_size
 
 if TYPE_CHECKING:
-    from backupd import oci
-    from backupd.catalog import Archive
-    from backupd.progress import ProgressReader
+    from backupd.model import Archive
+    from backupd.restore import oci
+    from backupd.restore.progress import ProgressReader
 
 PASSWORD_ENV = "BACKUPD_REGISTRY_PASSWORD"
 
@@ -111,19 +111,14 @@ def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: 
     fails the restore (exit 7) and leaves nothing behind.
     """
     # imported here: the restore machinery is not needed for `backupd --help` or other commands
-    from backupd import oci, podmanifest
-    from backupd.progress import Progress, ProgressReader
-    from backupd.restore import (
-        CheckpointInfo,
-        ScanningReader,
-        checkpoint_info,
-        metadata_scanner,
-        open_archive,
-        restore_to_file,
-        select_archive,
-        verified_manifest,
-    )
-    from backupd.transfer import load_identities
+    from backupd.archive.metadata import CheckpointInfo, checkpoint_info, metadata_scanner
+    from backupd.archive.tar import ScanningReader
+    from backupd.restore import oci, podmanifest
+    from backupd.restore.file import restore_to_file
+    from backupd.restore.progress import Progress, ProgressReader
+    from backupd.restore.select import select_archive
+    from backupd.storage.read import open_archive, verified_manifest
+    from backupd.storage.transfer import load_identities
 
     if as_json:
         output = "json"
@@ -142,7 +137,7 @@ def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: 
         raise InvalidInput(f"--chunk-size: {exc}") from None
     ref = None
     if image:
-        from backupd.registry import ImageRef
+        from backupd.restore.registry import ImageRef
 
         ref = ImageRef.parse(image)
         if ref.digest:
@@ -210,7 +205,7 @@ def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: 
 def _push(archive: Archive, ref: Any, layer: ProgressReader, finish: Callable[[], oci.CheckpointImage],
           result: dict[str, Any], *, username: str | None, password: str | None, insecure: bool,
           ca_file: str | None, chunk_size: int, mount_from: tuple[str, ...]) -> str:
-    from backupd.registry import RegistryClient, push_checkpoint_image
+    from backupd.restore.registry import RegistryClient, push_checkpoint_image
 
     with RegistryClient(ref.api_host, username=username, password=password, insecure=insecure,
                         ca_file=ca_file) as client:

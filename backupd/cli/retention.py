@@ -11,12 +11,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
-from backupd import retention
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, output_option, pass_ctx, print_data, print_table
 from backupd.errors import InvalidInput, NotFound, PolicyError, RunsFailed
+from backupd.policy import retention
 
 if TYPE_CHECKING:
-    from backupd.prune import PruneResult
+    from backupd.storage.prune import PruneResult
 
 
 class _Count(click.ParamType):
@@ -39,7 +39,7 @@ class _Count(click.ParamType):
 
 
 class DurationParam(click.ParamType):
-    """A restic duration (``7d``, ``36h``, ``1y6m``) as :class:`backupd.retention.Duration`."""
+    """A restic duration (``7d``, ``36h``, ``1y6m``) as :class:`backupd.policy.retention.Duration`."""
 
     name = "duration"
 
@@ -152,7 +152,7 @@ def _prune_json(result: PruneResult) -> dict[str, Any]:
 @pass_ctx
 def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> None:
     """Apply retention now. Deletes manifests, then objects, then catalog rows."""
-    from backupd.delete import policy_gone
+    from backupd.storage.delete import policy_gone
 
     app = ctx.app
     app.catalog.check_schema()

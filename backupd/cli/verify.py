@@ -27,8 +27,8 @@ def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, struct
     """
     app = ctx.app
     app.catalog.check_schema()
-    from backupd.transfer import load_identities
-    from backupd.verify import choose_sample, verify  # imported when used: see backupd.cli
+    from backupd.storage.transfer import load_identities
+    from backupd.storage.verify import choose_sample, verify  # imported when used: see backupd.cli
 
     archives = choose_sample(app.catalog.list_archives(policy=policy_name), sample)
     identities = load_identities(identity_file, "--identity-file") if identity_file else []
@@ -65,7 +65,7 @@ def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None
     app = ctx.app
     app.catalog.check_schema()
     names = [app.config.backend(backend_name).name] if backend_name else list(app.backends)
-    from backupd.rebuild import rebuild
+    from backupd.storage.rebuild import rebuild
 
     reports = [rebuild(app.catalog, app.backends[name]) for name in names]
     if output != "table":

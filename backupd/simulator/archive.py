@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from backupd import criu_images as ci
-from backupd.node import node_tar_prefix
+from backupd.archive import criu as ci
+from backupd.node.checkpoints import node_tar_prefix
 from backupd.simulator.topology import Container, Pod
 
 __all__ = [

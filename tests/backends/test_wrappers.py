@@ -10,13 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backupd.backends.memory import MemoryBackend
-from backupd.backends.wrappers import (
-    DryRunBackend,
-    Fault,
-    FaultInjectingBackend,
-    PlannedAction,
-    RetryingBackend,
-)
+from backupd.backends.wrappers import DryRunBackend, Fault, FaultInjectingBackend, PlannedAction, RetryingBackend
 from backupd.errors import (
     BackupdError,
     InvalidInput,

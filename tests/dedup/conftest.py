@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from backupd.backends.base import Backend
-from backupd.dedup import ArchiveWriter, ChunkIds, PackStore, WriteResult, restore
-from backupd.dedup.pack import read_pack_index
 from backupd.simulator.archive import write_checkpoint_archive
 from backupd.simulator.topology import default_topology, materialize
+from backupd.storage.dedup import ArchiveWriter, ChunkIds, PackStore, WriteResult, restore
+from backupd.storage.dedup.pack import read_pack_index
 
 
 class Repo:

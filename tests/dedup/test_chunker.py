@@ -7,8 +7,8 @@ import io
 import random
 import tarfile
 
-from backupd.dedup.chunker import CDC_AVG, CDC_MAX, CDC_MIN, PAGE, is_page_image, member_chunks
-from backupd.dedup.tarstream import TarSplitter
+from backupd.storage.dedup.chunker import CDC_AVG, CDC_MAX, CDC_MIN, PAGE, is_page_image, member_chunks
+from backupd.storage.dedup.tarstream import TarSplitter
 
 
 def chunks_of(name: str, data: bytes, **options: object) -> list[bytes]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from backupd.backends.filesystem import FilesystemBackend
-from backupd.dedup import ChunkIds
-from backupd.dedup.pack import list_packs
+from backupd.storage.dedup import ChunkIds
+from backupd.storage.dedup.pack import list_packs
 
 from .conftest import Repo
 

@@ -13,12 +13,12 @@ import pytest
 
 from backupd.backends.filesystem import FilesystemBackend
 from backupd.backends.memory import MemoryBackend
-from backupd.dedup import ArchiveReader, ArchiveWriter, ChunkIds, PackStore, restore
-from backupd.dedup.pack import list_packs, read_pack_index
 from backupd.errors import IntegrityError, InvalidInput
 from backupd.simulator import criu as real_criu
 from backupd.simulator.archive import write_checkpoint_archive
 from backupd.simulator.topology import default_topology, materialize
+from backupd.storage.dedup import ArchiveReader, ArchiveWriter, ChunkIds, PackStore, restore
+from backupd.storage.dedup.pack import list_packs, read_pack_index
 
 from .conftest import Repo
 
@@ -82,7 +82,7 @@ def test_a_pack_with_a_flipped_byte_is_caught_by_its_name(checkpoint_tar):
 def test_a_corrupt_chunk_in_a_well_named_pack_is_caught_by_its_id(tmp_path: Path, checkpoint_tar):
     """A pack rewritten with one chunk's bytes changed, under the name of its new content:
     only the chunk id can tell (a writer bug or a hostile bucket, not a bit flip)."""
-    from backupd.dedup import pack as packs
+    from backupd.storage.dedup import pack as packs
 
     backend = MemoryBackend()
     repo = Repo(backend)
@@ -246,7 +246,7 @@ def test_a_hostile_pack_index_under_a_valid_name_is_refused(tmp_path: Path, dama
     import hashlib as h
     import struct
 
-    from backupd.dedup import pack as packs
+    from backupd.storage.dedup import pack as packs
 
     builder = packs.PackBuilder()
     builder.add_frame(packs.compress_frame(b"a" * 4096 + b"b" * 4096), [(b"A" * 32, 4096), (b"B" * 32, 4096)])

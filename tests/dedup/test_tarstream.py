@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupd.dedup.chunker import member_chunks
-from backupd.dedup.tarstream import BLOCK, TarSplitter
 from backupd.errors import IntegrityError, UnsafeArchive
+from backupd.storage.dedup.chunker import member_chunks
+from backupd.storage.dedup.tarstream import BLOCK, TarSplitter
 
 from .conftest import Repo
 

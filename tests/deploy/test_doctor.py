@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from backupd.catalog import Catalog
+from backupd.catalog.store import Catalog
 from backupd.doctor import Report, diagnose
 from backupd.errors import EXIT_CATALOG, EXIT_INVALID_INPUT, EXIT_KUBELET, EXIT_OK, EXIT_STORAGE
-from backupd.kubelet import Target
-from backupd.policy import parse_policies
+from backupd.node.kubelet import Target
+from backupd.policy.document import parse_policies
 from backupd.simulator.pki import generate_pki
 from backupd.simulator.server import NodeSimulator
 

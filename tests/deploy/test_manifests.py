@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from backupd.api import parse_listen
 from backupd.config import load_config
-from backupd.policy import parse_policies
+from backupd.daemon.api import parse_listen
+from backupd.policy.document import parse_policies
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 OVERLAYS = ("sqlite", "postgres")

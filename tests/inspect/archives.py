@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd import criu_images as ci
+from backupd.archive import criu as ci
 from backupd.simulator.archive import (
     ArchiveMember,
     rootfs_diff_tar,

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from backupd.app import App
-from backupd.inspect import inspect_catalog_archive, inspect_file
-from backupd.policy import parse_policies
+from backupd.archive.inspect import inspect_file
+from backupd.policy.document import parse_policies
 from backupd.simulator import criu as real_criu
 from backupd.simulator.server import NodeSimulator
 from backupd.simulator.topology import parse_topology
+from backupd.storage.read import inspect_catalog_archive
 from tests.conftest import make_config
 
 from .archives import containerd_archive, crio_archive, podman_archive

@@ -27,9 +27,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupd import criu_images as ci
+from backupd.archive import criu as ci
+from backupd.archive.inspect import Inspection, Limits, inspect_stream
 from backupd.errors import BackupdError, IntegrityError, UnsafeArchive
-from backupd.inspect import Inspection, Limits, inspect_stream
 
 from .archives import Crafted, crafted_tar, minimal_members
 

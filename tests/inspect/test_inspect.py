@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from backupd import layout
+from backupd.archive.inspect import Limits, detect_compression, inspect_file, inspect_stream
 from backupd.backends.memory import MemoryBackend
-from backupd.catalog import Archive
 from backupd.cli.inspect import format_micros, render_tree, tree_lines
 from backupd.errors import EXIT_INTEGRITY, IntegrityError, InvalidInput, NotFound, UnsafeArchive
-from backupd.inspect import Limits, detect_compression, inspect_catalog_archive, inspect_file, inspect_stream
-from backupd.policy import parse_policies
-from backupd.transfer import DigestMismatch, PackingReader
+from backupd.model import Archive
+from backupd.policy.document import parse_policies
+from backupd.storage import layout
+from backupd.storage.read import inspect_catalog_archive
+from backupd.storage.transfer import DigestMismatch, PackingReader
 from tests.policies import web_policy
 
 from .archives import (

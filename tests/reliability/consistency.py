@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backupd import layout
 from backupd.app import App
 from backupd.backends.base import Backend
 from backupd.backends.filesystem import TEMP_PREFIX, FilesystemBackend
 from backupd.backends.s3 import S3Backend
-from backupd.catalog import COMMITTED, DELETING, PENDING, RUNNING, Archive
-from backupd.policy import Policy
+from backupd.daemon.scheduler import CycleResult
+from backupd.model import COMMITTED, DELETING, PENDING, RUNNING, Archive
+from backupd.policy.document import Policy
 from backupd.retry import Backoff
-from backupd.scheduler import CycleResult
+from backupd.storage import layout
 
 FAST = Backoff(attempts=2, base_delay=0.01, max_delay=0.01)
 

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from backupd.catalog import RUNNING
 from backupd.errors import LeaseHeld
-from backupd.policy import parse_policies
+from backupd.model import RUNNING
+from backupd.policy.document import parse_policies
 from tests.reliability.proxy import TcpProxy
 
 POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: db}\n"

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from backupd import layout
 from backupd.backends.filesystem import TEMP_PREFIX
-from backupd.catalog import PENDING, RUNNING, Catalog
+from backupd.catalog.store import Catalog
+from backupd.model import PENDING, RUNNING
 from backupd.simulator.server import NodeSimulator
+from backupd.storage import layout
 from tests.policies import web_policy
 
 POLICY = web_policy(retention="{keepLast: 1}")

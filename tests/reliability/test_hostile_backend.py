@@ -24,15 +24,15 @@ from typing import Any
 import pytest
 import zstandard
 
-from backupd import layout
 from backupd.app import App
 from backupd.backends.base import Backend
 from backupd.config import load_config
-from backupd.rebuild import archive_from_manifest, rebuild
+from backupd.model import Workload
 from backupd.simulator.server import NodeSimulator
-from backupd.transfer import PackingReader
-from backupd.verify import CORRUPT, OK, verify
-from backupd.workload import Workload
+from backupd.storage import layout
+from backupd.storage.rebuild import archive_from_manifest, rebuild
+from backupd.storage.transfer import PackingReader
+from backupd.storage.verify import CORRUPT, OK, verify
 from tests.inspect.archives import Crafted, crafted_tar, minimal_members
 from tests.policies import apply, web_policy
 from tests.reliability.inprocess import run_cli

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backupd.errors import EXIT_INVALID_INPUT, PolicyError
-from backupd.policy import parse_policies
+from backupd.policy.document import parse_policies
 from tests.reliability.inprocess import run_cli as cli
 
 # -- crashes the fuzzers found (fixed in policy.py / schedule.py), kept as regression cases --------

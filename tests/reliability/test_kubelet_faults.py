@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from backupd.catalog import RUN_FAILED, SUCCEEDED
+from backupd.model import RUN_FAILED, SUCCEEDED
 from backupd.retry import Backoff
 from backupd.simulator.server import NodeSimulator
 from tests.policies import apply as apply_policy

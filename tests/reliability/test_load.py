@@ -30,7 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backupd.catalog import SUCCEEDED, Catalog
+from backupd.catalog.store import Catalog
+from backupd.model import SUCCEEDED
 from backupd.simulator.server import NodeSimulator
 from backupd.simulator.topology import parse_topology
 

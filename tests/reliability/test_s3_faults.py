@@ -21,10 +21,10 @@ import pytest
 from botocore.exceptions import ConnectionClosedError
 
 from backupd.backends.s3 import S3Backend
-from backupd.catalog import FAILED, RUN_FAILED
 from backupd.errors import StorageNotFound
+from backupd.model import FAILED, RUN_FAILED
 from backupd.simulator.server import NodeSimulator
-from backupd.verify import verify
+from backupd.storage.verify import verify
 from tests.backends.test_s3 import FOREVER, PartFaults, s3_error
 from tests.policies import apply as apply_policy
 from tests.reliability.consistency import FAST, assert_consistent, daemon_cycle, fast_retries, innermost

@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from backupd import logs
-from backupd.catalog import Catalog
+from backupd.catalog.store import Catalog
 from backupd.errors import CatalogUnavailable
 from backupd.retry import Backoff
 from backupd.simulator.server import NodeSimulator

@@ -13,9 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, insert
 
-from backupd.catalog import FAILED, RUN_FAILED, SUCCEEDED, ArchiveRow, Catalog, PolicyRow, RunRow
-from backupd.policy import parse_policies
-from backupd.report import (
+from backupd.catalog.schema import ArchiveRow, PolicyRow, RunRow
+from backupd.catalog.store import Catalog
+from backupd.model import FAILED, RUN_FAILED, SUCCEEDED, replica_identity
+from backupd.policy.document import parse_policies
+from backupd.report.build import (
     STORAGE_POINTS,
     TIMELINE_POINTS,
     UNMANAGED,
@@ -24,7 +26,6 @@ from backupd.report import (
     render_html,
     render_table,
 )
-from backupd.workload import replica_identity
 from tests.report.test_build import archive, policy
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)

@@ -12,12 +12,12 @@ import pytest
 import structlog
 from pydantic import ValidationError
 
-from backupd.alerts import AlertsConfig, Notifier, check_and_alert, notifier_from_config
-from backupd.catalog import RUN_FAILED
 from backupd.config import format_validation_error
+from backupd.daemon.alerts import AlertsConfig, Notifier, check_and_alert, notifier_from_config
 from backupd.errors import ConfigError
-from backupd.policy import parse_policies
-from backupd.report import build_report, load_report
+from backupd.model import RUN_FAILED
+from backupd.policy.document import parse_policies
+from backupd.report.build import build_report, load_report
 from backupd.simulator.server import NodeSimulator
 from tests.policies import web_policy
 from tests.report.conftest import Receiver

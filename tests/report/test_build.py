@@ -11,21 +11,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from backupd import layout
-from backupd.catalog import COMMITTED, DELETING, Archive, Run
-from backupd.policy import Policy, parse_policies
-from backupd.prune import plan_policy
-from backupd.report import (
-    LATE,
-    MISSING,
-    OK,
-    UNMANAGED,
-    assess,
-    build_report,
-    render_html,
-    render_table,
-)
-from backupd.schedule import Schedule
+from backupd.model import COMMITTED, DELETING, Archive, Run
+from backupd.policy.document import Policy, parse_policies
+from backupd.policy.schedule import Schedule
+from backupd.report.build import LATE, MISSING, OK, UNMANAGED, assess, build_report, render_html, render_table
+from backupd.storage import layout
+from backupd.storage.prune import plan_policy
 
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)  # a Monday
 US = timedelta(microseconds=1)

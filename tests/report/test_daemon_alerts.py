@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
-from backupd.policy import parse_policies
+from backupd.policy.document import parse_policies
 
 POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: db}\n"
           "spec: {selector: {namespaces: [shop], containers: [postgres]}, schedule: '@every 1h', backend: local, "

@@ -15,10 +15,10 @@ import structlog
 
 from backupd.app import App
 from backupd.cli import main
-from backupd.policy import Policy, parse_policies
-from backupd.prune import plan_policy
-from backupd.report import OK, load_report
+from backupd.policy.document import Policy, parse_policies
+from backupd.report.build import OK, load_report
 from backupd.simulator.server import NodeSimulator
+from backupd.storage.prune import plan_policy
 from tests.policies import web_policy
 from tests.report.browser import Browser
 

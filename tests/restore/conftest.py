@@ -20,7 +20,7 @@ import httpx
 import pytest
 import structlog
 
-from backupd.policy import parse_policies
+from backupd.policy.document import parse_policies
 from backupd.simulator.server import NodeSimulator
 from tests.policies import web_policy
 

@@ -12,7 +12,7 @@ import pytest
 
 from backupd.app import App
 from backupd.config import load_config
-from backupd.policy import parse_policies
+from backupd.policy.document import parse_policies
 from backupd.simulator import criu as real_criu
 from backupd.simulator.server import NodeSimulator
 from backupd.simulator.topology import parse_topology

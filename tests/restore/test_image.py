@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from backupd import oci
+from backupd.restore import oci
 
 from .conftest import SKOPEO_BIN, Registry, Rig, skopeo
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from backupd import podmanifest
-from backupd.catalog import COMMITTED, Archive
-from backupd.progress import Progress, ProgressReader
-from backupd.restore import CheckpointInfo
+from backupd.archive.metadata import CheckpointInfo
+from backupd.model import COMMITTED, Archive
+from backupd.restore import podmanifest
+from backupd.restore.progress import Progress, ProgressReader
 
 
 class Clock:

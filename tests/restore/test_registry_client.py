@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from backupd import oci
-from backupd.catalog import COMMITTED, Archive
+from backupd.archive.metadata import checkpoint_info, metadata_scanner
+from backupd.archive.tar import ScanningReader
 from backupd.errors import IntegrityError, InvalidInput, StorageAuthError
-from backupd.registry import ImageRef, RegistryClient, parse_challenge, push_checkpoint_image
-from backupd.restore import ScanningReader, checkpoint_info, metadata_scanner
+from backupd.model import COMMITTED, Archive
+from backupd.restore import oci
+from backupd.restore.registry import ImageRef, RegistryClient, parse_challenge, push_checkpoint_image
 
 USER, PASSWORD = "robot", "pa55-word-never-shown"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backupd import layout
-from backupd.catalog import FAILED
+from backupd.model import FAILED
+from backupd.storage import layout
 
 from .conftest import Rig
 

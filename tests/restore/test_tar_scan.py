@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backupd.catalog import COMMITTED, Archive
+from backupd.archive.metadata import checkpoint_info, metadata_scanner
+from backupd.archive.tar import ScanningReader, TarScanner
 from backupd.errors import UnsafeArchive
-from backupd.restore import ScanningReader, TarScanner, checkpoint_info, metadata_scanner
+from backupd.model import COMMITTED, Archive
 
 from .conftest import Rig
 

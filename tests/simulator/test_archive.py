@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import zstandard
 
-from backupd import criu_images as ci
+from backupd.archive import criu as ci
 from backupd.simulator.archive import (
     checkpoint_file_name,
     go_rfc3339,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backupd import criu_images as ci
+from backupd.archive import criu as ci
 from backupd.errors import UnsafeArchive
 
 # shared/fixtures lives beside the repository

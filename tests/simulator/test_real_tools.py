@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backupd import criu_images as ci
+from backupd.archive import criu as ci
 from backupd.simulator import criu as real_criu
 from backupd.simulator.topology import parse_topology
 

@@ -1,0 +1,1 @@
+"""The catalog: the SQLAlchemy store, its schema, its Alembic migrations."""

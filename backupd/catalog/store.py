@@ -1,0 +1,773 @@
+"""The catalog: policies, archives, runs and leases in SQLite or PostgreSQL.
+
+The catalog is the daemon's truth. Archive rows move through the commit protocol
+``pending -> committed`` (or ``failed``) and the delete protocol ``committed -> deleting ->
+(row removed)``; the backend manifest is what makes an archive exist, so a lost catalog is
+rebuilt from manifests (``catalog rebuild``).
+
+The schema belongs to Alembic (``backupd/migrations``). The daemon never creates tables; it
+checks the schema is at head and otherwise refuses to start, naming ``backupd db upgrade``.
+SQLAlchemy exceptions are translated here, at the edge, into :class:`CatalogUnavailable`
+(connection problems, retryable) or :class:`CatalogError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import structlog
+from sqlalchemy import (
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    literal,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from backupd import retry
+from backupd.catalog.schema import MIGRATIONS_DIR, ArchiveRow, LeaseRow, PolicyRow, RunRow, UTCDateTime
+from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated, scrub
+from backupd.model import (
+    ARCHIVE_STATES,
+    COMMITTED,
+    RUN_FAILED,
+    RUNNING,
+    SUCCEEDED,
+    Archive,
+    ArchiveSummary,
+    GroupStats,
+    Run,
+    StoredPolicy,
+    now_utc,
+    rfc3339,
+)
+
+# ---------------------------------------------------------------------------------------
+# Plain values handed to the rest of backupd (no ORM objects escape this module).
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of a listing ended: the sort key of its last row.
+
+    Written ``<time>/<id>``: the row's own ``checkpoint_time`` (archives) or ``started_at``
+    (runs) and ``id`` exactly as the JSON output shows them, so a client can also build it from
+    the last item it holds. The next page starts strictly after it in the listing's order
+    (archives oldest first, runs newest first), which stays right while rows are added or
+    removed between two pages.
+    """
+
+    time: datetime
+    id: str
+
+    def __str__(self) -> str:
+        return f"{rfc3339(self.time)}/{self.id}"
+
+    @classmethod
+    def of_archive(cls, archive: Archive) -> Cursor:
+        return cls(archive.checkpoint_time, archive.id)
+
+    @classmethod
+    def of_run(cls, run: Run) -> Cursor:
+        return cls(run.started_at, str(run.id))
+
+    @classmethod
+    def parse(cls, text: str, field: str, *, numeric_id: bool = False) -> Cursor:
+        """Read a cursor given as ``field`` (an option or query parameter, named in the error)."""
+        time_text, sep, ident = text.rpartition("/")
+        moment: datetime | None = None
+        try:
+            parsed = datetime.fromisoformat(time_text) if sep else None
+            if parsed is not None and parsed.tzinfo is not None:
+                moment = parsed.astimezone(UTC)
+        except (ValueError, OverflowError):  # OverflowError: an offset that moves year 1 into year 0
+            pass
+        if moment is None or not ident or len(ident) > 32 or (numeric_id and not ident.isdigit()):
+            raise InvalidInput(f"{field}: {text[:100]!r} is not a page cursor: give the one the previous page "
+                               "ended with (<time>/<id> of its last item)")
+        return cls(moment, ident)
+
+
+_ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
+_SUMMARY_COLUMNS = [getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__]
+_GROUP_KEY = ("policy", "namespace", "workload", "replica", "container")
+
+
+def _utc(moment: datetime) -> datetime:
+    # aggregates (min, max) bypass the column type on SQLite: naive text comes back
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    if moment.tzinfo is UTC:
+        return moment
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _epoch_seconds(session: Session, column: Any) -> Any:
+    """Seconds since the epoch of a time column, in the session's SQL dialect."""
+    if session.get_bind().dialect.name == "sqlite":
+        return (func.julianday(column) - 2440587.5) * 86400.0
+    return func.date_part("epoch", column)  # a double; extract() gives a numeric, slower per row
+
+
+def _archive(row: ArchiveRow) -> Archive:
+    return Archive(**{f: getattr(row, f) for f in Archive.__dataclass_fields__})
+
+
+def _run(row: RunRow) -> Run:
+    return Run(**{f: getattr(row, f) for f in Run.__dataclass_fields__})
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+H = TypeVar("H", bound=Hashable)
+
+
+_nested = contextvars.ContextVar("backupd_catalog_call", default=False)
+
+
+def _translated(fn: Callable[P, T]) -> Callable[P, T]:
+    """Map SQLAlchemy errors to backupd's catalog errors (the one edge for SQLAlchemy), and
+    retry the whole call while the database is unreachable (a PostgreSQL restart or failover
+    must cost a few seconds, not a lost run record). Nested calls leave retrying to the
+    outermost one."""
+
+    def attempt(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            raise CatalogUnavailable(f"catalog unavailable: {_describe(exc)}") from exc
+        except sa_exc.DBAPIError as exc:
+            raise CatalogError(f"catalog error: {_describe(exc)}") from exc
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if _nested.get():
+            return attempt(*args, **kwargs)
+        token = _nested.set(True)
+        try:
+            catalog = args[0]
+            backoff = catalog.retry if isinstance(catalog, Catalog) else retry.Backoff(attempts=1)
+            return retry.call(lambda: attempt(*args, **kwargs), backoff, on_retry=_log_retry)
+        finally:
+            _nested.reset(token)
+
+    return wrapper
+
+
+def _log_retry(exc: BaseException, attempt: int, pause: float) -> None:
+    structlog.get_logger("backupd.catalog").warning("catalog_retry", error=str(exc), attempt=attempt,
+                                                     pause_seconds=round(pause, 2))
+
+
+def _describe(exc: sa_exc.DBAPIError) -> str:
+    # The driver's message only: SQLAlchemy appends the SQL and parameters, which may hold
+    # paths or names but are noise for an operator; never the connection URL.
+    return str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+
+
+class Catalog:
+    """Repository over the catalog database. Thread-safe: one short session per call."""
+
+    #: how long calls keep retrying while the database is unreachable (about half a minute)
+    DEFAULT_RETRY = retry.Backoff(attempts=7, base_delay=0.5, max_delay=10.0)
+
+    def __init__(self, engine: Engine, safe_url: str, *, retry_backoff: retry.Backoff | None = None) -> None:
+        self.engine = engine
+        self.safe_url = safe_url
+        self.retry = retry_backoff or self.DEFAULT_RETRY
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, *, retry_backoff: retry.Backoff | None = None) -> Catalog:
+        parsed = make_url(url)
+        kwargs: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                db_path = Path(parsed.database)
+                db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if not db_path.exists():
+                    db_path.touch(mode=0o600)
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        elif parsed.get_backend_name() == "postgresql":
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            # a server restart leaves dead pooled connections: test each one before use
+            kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"connect_timeout": 10}
+        else:
+            raise InvalidInput(f"database.url: unsupported database {parsed.get_backend_name()!r} (use sqlite or postgresql)")
+        engine = create_engine(parsed, **kwargs)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(engine, "connect", _postgres_utc, insert=True)
+        return cls(engine, parsed.render_as_string(hide_password=True), retry_backoff=retry_backoff)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as s:
+            yield s
+
+    # -- schema -------------------------------------------------------------------------
+
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        return cfg
+
+    @_translated
+    def upgrade(self) -> tuple[str | None, str]:
+        """Apply migrations up to head; returns (revision before, revision after)."""
+        from alembic import command
+
+        before = self.current_revision()
+        cfg = self._alembic_config()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        return before, self.head_revision()
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+        assert head is not None
+        return head
+
+    @_translated
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def check_schema(self) -> None:
+        """Raise :class:`SchemaOutdated` unless the schema is exactly at head."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            state = "has no backupd schema" if current is None else f"is at revision {current}"
+            raise SchemaOutdated(
+                f"the catalog {self.safe_url} {state}, this backupd needs {head}: run `backupd db upgrade`"
+            )
+
+    # -- policies -----------------------------------------------------------------------
+
+    @_translated
+    def apply_policies(self, policies: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Create or update ``(name, canonical spec json)`` pairs in one transaction.
+
+        Returns ``(name, "created" | "updated" | "unchanged")`` for each.
+        """
+        results = []
+        now = now_utc()
+        with self.session() as s:
+            for name, spec in policies:
+                row = s.get(PolicyRow, name)
+                if row is None:
+                    s.add(PolicyRow(name=name, spec=spec, generation=1, created_at=now, updated_at=now))
+                    results.append((name, "created"))
+                elif row.spec != spec:
+                    row.spec, row.generation, row.updated_at = spec, row.generation + 1, now
+                    results.append((name, "updated"))
+                else:
+                    results.append((name, "unchanged"))
+        return results
+
+    @_translated
+    def list_policies(self) -> list[StoredPolicy]:
+        with self.session() as s:
+            rows = s.scalars(select(PolicyRow).order_by(PolicyRow.name)).all()
+            return [StoredPolicy(r.name, r.spec, r.generation, r.created_at, r.updated_at) for r in rows]
+
+    @_translated
+    def policies_fingerprint(self) -> tuple[tuple[str, int], ...]:
+        """Cheap change detection for the daemon: (name, generation) of every policy."""
+        with self.session() as s:
+            rows = s.execute(select(PolicyRow.name, PolicyRow.generation).order_by(PolicyRow.name)).all()
+            return tuple((name, generation) for name, generation in rows)
+
+    @_translated
+    def delete_policy(self, name: str) -> None:
+        with self.session() as s:
+            if s.get(PolicyRow, name) is None:
+                raise NotFound(f"no policy named {name!r}")
+            s.execute(delete(PolicyRow).where(PolicyRow.name == name))
+
+    # -- archives -----------------------------------------------------------------------
+
+    @_translated
+    def add_archive(self, archive: Archive) -> None:
+        with self.session() as s:
+            s.add(ArchiveRow(**{f: getattr(archive, f) for f in Archive.__dataclass_fields__}))
+
+    @_translated
+    def update_archive(self, archive_id: str, *, expect_state: str | None = None, **fields: Any) -> Archive:
+        """Update fields of one archive row; with ``expect_state`` only from that state."""
+        with self.session() as s:
+            row = s.get(ArchiveRow, archive_id, with_for_update=expect_state is not None)
+            if row is None:
+                raise NotFound(f"no archive {archive_id!r} in the catalog")
+            if expect_state is not None and row.state != expect_state:
+                raise CatalogError(f"archive {archive_id} is {row.state}, expected {expect_state}")
+            for k, v in fields.items():
+                setattr(row, k, v)
+            return _archive(row)
+
+    @_translated
+    def delete_archive_row(self, archive_id: str) -> None:
+        self.delete_archive_rows([archive_id])
+
+    @_translated
+    def delete_archive_rows(self, archive_ids: Sequence[str]) -> None:
+        with self.session() as s:
+            for chunk in _chunks(archive_ids):
+                s.execute(delete(ArchiveRow).where(ArchiveRow.id.in_(chunk)))
+
+    @_translated
+    def set_state(self, archive_ids: Sequence[str], state: str, *, expect: str) -> None:
+        """Move archives from ``expect`` to ``state`` in one transaction; all or nothing."""
+        with self.session() as s:
+            moved = 0
+            for chunk in _chunks(archive_ids):
+                moved += s.execute(
+                    update(ArchiveRow).where(ArchiveRow.id.in_(chunk), ArchiveRow.state == expect).values(state=state)
+                ).rowcount or 0
+            if moved != len(set(archive_ids)):
+                raise CatalogError(
+                    f"{len(set(archive_ids)) - moved} archive(s) were no longer {expect}; nothing was changed"
+                )
+
+    @_translated
+    def set_pinned(self, ref: str, pinned: bool) -> Archive:
+        archive = self.get_archive(ref)
+        if archive.state != COMMITTED:
+            raise InvalidInput(f"archive {archive.id} is {archive.state}; only committed archives can be pinned")
+        return self.update_archive(archive.id, pinned=pinned)
+
+    @_translated
+    def get_archive(self, ref: str) -> Archive:
+        """By full id or a unique id prefix (at least 4 characters)."""
+        with self.session() as s:
+            row = s.get(ArchiveRow, ref)
+            if row is not None:
+                return _archive(row)
+            if len(ref) >= 4:
+                rows = s.scalars(select(ArchiveRow).where(ArchiveRow.id.startswith(ref, autoescape=True)).limit(2)).all()
+                if len(rows) == 1:
+                    return _archive(rows[0])
+                if len(rows) > 1:
+                    raise InvalidInput(f"archive id prefix {ref!r} is ambiguous; give more characters")
+        raise NotFound(f"no archive {ref!r} in the catalog")
+
+    @_translated
+    def list_archives(
+        self,
+        *,
+        policy: str | None = None,
+        namespace: str | None = None,
+        pod: str | None = None,
+        workload: str | None = None,
+        container: str | None = None,
+        states: Sequence[str] = (COMMITTED,),
+        backend: str | None = None,
+        node: str | None = None,
+        replica: str | None = None,
+        pod_or_replica: str | None = None,
+        after: Cursor | None = None,
+        limit: int | None = None,
+    ) -> list[Archive]:
+        """Archives matching every given filter, oldest first (by checkpoint time, then id).
+
+        ``pod_or_replica`` matches the pod name or the replica identity, so the node name of a
+        DaemonSet replica finds its archives across the pod names its rollouts gave it.
+        ``after`` and ``limit`` read one page of that order: at most ``limit`` archives that
+        come after the cursor (:meth:`archive_pages` reads them all, a page at a time).
+        """
+        # Plain column tuples, not ORM entities: prune plans read every archive of a policy,
+        # and identity-map bookkeeping per row costs more than the query itself.
+        q = select(*_ARCHIVE_COLUMNS)
+        if states and set(states) != set(ARCHIVE_STATES):
+            q = q.where(ArchiveRow.state.in_(states))
+        for column, value in (
+            (ArchiveRow.policy, policy),
+            (ArchiveRow.namespace, namespace),
+            (ArchiveRow.pod, pod),
+            (ArchiveRow.workload, workload),
+            (ArchiveRow.container, container),
+            (ArchiveRow.backend, backend),
+            (ArchiveRow.node, node),
+            (ArchiveRow.replica, replica),
+        ):
+            if value is not None:
+                q = q.where(column == value)
+        if pod_or_replica is not None:
+            q = q.where((ArchiveRow.pod == pod_or_replica) | (ArchiveRow.replica == pod_or_replica))
+        if after is not None:
+            # a row comparison, which both databases answer from the (checkpoint_time, id) index
+            q = q.where(tuple_(ArchiveRow.checkpoint_time, ArchiveRow.id) > tuple_(
+                literal(after.time, UTCDateTime()), literal(after.id, ArchiveRow.id.type)))
+        q = q.order_by(ArchiveRow.checkpoint_time, ArchiveRow.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.session() as s:
+            return [Archive(*row) for row in s.execute(q)]
+
+    def archive_page(self, *, limit: int, after: Cursor | None = None,
+                     **filters: Any) -> tuple[list[Archive], Cursor | None]:
+        """One page of :meth:`list_archives`: at most ``limit`` archives after ``after``, and the
+        cursor of the next page (None when this is the last one)."""
+        rows = self.list_archives(after=after, limit=limit + 1, **filters)
+        return rows[:limit], (Cursor.of_archive(rows[limit - 1]) if len(rows) > limit else None)
+
+    def archive_pages(self, *, size: int = 1000, after: Cursor | None = None,
+                      **filters: Any) -> Iterator[list[Archive]]:
+        """Every archive :meth:`list_archives` would return, a page of ``size`` at a time, so a
+        listing of millions of rows needs the memory of one page."""
+        while True:
+            page, after = self.archive_page(limit=size, after=after, **filters)
+            if page:
+                yield page
+            if after is None:
+                return
+
+    @_translated
+    def list_archive_summaries(self, policy: str, states: Sequence[str] = (COMMITTED,)) -> list[ArchiveSummary]:
+        """The policy's archives as :class:`ArchiveSummary`, oldest first."""
+        q = (select(*_SUMMARY_COLUMNS)
+             .where(ArchiveRow.policy == policy, ArchiveRow.state.in_(states))
+             .order_by(ArchiveRow.checkpoint_time, ArchiveRow.id))
+        with self.session() as s:
+            return [ArchiveSummary(*row) for row in s.execute(q)]
+
+    # -- aggregates (the report) ---------------------------------------------------------
+
+    @_translated
+    def group_stats(self) -> list[GroupStats]:
+        """Count, stored bytes, oldest, newest and pinned ones of every retention group's
+        committed archives: one aggregate query, whatever the number of archives."""
+        size = func.coalesce(ArchiveRow.stored_size, 0)
+        pinned = case((ArchiveRow.pinned, 1), else_=0)
+        columns = (ArchiveRow.policy, ArchiveRow.namespace, ArchiveRow.workload, ArchiveRow.replica,
+                   ArchiveRow.container)
+        q = (select(*columns, func.count(), func.sum(size), func.min(ArchiveRow.checkpoint_time),
+                    func.max(ArchiveRow.checkpoint_time), func.sum(pinned), func.sum(pinned * size))
+             .where(ArchiveRow.state == COMMITTED).group_by(*columns).order_by(*columns))
+        with self.session() as s:
+            return [GroupStats(*row[:5], int(row[5]), int(row[6]), _utc(row[7]), _utc(row[8]), int(row[9]),
+                               int(row[10])) for row in s.execute(q)]
+
+    @_translated
+    def group_head(self, group: tuple[str, str, str, str, str],
+                   unpinned: int) -> tuple[list[ArchiveSummary], bool]:
+        """The newest committed archives of one retention group (``group_stats().group``), oldest
+        first: every archive at or after the ``unpinned``-th newest unpinned one's time (ties
+        and pinned ones in that time included), or all of them when it has fewer unpinned ones;
+        and whether that is all of them."""
+        policy, namespace, workload, replica, container = group
+        of_group = (ArchiveRow.policy == policy, ArchiveRow.namespace == namespace,
+                    ArchiveRow.workload == workload, ArchiveRow.replica == replica, ArchiveRow.container == container,
+                    ArchiveRow.state == COMMITTED)
+        with self.session() as s:
+            since = s.scalar(select(ArchiveRow.checkpoint_time).where(*of_group, ArchiveRow.pinned.is_(False))
+                             .order_by(ArchiveRow.checkpoint_time.desc()).offset(unpinned - 1).limit(1))
+            q = select(*_SUMMARY_COLUMNS).where(*of_group)
+            if since is not None:
+                q = q.where(ArchiveRow.checkpoint_time >= since)
+            rows = s.execute(q.order_by(ArchiveRow.checkpoint_time, ArchiveRow.id))
+            return [ArchiveSummary(*row) for row in rows], since is None
+
+    @_translated
+    def group_heads(self, groups: Sequence[tuple[str, str, str, str, str]],
+                    unpinned: int) -> dict[tuple[str, str, str, str, str], tuple[list[ArchiveSummary], bool]]:
+        """:meth:`group_head` of several groups; on PostgreSQL in one statement per 1,000 groups
+        (each group an index range: a lateral join), elsewhere one group at a time."""
+        if self.engine.dialect.name != "postgresql":
+            return {group: self.group_head(group, unpinned) for group in groups}
+        out: dict[tuple[str, str, str, str, str], tuple[list[ArchiveSummary], bool]] = {}
+        for chunk in range(0, len(groups), 1000):
+            part = list(groups[chunk:chunk + 1000])
+            values = ", ".join(f"(:i{n}, :p{n}, :n{n}, :w{n}, :r{n}, :c{n})" for n in range(len(part)))
+            params: dict[str, Any] = {"skip": unpinned - 1}
+            for n, (policy, namespace, workload, replica, container) in enumerate(part):
+                params.update({f"i{n}": n, f"p{n}": policy, f"n{n}": namespace, f"w{n}": workload,
+                               f"r{n}": replica, f"c{n}": container})
+            same = " AND ".join(f"x.{c} = g.{c}" for c in _GROUP_KEY)
+            # MATERIALIZED: each group's cut-off time is looked up once, not once per row joined
+            statement = text(
+                f"WITH g(i, {', '.join(_GROUP_KEY)}) AS (VALUES {values}), "
+                f"c AS MATERIALIZED (SELECT g.*, (SELECT x.checkpoint_time FROM archives x WHERE {same} "
+                "AND x.state = 'committed' AND NOT x.pinned ORDER BY x.checkpoint_time DESC "
+                "OFFSET :skip LIMIT 1) AS since FROM g) "
+                "SELECT c.i, c.since IS NULL AS complete, a.id, a.checkpoint_time, a.stored_size, a.pinned FROM c "
+                f"JOIN archives a ON {same.replace('x.', 'a.').replace('g.', 'c.')} AND a.state = 'committed' "
+                "AND a.checkpoint_time >= COALESCE(c.since, '-infinity') "
+                "ORDER BY c.i, a.checkpoint_time, a.id")
+            found: dict[int, tuple[list[ArchiveSummary], bool]] = {}
+            with self.session() as s:
+                for i, complete, archive_id, moment, stored_size, pinned in s.execute(statement, params).all():
+                    rows = found.setdefault(i, ([], bool(complete)))[0]
+                    rows.append(ArchiveSummary(archive_id, COMMITTED, *part[i], _utc(moment), stored_size, pinned))
+            for n, group in enumerate(part):
+                out[group] = found.get(n, ([], True))
+        return out
+
+    @_translated
+    def storage_series(self, policies: Sequence[tuple[str, int]],
+                       steps: int) -> dict[str, list[tuple[datetime, int]]]:
+        """Each policy's committed archives as ``(time, stored bytes)`` steps, oldest first.
+        ``policies``: (name, archive count). A policy with at most ``steps`` archives gets a
+        step per checkpoint time; the others a step per span of a grid of ``10 * steps`` equal
+        spans over all their archives' times, at the newest archive in the span (so a running
+        sum is exact at every step's time). Two aggregate queries, whatever the catalog holds."""
+        out: dict[str, list[tuple[datetime, int]]] = {name: [] for name, _count in policies}
+        size = func.coalesce(func.sum(ArchiveRow.stored_size), 0)
+        few = [name for name, count in policies if count <= steps]
+        many = [name for name, count in policies if count > steps]
+        with self.session() as s:
+            queries = []
+            for chunk in _chunks(few):
+                queries.append(select(ArchiveRow.policy, ArchiveRow.checkpoint_time, size)
+                               .where(ArchiveRow.state == COMMITTED, ArchiveRow.policy.in_(chunk))
+                               .group_by(ArchiveRow.policy, ArchiveRow.checkpoint_time))
+            if many:
+                committed = (ArchiveRow.state == COMMITTED, ArchiveRow.policy.in_(many))
+                first, last = s.execute(select(func.min(ArchiveRow.checkpoint_time),
+                                               func.max(ArchiveRow.checkpoint_time)).where(*committed)).one()
+                width = max((_utc(last) - _utc(first)).total_seconds() / (10 * steps), 1e-6)
+                span = func.floor((_epoch_seconds(s, ArchiveRow.checkpoint_time) - _utc(first).timestamp()) / width)
+                queries.append(select(ArchiveRow.policy, func.max(ArchiveRow.checkpoint_time), size)
+                               .where(*committed).group_by(ArchiveRow.policy, span))
+            for q in queries:
+                for name, moment, total in s.execute(q).all():
+                    out[name].append((_utc(moment), int(total)))
+        for series in out.values():
+            series.sort()
+        return out
+
+    @_translated
+    def latest_runs(self) -> list[Run]:
+        """The latest finished (succeeded or failed) checkpoint, prune and verify run of every
+        policy, target, pod and outcome: what a report says about runs. One aggregate over the
+        runs index, then the chosen runs by their start times."""
+        # in the order of ix_runs_policy_kind_outcome_...: PostgreSQL aggregates from the index alone
+        keys = (RunRow.policy, RunRow.kind, RunRow.outcome, RunRow.namespace, RunRow.workload, RunRow.container,
+                RunRow.pod)
+        q = (select(*keys, func.max(RunRow.started_at))
+             .where(RunRow.policy.is_not(None), RunRow.kind.in_(("checkpoint", "prune", "verify")),
+                    RunRow.outcome.in_((SUCCEEDED, RUN_FAILED)))
+             .group_by(*keys))
+        chosen: dict[tuple[Any, ...], Run] = {}
+        with self.session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                # The planner expects a group per few runs and sorts a parallel scan; walking the
+                # index in order (a group per target and pod) takes half the time.
+                s.execute(text("SET LOCAL enable_sort = off"))
+            latest = {tuple(row[:-1]): _utc(row[-1]) for row in s.execute(q).all()}
+            for chunk in _chunks(sorted(set(latest.values()))):
+                for row in s.scalars(select(RunRow).where(RunRow.started_at.in_(chunk))).all():
+                    run = _run(row)
+                    key = tuple(getattr(run, k.key) for k in keys)
+                    known = chosen.get(key)
+                    # several runs started at the same moment: the last id wins
+                    if latest.get(key) == run.started_at and (known is None or run.id > known.id):
+                        chosen[key] = run
+        return list(chosen.values())
+
+    @_translated
+    def get_archives(self, archive_ids: Sequence[str]) -> list[Archive]:
+        """Full rows of the given ids that still exist, in the order given."""
+        found: dict[str, Archive] = {}
+        with self.session() as s:
+            for chunk in _chunks(archive_ids):
+                for row in s.execute(select(*_ARCHIVE_COLUMNS).where(ArchiveRow.id.in_(chunk))):
+                    found[row[0]] = Archive(*row)
+        return [found[i] for i in archive_ids if i in found]
+
+    @_translated
+    def archive_keys(self, backend: str) -> dict[str, str]:
+        """key -> state of every archive row of one backend (for rebuild and orphan checks)."""
+        with self.session() as s:
+            rows = s.execute(select(ArchiveRow.key, ArchiveRow.state).where(ArchiveRow.backend == backend)).all()
+            return {key: state for key, state in rows}
+
+    # -- runs ---------------------------------------------------------------------------
+
+    @_translated
+    def start_run(self, kind: str, *, policy: str | None = None, node: str = "", **target: Any) -> int:
+        with self.session() as s:
+            row = RunRow(kind=kind, policy=policy, node=node, started_at=now_utc(), outcome=RUNNING, **target)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    @_translated
+    def finish_run(
+        self,
+        run_id: int,
+        outcome: str,
+        *,
+        error: BaseException | None = None,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        archive_id: str | None = None,
+    ) -> Run:
+        with self.session() as s:
+            row = s.get(RunRow, run_id)
+            if row is None:
+                raise NotFound(f"no run {run_id}")
+            row.finished_at = now_utc()
+            row.outcome = outcome
+            row.duration_seconds = (row.finished_at - row.started_at).total_seconds()
+            row.bytes_in, row.bytes_out = bytes_in, bytes_out
+            if archive_id is not None:
+                row.archive_id = archive_id
+            if error is not None:
+                row.error_kind = getattr(error, "kind", type(error).__name__)
+                row.error = scrub(str(error))
+            return _run(row)
+
+    @_translated
+    def list_runs(
+        self, *, policy: str | None = None, kind: str | None = None, limit: int = 100, outcome: str | None = None,
+        after: Cursor | None = None,
+    ) -> list[Run]:
+        """Runs newest first (by start, then id); ``after``: only those after that cursor in this
+        order (older ones)."""
+        q = select(RunRow)
+        if after is not None:
+            q = q.where(tuple_(RunRow.started_at, RunRow.id) < tuple_(
+                literal(after.time, UTCDateTime()), literal(int(after.id), RunRow.id.type)))
+        if policy is not None:
+            q = q.where(RunRow.policy == policy)
+        if kind is not None:
+            q = q.where(RunRow.kind == kind)
+        if outcome is not None:
+            q = q.where(RunRow.outcome == outcome)
+        q = q.order_by(RunRow.started_at.desc(), RunRow.id.desc()).limit(limit)
+        with self.session() as s:
+            return [_run(r) for r in s.scalars(q)]
+
+    @_translated
+    def last_run_started(self, policy: str, kind: str = "checkpoint") -> datetime | None:
+        """When the policy last ran; runs a crash interrupted do not count (so they are run
+        again, once, when the daemon comes back)."""
+        with self.session() as s:
+            return s.scalar(
+                select(func.max(RunRow.started_at)).where(
+                    RunRow.policy == policy, RunRow.kind == kind,
+                    (RunRow.error_kind.is_(None)) | (RunRow.error_kind != "Interrupted"),
+                )
+            )
+
+    @_translated
+    def purge_runs(self, older_than: datetime) -> int:
+        """Forget finished runs that started before ``older_than`` (run history retention)."""
+        with self.session() as s:
+            result = s.execute(delete(RunRow).where(RunRow.started_at < older_than, RunRow.outcome != RUNNING))
+            return result.rowcount or 0
+
+    @_translated
+    def fail_interrupted_runs(self, *, node: str | None = None, kind: str | None = None,
+                              policy: str | None = None) -> list[Run]:
+        """Runs left ``running`` by a crash are recorded as failed (``Interrupted``); returns
+        them as they now are.
+
+        Only call this while holding the lease that the interrupted runs' owner would hold (the
+        node lease for checkpoint runs, the policy's prune lease for prune runs).
+        """
+        conditions = [RunRow.outcome == RUNNING]
+        if node is not None:
+            conditions.append(RunRow.node == node)
+        if kind is not None:
+            conditions.append(RunRow.kind == kind)
+        if policy is not None:
+            conditions.append(RunRow.policy == policy)
+        with self.session() as s:
+            rows = list(s.scalars(select(RunRow).where(*conditions).order_by(RunRow.id)))
+            for row in rows:
+                row.outcome, row.error_kind = RUN_FAILED, "Interrupted"
+                row.error, row.finished_at = "the daemon stopped during this run", now_utc()
+            s.flush()
+            return [_run(r) for r in rows]
+
+    # -- leases -------------------------------------------------------------------------
+
+    @_translated
+    def acquire_lease(self, name: str, holder: str, ttl: timedelta) -> bool:
+        """Take or renew a named lease; False if someone else holds an unexpired one.
+
+        A create-only INSERT (the usual case: leases are released when done), else one
+        conditional UPDATE decides, so two daemons racing on either database cannot both win.
+        """
+        now = now_utc()
+        try:
+            with self.session() as s:
+                s.add(LeaseRow(name=name, holder=holder, expires_at=now + ttl))
+            return True
+        except sa_exc.IntegrityError:
+            pass  # it exists: ours to renew, expired, or someone else's
+        with self.session() as s:
+            taken = s.execute(
+                update(LeaseRow)
+                .where(LeaseRow.name == name, (LeaseRow.holder == holder) | (LeaseRow.expires_at <= now))
+                .values(holder=holder, expires_at=now + ttl)
+            ).rowcount
+        return bool(taken)
+
+    @_translated
+    def lease_holders(self) -> dict[str, str]:
+        """name -> holder of every lease, expired or not."""
+        with self.session() as s:
+            return {name: holder for name, holder in s.execute(select(LeaseRow.name, LeaseRow.holder)).all()}
+
+    @_translated
+    def release_lease(self, name: str, holder: str) -> None:
+        with self.session() as s:
+            s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
+
+
+def _chunks(values: Sequence[H], size: int = 500) -> Iterator[list[H]]:
+    """Bounded IN lists: SQLite limits bound parameters, and huge statements help nobody."""
+    items = list(dict.fromkeys(values))
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _postgres_utc(dbapi_conn: Any, _record: Any) -> None:
+    # Times come back in the session's zone: in UTC they are datetime.UTC already, and the
+    # million conversions a big listing or report would make from the server's zone go away.
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+    dbapi_conn.autocommit = autocommit
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+

@@ -1,0 +1,1 @@
+"""The daemon: the scheduler and its cycles, the HTTP API, webhook alerts."""

@@ -1,0 +1,1 @@
+"""Policies: CheckpointPolicy documents, their schedules and restic's retention rules. Pure."""

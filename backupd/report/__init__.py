@@ -1,0 +1,1 @@
+"""The retention report: built from the catalog, rendered as a table, JSON or HTML."""

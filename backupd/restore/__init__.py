@@ -1,0 +1,1 @@
+"""Disaster recovery: choosing an archive and restoring it to a file, an OCI image, a registry."""

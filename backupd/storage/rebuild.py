@@ -1,0 +1,139 @@
+"""``catalog rebuild``: recreate catalog rows from the manifests in a backend.
+
+Backends are self-describing: every archive's manifest sits beside its object, and the
+manifest's presence is what makes an archive exist. So a lost or empty catalog is rebuilt from
+the manifests alone. Rebuilding is idempotent and safe against a live catalog: it only adds
+archives the catalog lacks, and reports -- never "fixes" -- what disagrees, objects without a
+manifest (orphans) and catalog archives whose manifest is gone.
+
+The backend is not trusted (RELIABILITY.md, "Trust model of the backend"). A manifest is
+catalogued only if it passes the schema and agrees with the key it sits beside
+(:meth:`~backupd.storage.layout.Manifest.read`): one planted under ``evil/...`` that claims to be of
+namespace ``shop`` is reported, never catalogued, so it can neither become ``restore
+--latest`` of ``shop`` nor push ``shop``'s real archives out of retention. One bad manifest
+(not JSON, too large, a naive time, a huge integer) is reported and skipped; the rest goes on.
+An archive id found in two manifests is catalogued from neither, unless the catalog already
+holds it at exactly one of their keys.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from backupd.backends.base import Backend
+from backupd.catalog.store import Catalog
+from backupd.errors import ManifestInvalid, ManifestKeyMismatch, StorageNotFound
+from backupd.model import COMMITTED, Archive, now_utc
+from backupd.storage import layout
+
+log = structlog.get_logger("backupd.rebuild")
+
+_COMPARED = ("backend", "key", "namespace", "pod", "workload", "replica", "container", "tar_size", "stored_size",
+             "tar_sha256", "stored_sha256", "encryption", "policy")
+
+
+@dataclass
+class RebuildReport:
+    backend: str
+    added: list[str] = field(default_factory=list)
+    agreeing: int = 0
+    disagreeing: list[dict[str, Any]] = field(default_factory=list)  # archive id, field, catalog, manifest
+    bad_manifests: list[dict[str, str]] = field(default_factory=list)  # key, error
+    key_disagreements: list[dict[str, str]] = field(default_factory=list)  # key, field, in_key, in_manifest
+    duplicate_ids: list[dict[str, Any]] = field(default_factory=list)  # id, keys (manifest keys)
+    orphans: list[str] = field(default_factory=list)  # object keys without a manifest
+    missing: list[str] = field(default_factory=list)  # catalog archive ids whose manifest is gone
+
+    @property
+    def clean(self) -> bool:
+        return not (self.disagreeing or self.bad_manifests or self.key_disagreements or self.duplicate_ids
+                    or self.orphans or self.missing)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "added": self.added, "agreeing": self.agreeing,
+                "disagreeing": self.disagreeing, "bad_manifests": self.bad_manifests,
+                "key_disagreements": self.key_disagreements, "duplicate_ids": self.duplicate_ids,
+                "orphans": self.orphans, "missing": self.missing}
+
+
+def archive_from_manifest(m: layout.Manifest, backend: str) -> Archive:
+    return Archive(
+        id=m.archive_id, state=COMMITTED, policy=m.policy, backend=backend, key=m.key, node=m.node,
+        namespace=m.namespace, pod=m.pod, workload=m.workload, container=m.container, image=m.image,
+        checkpoint_time=m.checkpoint_time, created_at=m.checkpoint_time, committed_at=now_utc(),
+        tar_size=m.tar_size, stored_size=m.stored_size, tar_sha256=m.tar_sha256, stored_sha256=m.stored_sha256,
+        compression=m.compression, encryption=m.encryption, node_tar_deleted=True, replica=m.replica,
+    )
+
+
+def _read(backend: Backend, mkey: str, report: RebuildReport) -> layout.Manifest | None:
+    """The manifest at ``mkey``, or None with the reason added to the report."""
+    try:
+        return layout.read_manifest(backend, mkey)
+    except StorageNotFound:
+        report.bad_manifests.append({"key": mkey, "error": "deleted while the catalog was being rebuilt"})
+    except ManifestInvalid as exc:
+        report.bad_manifests.append({"key": mkey, "error": str(exc)})
+    except ManifestKeyMismatch as exc:
+        report.key_disagreements.extend({"key": mkey, "field": f, "in_key": k, "in_manifest": m}
+                                        for f, k, m in exc.disagreements)
+    return None
+
+
+def rebuild(catalog: Catalog, backend: Backend) -> RebuildReport:
+    report = RebuildReport(backend.name)
+    objects: set[str] = set()
+    manifests: list[str] = []
+    for info in backend.list(""):
+        parsed = layout.parse_key(info.key)
+        if parsed is None:
+            continue
+        if parsed.is_manifest:
+            manifests.append(info.key)
+        else:
+            objects.add(info.key)
+    catalogued = {a.id: a for a in catalog.list_archives(states=())}  # ids are unique across backends
+    by_id: dict[str, list[layout.Manifest]] = defaultdict(list)
+    for mkey in sorted(manifests):
+        manifest = _read(backend, mkey, report)
+        if manifest is None:
+            continue
+        if manifest.key not in objects:
+            report.bad_manifests.append({"key": mkey, "error": f"its object {manifest.key} is missing"})
+            continue
+        by_id[manifest.archive_id].append(manifest)
+    for archive_id, found in by_id.items():
+        current = catalogued.get(archive_id)
+        if len(found) > 1:
+            # Which one is real cannot be told from the bucket; the catalog may know.
+            report.duplicate_ids.append({"id": archive_id, "keys": [layout.manifest_key(m.key) for m in found]})
+            found = [m for m in found if current and (current.backend, current.key) == (backend.name, m.key)]
+            if not found:
+                continue
+        (manifest,) = found
+        if current is None:
+            catalog.add_archive(archive_from_manifest(manifest, backend.name))
+            report.added.append(archive_id)
+            continue
+        stored = archive_from_manifest(manifest, backend.name)
+        differences = [{"id": current.id, "field": f, "catalog": getattr(current, f), "manifest": getattr(stored, f)}
+                       for f in _COMPARED if getattr(current, f) != getattr(stored, f)]
+        if current.state != COMMITTED:
+            differences.append({"id": current.id, "field": "state", "catalog": current.state, "manifest": COMMITTED})
+        report.disagreeing.extend(differences)
+        report.agreeing += not differences
+    listed_manifests = set(manifests)
+    report.orphans = sorted(k for k in objects if layout.manifest_key(k) not in listed_manifests)
+    # an archive whose manifest is there but bad is reported above, not as missing
+    report.missing = sorted(a.id for a in catalogued.values()
+                            if a.backend == backend.name and a.state == COMMITTED
+                            and layout.manifest_key(a.key) not in listed_manifests)
+    log.info("catalog_rebuilt", backend=backend.name, added=len(report.added), agreeing=report.agreeing,
+             disagreeing=len(report.disagreeing), bad_manifests=len(report.bad_manifests),
+             key_disagreements=len(report.key_disagreements), duplicate_ids=len(report.duplicate_ids),
+             orphans=len(report.orphans), missing=len(report.missing))
+    return report
