@@ -20,6 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff, the import-layer contract (.importlinter) and mypy; .ci/run runs it before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check backupd tests bench tools
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy backupd
+
 bench: $(STAMP)
 	$(PY) -m bench
 
