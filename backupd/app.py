@@ -8,12 +8,11 @@ housekeeping -- what runs after each policy's cycle and once an hour -- is wired
 from __future__ import annotations
 
 import functools
-import os
 from datetime import timedelta
 
 import structlog
 
-from backupd.backends import Backend, open_backends
+from backupd.backends import Backend, BackendWrapper, open_backends
 from backupd.catalog.store import Catalog
 from backupd.config import Config
 from backupd.daemon.alerts import Notifier, check_and_alert, notifier_from_config
@@ -35,9 +34,13 @@ log = structlog.get_logger("backupd.app")
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    """``wrap_backend`` wraps each configured backend beneath its retry wrapper (the test
+    suite's fault injection; see :data:`backupd.backends.BackendWrapper`)."""
+
+    def __init__(self, config: Config, *, wrap_backend: BackendWrapper | None = None) -> None:
         self.config = config
         self.holder = lease_holder()
+        self.wrap_backend = wrap_backend
 
     @functools.cached_property
     def catalog(self) -> Catalog:
@@ -45,8 +48,7 @@ class App:
 
     @functools.cached_property
     def backends(self) -> dict[str, Backend]:
-        # BACKUPD_FAULTS: the crash tests' way to kill a real daemon at a chosen backend call
-        return open_backends(self.config.backends, faults=os.environ.get("BACKUPD_FAULTS"))
+        return open_backends(self.config.backends, wrap=self.wrap_backend)
 
     @functools.cached_property
     def kubelet(self) -> KubeletClient:

@@ -3,15 +3,20 @@ retries; see :mod:`backupd.backends.base` for the contract every backend meets."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from backupd.backends.base import Backend, ObjectInfo
 from backupd.config import BackendConfig, FilesystemBackendConfig, S3BackendConfig
 
-__all__ = ["Backend", "ObjectInfo", "open_backend", "open_backends"]
+__all__ = ["Backend", "BackendWrapper", "ObjectInfo", "open_backend", "open_backends"]
+
+#: wraps a backend built from the config, beneath the retry wrapper (the test suite injects
+#: faults there: a retry then sees them as it would see a real backend's)
+BackendWrapper = Callable[[Backend], Backend]
 
 
-def open_backend(cfg: BackendConfig, *, retries: bool = True, faults: str | None = None) -> Backend:
-    """``faults``: a JSON fault list (see :func:`backupd.backends.wrappers.faults_from_json`),
-    injected between the backend and the retry wrapper -- for crash tests only."""
+def open_backend(cfg: BackendConfig, *, retries: bool = True, wrap: BackendWrapper | None = None) -> Backend:
+    """The backend ``cfg`` describes, wrapped by ``wrap`` (if given), then for retries."""
     backend: Backend
     if isinstance(cfg, FilesystemBackendConfig):
         from backupd.backends.filesystem import FilesystemBackend
@@ -30,10 +35,8 @@ def open_backend(cfg: BackendConfig, *, retries: bool = True, faults: str | None
         )
     else:  # pragma: no cover - the config model admits no other type
         raise TypeError(type(cfg))
-    if faults:
-        from backupd.backends.wrappers import FaultInjectingBackend, faults_from_json
-
-        backend = FaultInjectingBackend(backend, faults_from_json(faults))
+    if wrap is not None:
+        backend = wrap(backend)
     if retries:
         from backupd.backends.wrappers import RetryingBackend
 
@@ -41,5 +44,5 @@ def open_backend(cfg: BackendConfig, *, retries: bool = True, faults: str | None
     return backend
 
 
-def open_backends(configs: list[BackendConfig], *, faults: str | None = None) -> dict[str, Backend]:
-    return {cfg.name: open_backend(cfg, faults=faults) for cfg in configs}
+def open_backends(configs: list[BackendConfig], *, wrap: BackendWrapper | None = None) -> dict[str, Backend]:
+    return {cfg.name: open_backend(cfg, wrap=wrap) for cfg in configs}
