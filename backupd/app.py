@@ -18,7 +18,7 @@ from backupd.config import Config
 from backupd.daemon.alerts import Notifier, check_and_alert, notifier_from_config
 from backupd.daemon.api import Api, HttpServer
 from backupd.daemon.scheduler import CycleResult, Daemon, Runner
-from backupd.errors import BackupdError, IntegrityError, LeaseHeld
+from backupd.errors import BackupdError, IntegrityError, LeaseHeld, NotFound
 from backupd.metrics import Metrics
 from backupd.model import RUN_FAILED, SUCCEEDED, now_utc
 from backupd.node.checkpoints import CheckpointDir
@@ -88,6 +88,17 @@ class App:
             # long enough for the kubelet's own limit plus the upload of a large archive
             lease_ttl=timedelta(seconds=2 * self.config.kubelet.request_timeout()) + timedelta(minutes=20),
         )
+
+    def policies(self) -> list[Policy]:
+        """The stored policies: the catalog alone, no kubelet (``prune`` runs off the node too)."""
+        return [Policy.from_spec_json(p.name, p.spec_json) for p in self.catalog.list_policies()]
+
+    def load_policy(self, name: str) -> Policy:
+        """The stored policy ``name``; :class:`NotFound` when there is none."""
+        for policy in self.policies():
+            if policy.name == name:
+                return policy
+        raise NotFound(f"no policy named {name!r}")
 
     @functools.cached_property
     def pruner(self) -> Pruner:
