@@ -170,8 +170,13 @@ class App:
         check_and_alert(self.notifier, self.report())
 
     def http_server(self, listen: str | None = None) -> HttpServer:
+        kubelet = self.kubelet
+
+        def kubelet_reachable() -> None:  # /readyz asks only that the kubelet answers
+            kubelet.pods()
+
         api = Api(self.catalog, self.metrics, token=self.config.daemon.api_token(),
-                  kubelet_probe=self.kubelet.pods, report=lambda: self.report().to_json())
+                  kubelet_probe=kubelet_reachable, report=lambda: self.report().to_json())
         daemon = self.config.daemon
         return HttpServer(api, listen or daemon.http_listen, timeout=daemon.http_timeout_seconds,
                           max_connections=daemon.http_max_connections)
@@ -180,8 +185,12 @@ class App:
         periodic = {"maintenance": (self.maintenance, timedelta(hours=1))}
         if self.notifier is not None:
             periodic["alerts"] = (self.check_alerts, timedelta(minutes=1))
+
+        def drill(policy: Policy) -> None:  # the run records the outcome; the daemon needs no report
+            self.drill(policy)
+
         return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,
-                      periodic=periodic, drill=self.drill, holder=self.holder)
+                      periodic=periodic, drill=drill, holder=self.holder)
 
     def close(self) -> None:
         if self.__dict__.get("notifier") is not None:

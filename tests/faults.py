@@ -217,7 +217,7 @@ class FaultInjectingBackend(Wrapper):
                 raise fault.make_error()
         if not streaming:
             return stream
-        return io.BufferedReader(_FaultyReader(stream, streaming))  # type: ignore[return-value]
+        return io.BufferedReader(_FaultyReader(stream, streaming))
 
     def stat(self, key: str) -> ObjectInfo | None:
         return self._call("stat", [key], lambda: self.inner.stat(key))
