@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import structlog
 
-from backupd.backends import Backend, BackendWrapper, open_backends
+from backupd.backends import Backends, BackendWrapper, open_backends
 from backupd.catalog.store import Catalog
 from backupd.config import Config
 from backupd.daemon.alerts import Notifier, check_and_alert, notifier_from_config
@@ -47,7 +47,7 @@ class App:
         return Catalog.open(self.config.database.resolved_url())
 
     @functools.cached_property
-    def backends(self) -> dict[str, Backend]:
+    def backends(self) -> Backends:
         return open_backends(self.config.backends, wrap=self.wrap_backend)
 
     @functools.cached_property

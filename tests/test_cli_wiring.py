@@ -1,6 +1,6 @@
-"""Each command builds only the parts it uses: ``prune`` needs the catalog and the backends, not
-the kubelet client (whose TLS files exist only on a node); ``list`` needs only the catalog, not
-the backends (whose credentials a workstation may not have)."""
+"""Each command builds only the parts it uses: ``prune`` needs the catalog and the backends its
+archives are in, not the kubelet client (whose TLS files exist only on a node) nor other
+backends (whose credentials a workstation may not have); ``list`` needs only the catalog."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backupd.backends import open_backend
+from backupd.backends import Backend, open_backend, open_backends
 from backupd.backends.filesystem import FilesystemBackend
 from backupd.catalog.store import Catalog
 from backupd.config import load_config
@@ -74,8 +74,9 @@ def test_the_missing_files_are_really_missing(tmp_path: Path, db_url: str) -> No
         open_backend(cfg.backend("s3"))
 
 
-def test_prune_needs_no_kubelet_tls_files(tmp_path: Path, db_url: str) -> None:
-    config = write_config(tmp_path, db_url)
+def test_prune_needs_no_kubelet_tls_files_nor_the_credentials_of_a_backend_it_does_not_touch(
+        tmp_path: Path, db_url: str) -> None:
+    config = write_config(tmp_path, db_url, s3=True)
     old, new = catalog_with_archives(config, [2, 1])
     for args in (["prune"], ["prune", "--policy", "web"]):
         code, out, err = run_cli(config, *args, "--dry-run", "-o", "json")
@@ -85,6 +86,25 @@ def test_prune_needs_no_kubelet_tls_files(tmp_path: Path, db_url: str) -> None:
     assert code == 0, (code, out, err)
     assert [(r["policy"], r["deleted"]) for r in json.loads(out)] == [("web", [old.id])]
     assert not (tmp_path / "backend" / old.key).exists() and (tmp_path / "backend" / new.key).exists()
+    code, out, err = run_cli(config, "catalog", "rebuild", "--backend", "s3")  # one that does need it
+    assert code == 2 and "backends[s3].access_key_id_file" in err, (code, out, err)
+
+
+def test_backends_open_when_first_looked_up(tmp_path: Path, db_url: str) -> None:
+    cfg = load_config(write_config(tmp_path, db_url, s3=True))
+    opened: list[str] = []
+
+    def wrap(backend: Backend) -> Backend:
+        opened.append(backend.name)
+        return backend
+
+    backends = open_backends(cfg.backends, wrap=wrap)
+    assert (list(backends), len(backends), "s3" in backends, "gcs" in backends) == (["local", "s3"], 2, True, False)
+    assert opened == []
+    assert backends["local"] is backends.get("local") and opened == ["local"]
+    with pytest.raises(ConfigError, match=r"backends\[s3\].access_key_id_file"):
+        backends["s3"]
+    assert backends.get("gcs") is None and opened == ["local"]
 
 
 #: commands that read or change the catalog only, and what their output must name
