@@ -241,6 +241,17 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
 
+def _common_name(cert: Mapping[str, Any] | None) -> str | None:
+    """The subject's (last) common name in a verified peer certificate as ``getpeercert()`` gives
+    it: ``subject`` is a tuple of RDNs, each a tuple of ``(key, value)`` pairs."""
+    user = None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                user = value
+    return user
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -250,8 +261,11 @@ class _HTTPServer(ThreadingHTTPServer):
         self.sim = sim
         super().__init__(address, _Handler)
 
-    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: Any) -> None:
         # The TLS handshake runs here, in the connection's own thread, never in the accept loop.
+        if not isinstance(request, socket.socket):  # the (data, socket) pair of a UDP server
+            raise TypeError(f"the kubelet simulator serves TCP, not datagrams: {type(request).__name__}")
         sim = self.sim
         conn: socket.socket = request
         sim._track(conn)
@@ -407,7 +421,9 @@ class NodeSimulator:
     def client_key(self) -> Path:
         return self.pki.client_key
 
-    def client_ssl_context(self, cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None) -> ssl.SSLContext:
+    def client_ssl_context(
+        self, cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+    ) -> ssl.SSLContext:
         """A client context trusting the simulator's CA, presenting ``cert`` (cert file, key
         file; default: the trusted client cert). Pass it as httpx ``verify=``: httpx 0.28
         silently drops ``cert=`` when ``verify`` is a path."""
@@ -684,13 +700,8 @@ class NodeSimulator:
 
     def _auth(self, ex: _Exchange, subresources: tuple[str, ...]) -> bool:
         """Authenticate and authorise as the kubelet's filter does; answer 401/403 if not."""
-        user = None
-        cert = ex.handler.connection.getpeercert()  # type: ignore[attr-defined]
-        if cert:
-            for rdn in cert.get("subject", ()):
-                for key, value in rdn:
-                    if key == "commonName":
-                        user = value
+        conn: ssl.SSLSocket = ex.handler.connection  # every connection is TLS (process_request_thread)
+        user = _common_name(conn.getpeercert())
         if user is None and self._tokens is not None:
             header = ex.handler.headers.get("Authorization", "")
             if header[:7].lower() == "bearer ":

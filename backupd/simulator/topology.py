@@ -269,7 +269,9 @@ def default_topology() -> Topology:
                     "namespace": "default",
                     "owner": {"kind": "DaemonSet", "name": "log-agent"},
                     "labels": {"app": "log-agent"},
-                    "containers": [{"name": "fluent-bit", "image": "fluent/fluent-bit:3.1", "processes": ["fluent-bit"]}],
+                    "containers": [
+                        {"name": "fluent-bit", "image": "fluent/fluent-bit:3.1", "processes": ["fluent-bit"]}
+                    ],
                 },
                 {
                     "namespace": "default",
@@ -403,7 +405,8 @@ def _materialize_pod(spec: PodSpec, replica: int, seed: int, now: dt.datetime, n
         generate_name = f"{spec.owner_name}-"
         labels.setdefault("statefulset.kubernetes.io/pod-name", name)
         labels.setdefault("apps.kubernetes.io/pod-index", str(replica))
-        labels.setdefault("controller-revision-hash", f"{spec.owner_name}-{_template_hash(seed, spec.namespace, spec.owner_name)}")
+        revision = _template_hash(seed, spec.namespace, spec.owner_name)
+        labels.setdefault("controller-revision-hash", f"{spec.owner_name}-{revision}")
     elif spec.owner_kind in ("DaemonSet", "ReplicaSet", "Job"):
         generate_name = f"{spec.owner_name}-"
         name = spec.name or f"{spec.owner_name}-{_pod_suffix(seed, spec.namespace, spec.owner_name, replica)}"
@@ -495,7 +498,8 @@ def _container_status(pod: Pod, c: Container) -> dict[str, Any]:
         reason = c.reason or "CrashLoopBackOff"
         waiting: dict[str, Any] = {"reason": reason}
         if reason == "CrashLoopBackOff":
-            waiting["message"] = f"back-off 5m0s restarting failed container={c.name} pod={pod.name}_{pod.namespace}({pod.uid})"
+            waiting["message"] = (f"back-off 5m0s restarting failed container={c.name} "
+                                  f"pod={pod.name}_{pod.namespace}({pod.uid})")
         status["state"] = {"waiting": waiting}
         finished = pod.created_at + dt.timedelta(minutes=5 * max(c.restart_count, 1))
         status["lastState"] = {

@@ -14,7 +14,8 @@ from backupd.errors import UnsafeArchive
 # shared/fixtures lives beside the repository
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 STATS_FIXTURE = FIXTURES / "checkpointctl/history/0405c795b97e646c1332fc1f3f9269e803507c68/test/stats-dump"
-needs_fixture = pytest.mark.skipif(not STATS_FIXTURE.is_file(), reason=f"stats-dump fixture not found at {STATS_FIXTURE}")
+needs_fixture = pytest.mark.skipif(not STATS_FIXTURE.is_file(),
+                                   reason=f"stats-dump fixture not found at {STATS_FIXTURE}")
 
 
 def sample_images() -> dict[str, bytes]:
