@@ -635,11 +635,11 @@ class NodeSimulator:
                     return fault
         return None
 
-    def _handle(self, h: _Handler) -> None:
-        url = urlsplit(h.path)
-        ex = _Exchange(h, h.command, unquote(url.path), url.query, self._log_request)
+    def _handle(self, handler: _Handler) -> None:
+        url = urlsplit(handler.path)
+        ex = _Exchange(handler, handler.command, unquote(url.path), url.query, self._log_request)
         try:
-            self._read_body(h)
+            self._read_body(handler)
             fault = self._match_fault(ex.method, ex.path)
             if fault is not None:
                 ex.fault = fault.action
@@ -651,7 +651,7 @@ class NodeSimulator:
                     return
             self._route(ex)
         except _Abort:
-            h.close_connection = True
+            handler.close_connection = True
             raise
         finally:
             ex.record()
@@ -660,8 +660,8 @@ class NodeSimulator:
         with self._lock:
             self._requests.append(record)
 
-    def _read_body(self, h: _Handler) -> None:
-        length = h.headers.get("Content-Length")
+    def _read_body(self, handler: _Handler) -> None:
+        length = handler.headers.get("Content-Length")
         if length is None:
             return
         try:
@@ -670,7 +670,7 @@ class NodeSimulator:
             n = -1
         if not 0 <= n <= _MAX_REQUEST_BODY:
             raise _Abort()
-        h.rfile.read(n)
+        handler.rfile.read(n)
 
     def _route(self, ex: _Exchange) -> None:
         if ex.path in ("/pods", "/pods/"):

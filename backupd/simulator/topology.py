@@ -480,46 +480,46 @@ def _owner_api_version(kind: str) -> str:
     return "batch/v1" if kind == "Job" else "apps/v1"
 
 
-def _container_status(pod: Pod, c: Container) -> dict[str, Any]:
+def _container_status(pod: Pod, container: Container) -> dict[str, Any]:
     status: dict[str, Any] = {
-        "name": c.name,
+        "name": container.name,
         "state": {},
         "lastState": {},
-        "ready": c.state == "running",
-        "restartCount": c.restart_count,
-        "image": c.image_name,
-        "imageID": c.image_ref,
-        "containerID": f"cri-o://{c.container_id}",
-        "started": c.state == "running",
+        "ready": container.state == "running",
+        "restartCount": container.restart_count,
+        "image": container.image_name,
+        "imageID": container.image_ref,
+        "containerID": f"cri-o://{container.container_id}",
+        "started": container.state == "running",
     }
-    if c.state == "running":
-        status["state"] = {"running": {"startedAt": _k8s_time(c.created_at + dt.timedelta(seconds=1))}}
-    elif c.state == "waiting":
-        reason = c.reason or "CrashLoopBackOff"
+    if container.state == "running":
+        status["state"] = {"running": {"startedAt": _k8s_time(container.created_at + dt.timedelta(seconds=1))}}
+    elif container.state == "waiting":
+        reason = container.reason or "CrashLoopBackOff"
         waiting: dict[str, Any] = {"reason": reason}
         if reason == "CrashLoopBackOff":
-            waiting["message"] = (f"back-off 5m0s restarting failed container={c.name} "
+            waiting["message"] = (f"back-off 5m0s restarting failed container={container.name} "
                                   f"pod={pod.name}_{pod.namespace}({pod.uid})")
         status["state"] = {"waiting": waiting}
-        finished = pod.created_at + dt.timedelta(minutes=5 * max(c.restart_count, 1))
+        finished = pod.created_at + dt.timedelta(minutes=5 * max(container.restart_count, 1))
         status["lastState"] = {
             "terminated": {
-                "exitCode": 1 if c.exit_code is None else c.exit_code,
+                "exitCode": 1 if container.exit_code is None else container.exit_code,
                 "reason": "Error",
                 "startedAt": _k8s_time(finished - dt.timedelta(seconds=2)),
                 "finishedAt": _k8s_time(finished),
-                "containerID": f"cri-o://{c.container_id}",
+                "containerID": f"cri-o://{container.container_id}",
             }
         }
     else:
-        code = 0 if c.exit_code is None else c.exit_code
+        code = 0 if container.exit_code is None else container.exit_code
         status["state"] = {
             "terminated": {
                 "exitCode": code,
-                "reason": c.reason or ("Completed" if code == 0 else "Error"),
-                "startedAt": _k8s_time(c.created_at + dt.timedelta(seconds=1)),
-                "finishedAt": _k8s_time(c.created_at + dt.timedelta(seconds=30)),
-                "containerID": f"cri-o://{c.container_id}",
+                "reason": container.reason or ("Completed" if code == 0 else "Error"),
+                "startedAt": _k8s_time(container.created_at + dt.timedelta(seconds=1)),
+                "finishedAt": _k8s_time(container.created_at + dt.timedelta(seconds=30)),
+                "containerID": f"cri-o://{container.container_id}",
             }
         }
     return status
