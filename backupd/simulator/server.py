@@ -18,6 +18,13 @@ Behaviour copied from the kubelet (reference §1.1–1.3, 1.8):
 
 Tests steer it with faults (:class:`Fault`), read the request log (``requests``) and mutate
 pods at run time (``add_pod``, ``remove_pod``, ``set_container_state``).
+
+Why one module of ~850 lines: it is one kubelet. The TLS accept path, the request handler,
+the fault injector and the checkpoint writer all work on :class:`NodeSimulator`'s lock, pods,
+faults and request log, so the kubelet's behaviour reads top to bottom in one place; what
+stands alone already lives beside it (certificates in :mod:`~backupd.simulator.pki`, pods in
+:mod:`~backupd.simulator.topology`, archives in :mod:`~backupd.simulator.archive`, real CRIU
+in :mod:`~backupd.simulator.criu`).
 """
 
 from __future__ import annotations
