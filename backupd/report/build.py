@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from backupd.config import DEFAULT_STALE_INTERVALS
 from backupd.model import COMMITTED, GROUP_BY_REPLICA, RUN_FAILED, SUCCEEDED, GroupStats, Run, replica_identity
@@ -36,7 +36,31 @@ from backupd.storage.prune import Planned
 Assessment = tuple[str, datetime | None, datetime | None, datetime | None]
 
 
-def assess(schedule: Schedule, newest: datetime | None, now: datetime,
+class Fires(Protocol):
+    """What the report asks of a schedule: a :class:`~backupd.policy.schedule.Schedule`, or the
+    same remembering its answers (:class:`RememberedSchedule`)."""
+
+    @property
+    def interval(self) -> timedelta | None: ...
+
+    @property
+    def period(self) -> timedelta: ...
+
+    def next_after(self, moment: datetime) -> datetime: ...
+
+
+class RememberedSchedule:
+    """A schedule that remembers its fire times: a report asks every workload of a policy when
+    its next runs are, mostly about the same moments, and a cron schedule computes each one
+    afresh (it builds an APScheduler trigger per question)."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.interval = schedule.interval
+        self.period = schedule.period
+        self.next_after = functools.lru_cache(maxsize=4096)(schedule.next_after)
+
+
+def assess(schedule: Fires, newest: datetime | None, now: datetime,
            stale_intervals: int = DEFAULT_STALE_INTERVALS) -> Assessment:
     """``(status, due_at, late_after, missing_after)`` of a recovery point (:mod:`backupd.report`)."""
     if newest is None:
@@ -71,7 +95,7 @@ def _reason(status: str, newest: datetime | None, now: datetime, due: datetime |
     return f"newest archive {age} old: {stale_intervals} or more scheduled runs left no archive"
 
 
-def _next_run(schedule: Schedule, last_started: datetime | None, now: datetime) -> datetime:
+def _next_run(schedule: Fires, last_started: datetime | None, now: datetime) -> datetime:
     # After downtime the daemon catches a missed run up at once, then follows the schedule;
     # either way the first fire after now is the honest "next".
     if last_started is not None:
@@ -350,7 +374,7 @@ def assemble(facts: ReportFacts, now: datetime, *, stale_intervals: int = DEFAUL
 
 def _policy_report(policy: Policy, groups: list[GroupFacts], runs: PolicyRuns, storage: tuple[StoragePoint, ...],
                    now: datetime, stale_intervals: int) -> PolicyReport:
-    schedule = policy.schedule
+    schedule = RememberedSchedule(policy.schedule)
     period = schedule.period
     next_run = _next_run(schedule, runs.last_checkpoint_start, now)
     by_target = {g.target: g for g in groups}
