@@ -157,8 +157,9 @@ class App:
         """Every minute: a fresh report for the API while someone reads it, and the alerts
         from it when this daemon sends them (:meth:`check_alerts`)."""
         sends_alerts = self._sends_alerts()
-        if sends_alerts or self.reports.read_within(timedelta(minutes=10)):
-            report = self.reports.refresh()
+        lately = timedelta(minutes=10)
+        if sends_alerts or self.reports.read_within(lately):
+            report = self.reports.refresh(serialise_read_within=lately)
             if sends_alerts:
                 assert self.notifier is not None
                 check_and_alert(self.notifier, report)

@@ -9,7 +9,8 @@ minute for nobody), so a request waits for a fresh report only when there is non
 last one is older than ``max_age``.
 
 The JSON is serialised once per report and form (with or without the archive timelines), so a
-request costs the copy of some bytes, not a serialisation of the whole report.
+request costs the copy of some bytes, not a serialisation of the whole report; a refresh
+serialises at once the forms read lately (the timelines of a big report take seconds).
 """
 
 from __future__ import annotations
@@ -34,26 +35,34 @@ class ReportCache:
         self._clock = clock
         self._report: RetentionReport | None = None
         self._computed_at = 0.0  # clock() when _report was computed
-        self._read_at: float | None = None  # clock() of the last read
+        self._read_at: dict[bool, float] = {}  # with timelines or not -> clock() of its last read
         self._json: dict[bool, bytes] = {}  # with timelines or not -> the report's JSON
         self._lock = threading.Lock()  # guards the fields above
         self._computing = threading.Lock()  # one computation at a time
 
-    def refresh(self) -> RetentionReport:
-        """Compute a report now and keep it (and forget the last one's JSON); returns it. A
-        failure (e.g. the catalog unreachable) propagates and leaves the last report served."""
+    def refresh(self, *, serialise_read_within: timedelta = timedelta(0)) -> RetentionReport:
+        """Compute a report now and keep it (and forget the last one's JSON); returns it. Its
+        JSON is serialised at once in the forms read within ``serialise_read_within``. A failure
+        (e.g. the catalog unreachable) propagates and leaves the last report served."""
         with self._computing:
-            return self._compute_and_keep()
+            report = self._compute_and_keep()
+        for timelines in (False, True):
+            if self._read_within(serialise_read_within, timelines):
+                self._serialised(report, timelines)
+        return report
 
     def read_within(self, period: timedelta) -> bool:
-        """Whether the report was read in the last ``period``."""
+        """Whether the report was read (in any form) in the last ``period``."""
+        return any(self._read_within(period, timelines) for timelines in (False, True))
+
+    def serialised(self, *, timelines: bool = False) -> bool:
+        """Whether the last report's JSON in this form is ready (a request gets it at once)."""
         with self._lock:
-            return self._read_at is not None and self._clock() - self._read_at <= period.total_seconds()
+            return self._report is not None and timelines in self._json
 
     def report(self) -> RetentionReport:
         """The last report; computed now when there is none yet or it is older than ``max_age``."""
         with self._lock:
-            self._read_at = self._clock()
             if self._current():
                 assert self._report is not None
                 return self._report
@@ -66,7 +75,16 @@ class ReportCache:
 
     def json(self, *, timelines: bool = False) -> bytes:
         """The last report's JSON (:meth:`RetentionReport.to_json`), serialised once."""
-        report = self.report()
+        with self._lock:
+            self._read_at[timelines] = self._clock()
+        return self._serialised(self.report(), timelines)
+
+    def _read_within(self, period: timedelta, timelines: bool) -> bool:
+        with self._lock:
+            read = self._read_at.get(timelines)
+            return read is not None and self._clock() - read <= period.total_seconds()
+
+    def _serialised(self, report: RetentionReport, timelines: bool) -> bytes:
         with self._lock:
             if report is self._report and timelines in self._json:
                 return self._json[timelines]

@@ -12,7 +12,7 @@ import httpx
 from backupd.policy.document import parse_policies
 from backupd.report.build import build_report
 from backupd.report.cache import ReportCache
-from backupd.report.model import RetentionReport
+from backupd.report.model import RetentionReport, rfc3339
 from tests.report.test_build import T0, archive, policy
 
 
@@ -41,7 +41,9 @@ def test_the_last_report_is_served_until_a_refresh_replaces_it() -> None:
     cache = ReportCache(compute, max_age=timedelta(minutes=5), clock=clock)
     assert not cache.read_within(timedelta(minutes=10))
     first = cache.report()  # none yet: computed for this read
-    assert compute.computed == 1 and cache.read_within(timedelta(minutes=10))
+    assert compute.computed == 1 and not cache.read_within(timedelta(minutes=10))  # what the API reads is the JSON
+    cache.json()
+    assert cache.read_within(timedelta(minutes=10))
     clock.now += 60
     assert cache.report() is first and compute.computed == 1
     refreshed = cache.refresh()
@@ -60,6 +62,18 @@ def test_a_report_older_than_max_age_is_computed_again_for_the_reader() -> None:
     assert compute.computed == 1
     clock.now += 1
     assert cache.report().generated_at == T0 + timedelta(hours=2) and compute.computed == 2
+
+
+def test_a_refresh_serialises_the_forms_read_lately() -> None:
+    compute, clock = Reports(), Clock()
+    cache = ReportCache(compute, clock=clock)
+    cache.json(timelines=True)
+    clock.now += 11 * 60
+    cache.json()  # the report is older than max_age: computed again
+    report = cache.refresh(serialise_read_within=timedelta(minutes=10))
+    assert cache.serialised() and not cache.serialised(timelines=True)  # not read in the last 10 minutes
+    assert json.loads(cache.json())["generated_at"] == "2026-03-02T03:00:00Z" == rfc3339(report.generated_at)
+    assert compute.computed == 3
 
 
 def test_the_json_is_the_reports_with_or_without_timelines_and_serialised_once() -> None:
