@@ -8,18 +8,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from backupd.model import Run
+from backupd.model import Run, rfc3339
 
 OK, LATE, MISSING, UNMANAGED = "OK", "LATE", "MISSING", "UNMANAGED"
 SEVERITY = {OK: 0, UNMANAGED: 1, LATE: 2, MISSING: 3}
 FORMAT = "backupd.report/v1"
 
 
-def rfc3339(moment: datetime | None) -> str | None:
-    """A moment as the JSON writes it: RFC 3339 UTC with ``Z`` (None stays None)."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+def json_time(moment: datetime | None) -> str | None:
+    """A moment as the JSON writes it (:func:`backupd.model.rfc3339`); None stays None."""
+    return rfc3339(moment) if moment is not None else None
 
 
 def format_moment(moment: datetime | None) -> str:
@@ -71,7 +69,7 @@ class RunSummary:
         return {
             "id": self.id, "kind": self.kind, "outcome": self.outcome, "policy": self.policy,
             "namespace": self.namespace, "pod": self.pod, "workload": self.workload, "container": self.container,
-            "node": self.node, "started_at": rfc3339(self.started_at), "finished_at": rfc3339(self.finished_at),
+            "node": self.node, "started_at": json_time(self.started_at), "finished_at": json_time(self.finished_at),
             "error_kind": self.error_kind, "error": self.error,
         }
 
@@ -88,7 +86,7 @@ class ArchivePoint:
     reasons: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "time": rfc3339(self.time), "stored_size": self.stored_size, "pinned": self.pinned,
+        return {"id": self.id, "time": json_time(self.time), "stored_size": self.stored_size, "pinned": self.pinned,
                 "keep": self.keep, "reasons": list(self.reasons)}
 
 
@@ -100,7 +98,7 @@ class StoragePoint:
     stored_bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"time": rfc3339(self.time), "stored_bytes": self.stored_bytes}
+        return {"time": json_time(self.time), "stored_bytes": self.stored_bytes}
 
 
 @dataclass(frozen=True)
@@ -154,11 +152,11 @@ class WorkloadStatus:
             "policy": self.policy, "namespace": self.namespace, "workload": self.workload, "replica": self.replica,
             "container": self.container, "status": self.status, "reason": self.reason, "failing": self.failing,
             "archives": self.archives, "stored_bytes": self.stored_bytes,
-            "oldest": rfc3339(self.oldest), "newest": rfc3339(self.newest),
+            "oldest": json_time(self.oldest), "newest": json_time(self.newest),
             "recovery_point_age_seconds": age.total_seconds() if age is not None else None,
-            "due_at": rfc3339(self.due_at), "late_after": rfc3339(self.late_after),
-            "missing_after": rfc3339(self.missing_after),
-            "next_run": rfc3339(self.next_run),
+            "due_at": json_time(self.due_at), "late_after": json_time(self.late_after),
+            "missing_after": json_time(self.missing_after),
+            "next_run": json_time(self.next_run),
             "last_success": self.last_success.to_json() if self.last_success else None,
             "last_failure": self.last_failure.to_json() if self.last_failure else None,
             "prune": {"remove_archives": self.remove_archives, "remove_bytes": self.remove_bytes,
@@ -214,7 +212,7 @@ class PolicyReport:
             "name": self.name, "managed": self.managed, "schedule": self.schedule, "timezone": self.timezone,
             "backend": self.backend, "period_seconds": self.period.total_seconds() if self.period else None,
             "status": self.status, "archives": self.archives, "stored_bytes": self.stored_bytes,
-            "next_run": rfc3339(self.next_run),
+            "next_run": json_time(self.next_run),
             "last_success": self.last_success.to_json() if self.last_success else None,
             "last_failure": self.last_failure.to_json() if self.last_failure else None,
             "last_prune": self.last_prune.to_json() if self.last_prune else None,
@@ -255,7 +253,7 @@ class RetentionReport:
         workload's archive points, which are most of a big report's bytes."""
         return {
             "format": FORMAT,
-            "generated_at": rfc3339(self.generated_at),
+            "generated_at": json_time(self.generated_at),
             "stale_intervals": self.stale_intervals,
             "summary": self.summary(),
             "policies": [p.to_json(timelines=timelines) for p in self.policies],

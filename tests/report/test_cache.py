@@ -9,10 +9,11 @@ from pathlib import Path
 
 import httpx
 
+from backupd.model import rfc3339
 from backupd.policy.document import parse_policies
 from backupd.report.build import build_report
 from backupd.report.cache import ReportCache
-from backupd.report.model import RetentionReport, rfc3339
+from backupd.report.model import RetentionReport
 from tests.report.test_build import T0, archive, policy
 
 
