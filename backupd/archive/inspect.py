@@ -70,7 +70,7 @@ from typing import IO, Any
 
 import zstandard
 
-from backupd.archive import criu as ci
+from backupd.archive import criu
 from backupd.archive.tar import DEFAULT_LIMITS, Limits, MemberRules, member_name, member_size, short
 from backupd.errors import (
     BackupdError,
@@ -579,11 +579,11 @@ def _apply_metadata(result: Inspection, files: dict[str, bytes], what: str) -> N
 
     if "stats-dump" in files:
         try:
-            stats = ci.decode_stats(files["stats-dump"])
-        except ci.CriuImageError as exc:
+            stats = criu.decode_stats(files["stats-dump"])
+        except criu.CriuImageError as exc:
             raise UnsafeArchive(f"{what}: member 'stats-dump': {exc}") from None
-        d = stats.dump
-        if d is not None:
+        if stats.HasField("dump"):
+            d = stats.dump
             result.statistics = DumpStatistics(
                 freezing_time=d.freezing_time, frozen_time=d.frozen_time, memdump_time=d.memdump_time,
                 memwrite_time=d.memwrite_time, pages_scanned=d.pages_scanned,
@@ -597,20 +597,20 @@ def _apply_metadata(result: Inspection, files: dict[str, bytes], what: str) -> N
 def _decode_core(data: bytes, pid: int, what: str) -> tuple[str, str] | None:
     """(comm, task state) of a task's core image; None for a thread's (it has no task core)."""
     try:
-        image = ci.decode_image(data, expect="CORE")
-    except ci.CriuImageError as exc:
+        image = criu.decode_image(data, expect="CORE")
+    except criu.CriuImageError as exc:
         raise UnsafeArchive(f"{what}: member 'checkpoint/core-{pid}.img': {exc}") from None
     if len(image.entries) != 1:
         raise UnsafeArchive(f"{what}: member 'checkpoint/core-{pid}.img' has {len(image.entries)} entries, expected 1")
-    tc = image.entries[0].tc
-    return None if tc is None else (tc.comm, tc.state_name)
+    core = image.entries[0]
+    return (criu.task_comm(core.tc), criu.task_state_name(core.tc)) if core.HasField("tc") else None
 
 
 def _process_tree(pstree: bytes, cores: dict[int, tuple[str, str] | None], what: str,
                   limits: Limits) -> ProcessNode:  # fmt: skip
     try:
-        entries = ci.decode_image(pstree, expect="PSTREE").entries
-    except ci.CriuImageError as exc:
+        entries = criu.decode_image(pstree, expect="PSTREE").entries
+    except criu.CriuImageError as exc:
         raise UnsafeArchive(f"{what}: member 'checkpoint/pstree.img': {exc}") from None
     nodes: dict[int, ProcessNode] = {}
     parents: dict[int, int] = {}
