@@ -215,7 +215,9 @@ IMAGE_TYPES: dict[str, type[Message]] = {
 #: CRIU's ``core_entry.march`` name (``X86_64`` ...) by machine as ``uname -m`` spells it (``x86_64``,
 #: ``aarch64`` ...); CRIU's PPC64 and S390 are the little-endian ppc64le and s390x it supports.
 _UNAME = {"PPC64": "ppc64le", "S390": "s390x"}
-MACHINES: dict[str, str] = {_UNAME.get(name, name.lower()): name for name in CoreEntry.march.keys() if name != "UNKNOWN"}
+MACHINES: dict[str, str] = {
+    _UNAME.get(name, name.lower()): name for name in CoreEntry.march.keys() if name != "UNKNOWN"
+}
 
 M = TypeVar("M", bound=Message)
 
