@@ -4,7 +4,7 @@ Each archive's manifest must pass the schema, agree with its key and with the ca
 object is streamed back and decompressed; its size and SHA-256 (of the stored bytes and of the
 tar) are checked against the catalog -- sizes as the bytes come, so a decompression bomb stops
 at the declared size -- and every tar member must pass the rules restore and inspect apply
-(:mod:`backupd.tarscan`: no ``..``, absolute names, links, devices, FIFOs). A bit flip, a
+(:mod:`backupd.archive.tar`: no ``..``, absolute names, links, devices, FIFOs). A bit flip, a
 truncation or a hostile member anywhere is caught (status ``corrupt``). With ``structure=True``
 (the CLI's default, and restore drills) the tar must also be a checkpoint archive:
 ``config.dump`` and ``spec.dump`` present and valid JSON, ``checkpoint/inventory.img``.
@@ -89,7 +89,7 @@ _JSON_FILES = ("config.dump", "spec.dump")
 
 def scan_archive(reader: UnpackingReader, what: str, *, structure: bool) -> None:
     """Read a verified stream to its end through the member rules every reader applies
-    (:mod:`backupd.tarscan`); with ``structure``, also require what every runtime's restore
+    (:mod:`backupd.archive.tar`); with ``structure``, also require what every runtime's restore
     needs: ``config.dump`` and ``spec.dump`` holding JSON, ``checkpoint/inventory.img``."""
     present: set[str] = set()
 
