@@ -311,11 +311,12 @@ def _magic_header(magic: str) -> bytes:
     return struct.pack("<II", lead, value)
 
 
-def split_image(data: bytes | memoryview, *, expect: str | None = None) -> tuple[str, list[memoryview]]:
+def split_image(data: bytes | memoryview, *, expect: str | None = None,
+                max_entries: int = MAX_ENTRIES) -> tuple[str, list[memoryview]]:
     """Parse the framing of an image: return its magic name and the raw protobuf entries.
 
     Refuses unknown magics, an ``expect``-ed magic that does not match, sizes that run past
-    the end of the data and more than ``MAX_ENTRIES`` entries.
+    the end of the data and more than ``max_entries`` entries.
     """
     view = data if isinstance(data, memoryview) else memoryview(data)
     if len(view) < 4:
@@ -343,8 +344,8 @@ def split_image(data: bytes | memoryview, *, expect: str | None = None) -> tuple
         pos += 4
         if size > end - pos:
             raise CriuImageError(f"{name} image entry {len(entries)} claims {size} bytes, only {end - pos} left")
-        if len(entries) >= MAX_ENTRIES:
-            raise CriuImageError(f"{name} image has more than {MAX_ENTRIES} entries")
+        if len(entries) >= max_entries:
+            raise CriuImageError(f"{name} image has more than {max_entries} entries")
         entries.append(view[pos : pos + size])
         pos += size
     return name, entries

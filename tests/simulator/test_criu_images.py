@@ -158,6 +158,15 @@ def test_refuses_absurd_entry_size_without_allocating():
     refused(data, r"claims 4294967295 bytes, only 4 left")
 
 
+def test_refuses_too_many_entries_before_parsing_any():
+    entries = [criu.PstreeEntry(pid=i) for i in range(1, 12)]
+    data = criu.encode_image("PSTREE", entries)
+    assert len(criu.split_image(data, max_entries=11)[1]) == 11
+    with pytest.raises(criu.CriuImageError, match="PSTREE image has more than 10 entries"):
+        criu.split_image(data, max_entries=10)
+    assert criu.MAX_ENTRIES == 4_000_000 and len(criu.decode_image(data).entries) == 11
+
+
 def test_refuses_absurd_field_length():
     payload = bytes([0x32]) + b"\xff\xff\xff\xff\xff\xff\xff\xff\x7f"  # comm with a 2^63-ish length
     data = struct.pack("<III", criu.IMG_COMMON, criu.MAGICS["CORE"], len(payload)) + payload
