@@ -30,7 +30,6 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import groupby
 from operator import attrgetter
 
 import structlog
@@ -88,14 +87,15 @@ _GROUP = attrgetter("namespace", "workload", "replica", "container")
 
 
 def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
-    """One retention plan per group of the policy's committed archives. Pure."""
-    mine = [a for a in archives if a.state == COMMITTED and a.policy == policy.name]
-    mine.sort(key=_GROUP)  # stable: each group keeps its input order
+    """One retention plan per group of the policy's committed archives, groups in order. Pure."""
+    groups: dict[tuple[str, str, str, str], list[Planned]] = {}
+    for archive in archives:
+        if archive.state == COMMITTED and archive.policy == policy.name:
+            groups.setdefault(_GROUP(archive), []).append(archive)
     plans = []
-    for (namespace, workload, replica, container), grouped in groupby(mine, _GROUP):
-        members = tuple(grouped)
+    for (namespace, workload, replica, container), members in sorted(groups.items()):
         items = [retention.Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in members]
-        plans.append(GroupPlan(namespace, workload, replica, container, members,
+        plans.append(GroupPlan(namespace, workload, replica, container, tuple(members),
                                retention.plan(items, policy.rules, tz=policy.tz)))
     return plans
 
