@@ -130,21 +130,14 @@ def recorded_replica(workload: str, pod: str, node: str) -> str:
 
 
 PENDING, COMMITTED, DELETING, FAILED = "pending", "committed", "deleting", "failed"
-
-
-
 ARCHIVE_STATES = (PENDING, COMMITTED, DELETING, FAILED)
 
-
-
 RUNNING, SUCCEEDED, RUN_FAILED, SKIPPED = "running", "succeeded", "failed", "skipped"
-
 
 
 def rfc3339(moment: datetime) -> str:
     """An aware time as RFC 3339 UTC with ``Z``, as every JSON output of backupd writes it."""
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
 
 
 def _json_fields(value: Any) -> dict[str, Any]:
@@ -156,9 +149,13 @@ def _json_fields(value: Any) -> dict[str, Any]:
     return d
 
 
-
 @dataclass(frozen=True)
 class Archive:
+    """An archive as the catalog knows it: one checkpoint of one container, stored in a backend."""
+
+    # The API lists to_json() and generates its OpenAPI schema from these fields; the manifest
+    # beside the stored object records the same facts (backupd.storage.layout.ARCHIVE_FACTS).
+
     id: str
     state: str
     policy: str
@@ -194,7 +191,6 @@ class Archive:
         return _json_fields(self)
 
 
-
 @dataclass(frozen=True, slots=True)
 class ArchiveSummary:
     """What retention needs of an archive; a tenth of a row, for planning over millions."""
@@ -209,7 +205,6 @@ class ArchiveSummary:
     checkpoint_time: datetime
     stored_size: int | None
     pinned: bool
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +229,12 @@ class GroupStats:
         return (self.policy, self.namespace, self.workload, self.replica, self.container)
 
 
-
 @dataclass(frozen=True)
 class Run:
+    """One run of a policy's work (a checkpoint, prune, verify or delete) and its outcome."""
+
+    # The API lists to_json() and generates its OpenAPI schema from these fields.
+
     id: int
     kind: str
     policy: str | None
@@ -259,7 +257,6 @@ class Run:
         return _json_fields(self)
 
 
-
 @dataclass(frozen=True)
 class StoredPolicy:
     name: str
@@ -267,7 +264,6 @@ class StoredPolicy:
     generation: int
     created_at: datetime
     updated_at: datetime
-
 
 
 def now_utc() -> datetime:
