@@ -6,7 +6,7 @@
                    answers; 503 with the failing check otherwise (results cached a few seconds
                    so probes do not hammer the kubelet)
 ``/metrics``       Prometheus text exposition
-``/openapi.json``  the OpenAPI 3.0 document of the JSON API
+``/openapi.json``  the OpenAPI 3.1 document of the JSON API
 ``/api/v1/...``    ``policies``, ``archives``, ``runs``, ``report`` (read-only JSON)
 =================  ========================================================================
 

@@ -477,8 +477,6 @@ def _plan(items: Iterable[Item], rules: Rules, tz: tzinfo | None, now: datetime 
     return Plan(tuple(map(Decision, ordered, keep, reasons_of))), decided
 
 
-
-
 # -- simulate and timestamps -----------------------------------------------------------------
 
 _RFC3339 = re.compile(
