@@ -52,7 +52,10 @@ def report(ctx: Context, output: str, out_path: Path | None, stale_intervals: in
     if stale_intervals is None:
         alerts = getattr(ctx.config, "alerts", None)
         stale_intervals = getattr(alerts, "stale_intervals", DEFAULT_STALE_INTERVALS)
-    from backupd.report.build import load_report, render_html, render_table  # the report's weight only when asked
+    # the report's weight (Jinja2 among it) only when asked
+    from backupd.report.html import render_html
+    from backupd.report.load import load_report
+    from backupd.report.render import render_table
 
     catalog = ctx.app.catalog
     catalog.check_schema()

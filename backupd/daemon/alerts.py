@@ -2,7 +2,7 @@
 
 The daemon owns one :class:`Notifier` (built by :func:`notifier_from_config`, ``None`` when no
 webhook is configured) and, after each cycle, calls :func:`check_and_alert` with a fresh
-:func:`backupd.report.build.load_report`; it may also hand every finished run to
+:func:`backupd.report.load.load_report`; it may also hand every finished run to
 :meth:`Notifier.notify_run` as it happens. Nothing here raises into the daemon: a delivery that
 fails is logged (with the webhook's host only) and retried on a later call.
 
@@ -71,7 +71,7 @@ from backupd import __version__
 from backupd.config import AlertsConfig, check_webhook_url
 from backupd.errors import ConfigError
 from backupd.model import RUN_FAILED, SUCCEEDED
-from backupd.report.build import MISSING, UNMANAGED, Report, WorkloadStatus
+from backupd.report.model import MISSING, UNMANAGED, RetentionReport, WorkloadStatus
 
 log = structlog.get_logger("backupd.alerts")
 
@@ -89,20 +89,44 @@ def _host(url: str) -> str:
 
 
 class RunLike(Protocol):
-    """A :class:`backupd.model.Run` or a :class:`backupd.report.build.RunSummary`."""
+    """A :class:`backupd.model.Run` or a :class:`backupd.report.model.RunSummary` (frozen: the
+    fields are read-only properties here, so both match)."""
 
-    id: int
-    kind: str
-    outcome: str
-    policy: str | None
-    namespace: str | None
-    pod: str | None
-    workload: str | None
-    container: str | None
-    node: str
-    started_at: datetime
-    error_kind: str | None
-    error: str | None
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def policy(self) -> str | None: ...
+
+    @property
+    def namespace(self) -> str | None: ...
+
+    @property
+    def pod(self) -> str | None: ...
+
+    @property
+    def workload(self) -> str | None: ...
+
+    @property
+    def container(self) -> str | None: ...
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def started_at(self) -> datetime: ...
+
+    @property
+    def error_kind(self) -> str | None: ...
+
+    @property
+    def error(self) -> str | None: ...
 
 
 Key = tuple[str, str, str | None, str | None, str | None, str | None, str | None]
@@ -407,7 +431,7 @@ def _newer(a: RunLike, b: RunLike | None) -> bool:
     return b is None or (a.started_at, a.id) > (b.started_at, b.id)
 
 
-def check_and_alert(notifier: Notifier, report: Report) -> None:
+def check_and_alert(notifier: Notifier, report: RetentionReport) -> None:
     """Raise and resolve alerts from a report (its runs and workload statuses), then deliver.
 
     Only the latest run of each target counts: an old failure followed by a success resolves,

@@ -200,6 +200,11 @@ def openapi_document() -> dict[str, Any]:
                 limit, after]),
             "/api/v1/report": {"get": {
                 "summary": "The retention report (as `backupd report --output json`)", "security": [{"bearer": []}, {}],
+                "description": "The daemon's last report, refreshed every minute (`generated_at` says when it was "
+                               "computed). Without `timeline=1` its workloads' `timeline` and `prune.remove` are "
+                               "empty: the archive points are most of a big report's bytes.",
+                "parameters": [param("timeline", {"type": "string", "enum": ["0", "1"]},
+                                     "1: list each workload's newest archives with the next prune's decision.")],
                 "responses": {"200": {"description": "Report", "content": {"application/json": {"schema": {
                     "type": "object"}}}}, "401": unauthorized, "503": error}}},
         },
@@ -220,7 +225,7 @@ class Api:
         *,
         token: str | None = None,
         kubelet_probe: Callable[[], None] | None = None,
-        report: Callable[[], dict[str, Any]] | None = None,
+        report: Callable[[bool], bytes] | None = None,
     ) -> None:
         self.catalog = catalog
         self.metrics = metrics
@@ -301,7 +306,8 @@ class Api:
             if path == "/api/v1/report":
                 if self.report is None:
                     return _json(503, {"error": "the report is not available in this build"})
-                return _json(200, self.report())
+                timelines = _one(query, "timeline", ("0", "1")) == "1"
+                return Answer(200, "application/json", self.report(timelines))
         except (BadRequest, InvalidInput) as exc:
             return _json(400, {"error": str(exc)})
         except BackupdError as exc:

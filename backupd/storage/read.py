@@ -115,16 +115,21 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive,
 
 @contextlib.contextmanager
 def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
-                  identities: Sequence[Any] = ()) -> Iterator[UnpackingReader]:
+                  identities: Sequence[Any] = (), *, stored_only: bool = False) -> Iterator[UnpackingReader]:
     """The object of ``archive`` as a stream checked against ``manifest``, which
-    :func:`verified_manifest` returned; :class:`StorageNotFound` when the object is gone."""
+    :func:`verified_manifest` returned; :class:`StorageNotFound` when the object is gone.
+
+    This is the one way a committed archive is opened for reading (verify, restore to every
+    destination, inspect). With ``stored_only`` (an encrypted archive verified without its
+    identity) the stream is the stored bytes, of which only the size and SHA-256 are checked.
+    """
     stream = backend.open(archive.key)
     try:
         yield UnpackingReader(
             stream, what=f"archive {archive.id} ({backend.name}:{archive.key})",
             tar_sha256=manifest.tar_sha256, stored_sha256=manifest.stored_sha256,
             tar_size=manifest.tar_size, stored_size=manifest.stored_size,
-            encryption=manifest.encryption, identities=identities,
+            encryption=manifest.encryption, identities=identities, stored_only=stored_only,
         )
     finally:
         stream.close()
