@@ -306,7 +306,7 @@ class Api:
             if path == "/api/v1/report":
                 if self.report is None:
                     return _json(503, {"error": "the report is not available in this build"})
-                timelines = _one(query, "timeline", ("0", "1")) == "1"
+                timelines = single_param(query, "timeline", ("0", "1")) == "1"
                 return Answer(200, "application/json", self.report(timelines))
         except (BadRequest, InvalidInput) as exc:
             return _json(400, {"error": str(exc)})
