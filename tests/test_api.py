@@ -19,24 +19,35 @@ from backupd.policy.document import parse_policies
 DOCUMENT = openapi_document()
 
 
+def _closed(schema: Any) -> Any:
+    """``schema`` with every object closed: a field the document does not describe is an error."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in schema:
+        closed.setdefault("additionalProperties", False)
+    return closed
+
+
+CLOSED_COMPONENTS = _closed(DOCUMENT["components"])
+
+
 def documented(path: str, response: httpx.Response) -> Any:
     """The response's JSON, checked against what the OpenAPI document says ``path`` answers with
-    this status: its schema (JSON Schema 2020-12, formats checked), and no field the schema does
-    not name."""
+    this status: its schema (JSON Schema 2020-12, formats checked), every object closed (no
+    field the document does not describe), every field required (to_json writes them all)."""
     answers = DOCUMENT["paths"][path]["get"]["responses"]
     assert str(response.status_code) in answers, f"{path} answered an undocumented {response.status_code}"
     schema = answers[str(response.status_code)]["content"]["application/json"]["schema"]
     body = response.json()
-    validator = Draft202012Validator({**schema, "components": DOCUMENT["components"]},
+    validator = Draft202012Validator({**_closed(schema), "components": CLOSED_COMPONENTS},
                                      format_checker=Draft202012Validator.FORMAT_CHECKER)
     problems = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(body)]
     assert not problems, problems
-    ref = schema.get("items", schema).get("$ref", "")
-    component = DOCUMENT["components"]["schemas"].get(ref.rpartition("/")[2], {})
-    if "properties" in component:  # Archive, Run, Error: exactly the fields the schema names
-        for item in body if isinstance(body, list) else [body]:
-            assert set(item) == set(component["properties"]) == set(component["required"]), item
     return body
+
 
 POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: web}\n"
           "spec: {selector: {namespaces: [default], matchLabels: {app: web}}, schedule: '@hourly', backend: local, "
@@ -104,6 +115,10 @@ def test_json_api_lists_what_the_catalog_holds(served) -> None:  # type: ignore[
     feb30 = {p["metadata"]["name"]: p for p in documented("/api/v1/policies", client.get("/api/v1/policies"))}["feb30"]
     assert feb30["spec"]["schedule"] == "0 0 30 2 *" and "spec.schedule: cron expression" in feb30["error"]
     app.catalog.delete_policy("feb30")
+    report = documented("/api/v1/report", client.get("/api/v1/report", params={"timeline": "1"}))
+    (workload,) = report["policies"][0]["workloads"]
+    assert report["summary"]["archives"] == 2 and len(workload["timeline"]) == 2 and workload["last_success"]
+    assert documented("/api/v1/report", client.get("/api/v1/report"))["policies"][0]["workloads"][0]["timeline"] == []
     bad = client.get("/api/v1/runs", params={"limit": "lots"})
     assert bad.status_code == 400 and "limit" in documented("/api/v1/runs", bad)["error"]
     weird = client.get("/api/v1/archives", params={"state": "weird"})
@@ -166,6 +181,9 @@ def test_openapi_document_validates() -> None:
                                                                    "title": "Checkpoint Time"}
     assert {"$ref": "#/components/schemas/PolicyDocument"} in schemas["Policy"]["anyOf"]
     assert schemas["Error"]["required"] == ["error"]
+    # every object of every schema lists all its fields as required: the API writes them all
+    for name in ("Archive", "Run", "Report", "WorkloadJson", "PolicyJson", "RunJson", "ArchivePointJson"):
+        assert set(schemas[name]["required"]) == set(schemas[name]["properties"]), name
 
 
 _paths = st.sampled_from(["/api/v1/policies", "/api/v1/archives", "/api/v1/runs", "/api/v1/report", "/api/v1/nope",

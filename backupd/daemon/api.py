@@ -61,6 +61,7 @@ from backupd.model import (
     Run,
 )
 from backupd.policy.document import PolicyDocument, RefusedPolicy, stored_document
+from backupd.report.model import RetentionReportJson
 
 log = structlog.get_logger("backupd.api")
 
@@ -113,12 +114,14 @@ class ApiError(BaseModel):
 
 #: What each answer of the API is, by component name: the OpenAPI schemas are generated from
 #: these types (the JSON the API writes comes from them too: ``Archive.to_json``,
-#: ``Run.to_json``, :func:`~backupd.policy.document.stored_document`).
+#: ``Run.to_json``, :func:`~backupd.policy.document.stored_document`, and
+#: ``RetentionReport.to_json``, which mypy holds to its TypedDict).
 COMPONENTS: dict[str, tuple[Any, JsonSchemaMode]] = {
     "Archive": (Archive, "serialization"),
     "Run": (Run, "serialization"),
     # validation: PolicySpec's serializer (it leaves the default groupBy out) hides its fields
     "Policy": (PolicyDocument | RefusedPolicy, "validation"),
+    "Report": (RetentionReportJson, "serialization"),
     "Error": (ApiError, "serialization"),
 }
 SCHEMA_REF = "#/components/schemas/{model}"
@@ -205,8 +208,8 @@ def openapi_document() -> dict[str, Any]:
                                "empty: the archive points are most of a big report's bytes.",
                 "parameters": [param("timeline", {"type": "string", "enum": ["0", "1"]},
                                      "1: list each workload's newest archives with the next prune's decision.")],
-                "responses": {"200": {"description": "Report", "content": {"application/json": {"schema": {
-                    "type": "object"}}}}, "401": unauthorized, "503": error}}},
+                "responses": {"200": json_of({"$ref": SCHEMA_REF.format(model="Report")}, "Report"),
+                              "401": unauthorized, "503": unavailable}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
