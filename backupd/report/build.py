@@ -93,6 +93,7 @@ from backupd.model import (
     GroupStats,
     Run,
     replica_identity,
+    rfc3339,
 )
 from backupd.policy import retention
 from backupd.policy.document import Policy
@@ -103,12 +104,6 @@ from backupd.storage.prune import Planned
 OK, LATE, MISSING, UNMANAGED = "OK", "LATE", "MISSING", "UNMANAGED"
 _SEVERITY = {OK: 0, UNMANAGED: 1, LATE: 2, MISSING: 3}
 FORMAT = "backupd.report/v1"
-
-
-def _ts(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # -- the report's values ---------------------------------------------------------------------
@@ -141,7 +136,7 @@ class RunSummary:
         return {
             "id": self.id, "kind": self.kind, "outcome": self.outcome, "policy": self.policy,
             "namespace": self.namespace, "pod": self.pod, "workload": self.workload, "container": self.container,
-            "node": self.node, "started_at": _ts(self.started_at), "finished_at": _ts(self.finished_at),
+            "node": self.node, "started_at": rfc3339(self.started_at), "finished_at": rfc3339(self.finished_at),
             "error_kind": self.error_kind, "error": self.error,
         }
 
@@ -158,7 +153,7 @@ class ArchivePoint:
     reasons: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "time": _ts(self.time), "stored_size": self.stored_size, "pinned": self.pinned,
+        return {"id": self.id, "time": rfc3339(self.time), "stored_size": self.stored_size, "pinned": self.pinned,
                 "keep": self.keep, "reasons": list(self.reasons)}
 
 
@@ -168,7 +163,7 @@ class StoragePoint:
     stored_bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"time": _ts(self.time), "stored_bytes": self.stored_bytes}
+        return {"time": rfc3339(self.time), "stored_bytes": self.stored_bytes}
 
 
 @dataclass(frozen=True)
@@ -219,10 +214,11 @@ class WorkloadStatus:
             "policy": self.policy, "namespace": self.namespace, "workload": self.workload, "replica": self.replica,
             "container": self.container, "status": self.status, "reason": self.reason, "failing": self.failing,
             "archives": self.archives, "stored_bytes": self.stored_bytes,
-            "oldest": _ts(self.oldest), "newest": _ts(self.newest),
+            "oldest": rfc3339(self.oldest), "newest": rfc3339(self.newest),
             "recovery_point_age_seconds": age.total_seconds() if age is not None else None,
-            "due_at": _ts(self.due_at), "late_after": _ts(self.late_after), "missing_after": _ts(self.missing_after),
-            "next_run": _ts(self.next_run),
+            "due_at": rfc3339(self.due_at), "late_after": rfc3339(self.late_after),
+            "missing_after": rfc3339(self.missing_after),
+            "next_run": rfc3339(self.next_run),
             "last_success": self.last_success.to_json() if self.last_success else None,
             "last_failure": self.last_failure.to_json() if self.last_failure else None,
             "prune": {"remove_archives": self.remove_archives, "remove_bytes": self.remove_bytes,
@@ -276,7 +272,7 @@ class PolicyReport:
             "name": self.name, "managed": self.managed, "schedule": self.schedule, "timezone": self.timezone,
             "backend": self.backend, "period_seconds": self.period.total_seconds() if self.period else None,
             "status": self.status, "archives": self.archives, "stored_bytes": self.stored_bytes,
-            "next_run": _ts(self.next_run),
+            "next_run": rfc3339(self.next_run),
             "last_success": self.last_success.to_json() if self.last_success else None,
             "last_failure": self.last_failure.to_json() if self.last_failure else None,
             "last_prune": self.last_prune.to_json() if self.last_prune else None,
@@ -313,7 +309,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "generated_at": _ts(self.generated_at),
+            "generated_at": rfc3339(self.generated_at),
             "stale_intervals": self.stale_intervals,
             "summary": self.summary(),
             "policies": [p.to_json() for p in self.policies],
