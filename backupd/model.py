@@ -217,6 +217,17 @@ class ArchiveSummary:
 
 
 
+@dataclass(frozen=True)
+class CatalogTotals:
+    """What the catalog holds now, for the state metrics (:meth:`Catalog.totals`)."""
+
+    #: policy -> (committed archives, their stored bytes)
+    retained: dict[str, tuple[int, int]]
+    #: (namespace, workload, container) -> when its newest successful checkpoint run finished
+    last_success: dict[tuple[str, str, str], datetime]
+
+
+
 @dataclass(frozen=True, slots=True)
 class GroupStats:
     """Aggregates of one retention group's committed archives (:meth:`Catalog.group_stats`)."""

@@ -50,6 +50,7 @@ from backupd.model import (
     SUCCEEDED,
     Archive,
     ArchiveSummary,
+    CatalogTotals,
     GroupStats,
     Run,
     StoredPolicy,
@@ -140,12 +141,11 @@ H = TypeVar("H", bound=Hashable)
 _nested = contextvars.ContextVar("backupd_catalog_call", default=False)
 
 
-def _translated(fn: Callable[P, T]) -> Callable[P, T]:
-    """Map SQLAlchemy errors to backupd's catalog errors (the one edge for SQLAlchemy), and
-    retry the whole call while the database is unreachable (a PostgreSQL restart or failover
-    must cost a few seconds, not a lost run record). Nested calls leave retrying to the
-    outermost one."""
+def _untried(fn: Callable[P, T]) -> Callable[P, T]:
+    """Map SQLAlchemy errors to backupd's catalog errors: the one edge for SQLAlchemy. Not
+    retried: for callers that must answer at once (a metrics scrape); see :func:`_translated`."""
 
+    @functools.wraps(fn)
     def attempt(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
@@ -153,6 +153,15 @@ def _translated(fn: Callable[P, T]) -> Callable[P, T]:
             raise CatalogUnavailable(f"catalog unavailable: {_describe(exc)}") from exc
         except sa_exc.DBAPIError as exc:
             raise CatalogError(f"catalog error: {_describe(exc)}") from exc
+
+    return attempt
+
+
+def _translated(fn: Callable[P, T]) -> Callable[P, T]:
+    """:func:`_untried`, and retry the whole call while the database is unreachable (a
+    PostgreSQL restart or failover must cost a few seconds, not a lost run record). Nested
+    calls leave retrying to the outermost one."""
+    attempt = _untried(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -592,6 +601,26 @@ class Catalog:
                     if latest.get(key) == run.started_at and (known is None or run.id > known.id):
                         chosen[key] = run
         return list(chosen.values())
+
+    @_untried
+    def totals(self) -> CatalogTotals:
+        """Committed archives and bytes per policy, and when each container's newest successful
+        checkpoint run finished: the state metrics. Not retried: a scrape answers now."""
+        with self.session() as s:
+            per_policy = s.execute(
+                select(ArchiveRow.policy, func.count(), func.coalesce(func.sum(ArchiveRow.stored_size), 0))
+                .where(ArchiveRow.state == COMMITTED).group_by(ArchiveRow.policy)
+            ).all()
+            per_container = s.execute(
+                select(RunRow.namespace, RunRow.workload, RunRow.container, func.max(RunRow.finished_at))
+                .where(RunRow.kind == "checkpoint", RunRow.outcome == SUCCEEDED)
+                .group_by(RunRow.namespace, RunRow.workload, RunRow.container)
+            ).all()
+        return CatalogTotals(
+            retained={policy: (int(count), int(total)) for policy, count, total in per_policy},
+            last_success={(namespace or "", workload or "", container or ""): _utc(finished)
+                          for namespace, workload, container, finished in per_container if finished is not None},
+        )
 
     @_translated
     def get_archives(self, archive_ids: Sequence[str]) -> list[Archive]:
