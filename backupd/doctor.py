@@ -476,7 +476,7 @@ def _backend_fix(exc: BackupdError, cfg: BackendConfig) -> str:
         return "fix the backend's settings named above"
     if isinstance(exc, NoSpace):
         return "free space on the backend's filesystem"
-    if isinstance(exc, StorageError) and not s3:
+    if isinstance(exc, StorageError) and not isinstance(cfg, S3BackendConfig):
         return f"make {cfg.path} (or a parent) a writable directory for backupd's user"
     return "see the message"
 

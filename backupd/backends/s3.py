@@ -46,6 +46,7 @@ edge of this module. Credentials are never stored on the backend, never in ``des
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import itertools
@@ -706,7 +707,7 @@ class S3Backend(Backend):
         resp = self._call(
             what, lambda: self._client.get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
         )
-        return io.BufferedReader(_S3Body(resp["Body"], lambda: self._edge(what)), READ_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_S3Body(resp["Body"], lambda: self._edge(what)), READ_CHUNK)
 
     def stat(self, key: str) -> ObjectInfo | None:
         full = self._full(key)
@@ -805,9 +806,8 @@ class S3Backend(Backend):
                 try:
                     self._call(
                         what,
-                        lambda u=upload: self._client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]
-                        ),
+                        functools.partial(self._client.abort_multipart_upload, Bucket=self.bucket,
+                                          Key=upload["Key"], UploadId=upload["UploadId"]),
                         retry=True,
                     )
                 except StorageNotFound:

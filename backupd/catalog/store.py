@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
@@ -36,7 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import CursorResult, Engine, Result, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from backupd import retry
@@ -107,6 +107,11 @@ class Cursor:
 _ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
 _SUMMARY_COLUMNS = [getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__]
 _GROUP_KEY = ("policy", "namespace", "workload", "replica", "container")
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (its result is a CursorResult; the typing says Result)."""
+    return cast("CursorResult[Any]", result).rowcount or 0
 
 
 def _utc(moment: datetime) -> datetime:
@@ -219,7 +224,8 @@ class Catalog:
             kwargs["pool_pre_ping"] = True
             kwargs["connect_args"] = {"connect_timeout": 10}
         else:
-            raise InvalidInput(f"database.url: unsupported database {parsed.get_backend_name()!r} (use sqlite or postgresql)")
+            raise InvalidInput(
+                f"database.url: unsupported database {parsed.get_backend_name()!r} (use sqlite or postgresql)")
         engine = create_engine(parsed, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
@@ -358,9 +364,9 @@ class Catalog:
         with self.session() as s:
             moved = 0
             for chunk in _chunks(archive_ids):
-                moved += s.execute(
+                moved += _rowcount(s.execute(
                     update(ArchiveRow).where(ArchiveRow.id.in_(chunk), ArchiveRow.state == expect).values(state=state)
-                ).rowcount or 0
+                ))
             if moved != len(set(archive_ids)):
                 raise CatalogError(
                     f"{len(set(archive_ids)) - moved} archive(s) were no longer {expect}; nothing was changed"
@@ -381,7 +387,8 @@ class Catalog:
             if row is not None:
                 return _archive(row)
             if len(ref) >= 4:
-                rows = s.scalars(select(ArchiveRow).where(ArchiveRow.id.startswith(ref, autoescape=True)).limit(2)).all()
+                prefixed = ArchiveRow.id.startswith(ref, autoescape=True)
+                rows = s.scalars(select(ArchiveRow).where(prefixed).limit(2)).all()
                 if len(rows) == 1:
                     return _archive(rows[0])
                 if len(rows) > 1:
@@ -482,8 +489,8 @@ class Catalog:
                     func.max(ArchiveRow.checkpoint_time), func.sum(pinned), func.sum(pinned * size))
              .where(ArchiveRow.state == COMMITTED).group_by(*columns).order_by(*columns))
         with self.session() as s:
-            return [GroupStats(*row[:5], int(row[5]), int(row[6]), _utc(row[7]), _utc(row[8]), int(row[9]),
-                               int(row[10])) for row in s.execute(q)]
+            return [GroupStats(row[0], row[1], row[2], row[3], row[4], int(row[5]), int(row[6]), _utc(row[7]),
+                               _utc(row[8]), int(row[9]), int(row[10])) for row in s.execute(q)]
 
     @_translated
     def group_head(self, group: tuple[str, str, str, str, str],
@@ -535,7 +542,9 @@ class Catalog:
             with self.session() as s:
                 for i, complete, archive_id, moment, stored_size, pinned in s.execute(statement, params).all():
                     rows = found.setdefault(i, ([], bool(complete)))[0]
-                    rows.append(ArchiveSummary(archive_id, COMMITTED, *part[i], _utc(moment), stored_size, pinned))
+                    policy, namespace, workload, replica, container = part[i]
+                    rows.append(ArchiveSummary(archive_id, COMMITTED, policy, namespace, workload, replica, container,
+                                               _utc(moment), stored_size, pinned))
             for n, group in enumerate(part):
                 out[group] = found.get(n, ([], True))
         return out
@@ -568,7 +577,7 @@ class Catalog:
                                .where(*committed).group_by(ArchiveRow.policy, span))
             for q in queries:
                 for name, moment, total in s.execute(q).all():
-                    out[name].append((_utc(moment), int(total)))
+                    out[name].append((_utc(moment), int(total or 0)))
         for series in out.values():
             series.sort()
         return out
@@ -617,7 +626,7 @@ class Catalog:
                 .group_by(RunRow.namespace, RunRow.workload, RunRow.container)
             ).all()
         return CatalogTotals(
-            retained={policy: (int(count), int(total)) for policy, count, total in per_policy},
+            retained={policy: (int(count), int(total or 0)) for policy, count, total in per_policy},
             last_success={(namespace or "", workload or "", container or ""): _utc(finished)
                           for namespace, workload, container, finished in per_container if finished is not None},
         )
@@ -713,7 +722,7 @@ class Catalog:
         """Forget finished runs that started before ``older_than`` (run history retention)."""
         with self.session() as s:
             result = s.execute(delete(RunRow).where(RunRow.started_at < older_than, RunRow.outcome != RUNNING))
-            return result.rowcount or 0
+            return _rowcount(result)
 
     @_translated
     def fail_interrupted_runs(self, *, node: str | None = None, kind: str | None = None,
@@ -756,11 +765,11 @@ class Catalog:
         except sa_exc.IntegrityError:
             pass  # it exists: ours to renew, expired, or someone else's
         with self.session() as s:
-            taken = s.execute(
+            taken = _rowcount(s.execute(
                 update(LeaseRow)
                 .where(LeaseRow.name == name, (LeaseRow.holder == holder) | (LeaseRow.expires_at <= now))
                 .values(holder=holder, expires_at=now + ttl)
-            ).rowcount
+            ))
         return bool(taken)
 
     @_translated
