@@ -208,7 +208,12 @@ class Catalog:
 
     @classmethod
     def open(cls, url: str, *, retry_backoff: retry.Backoff | None = None) -> Catalog:
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except (ValueError, sa_exc.ArgumentError):
+            # the URL may hold a password: never repeat it
+            raise InvalidInput("database.url: not a database URL (e.g. sqlite:////var/lib/backupd/catalog.db or "
+                               "postgresql+psycopg://user@host/db)") from None
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
