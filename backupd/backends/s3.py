@@ -58,7 +58,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 import botocore.exceptions as bex
@@ -133,18 +132,6 @@ def _same_checksum(reported: str, expected: str) -> bool:
     r_sum, _, r_parts = reported.partition("-")
     e_sum, _, e_parts = expected.partition("-")
     return r_sum == e_sum and (not r_parts or not e_parts or r_parts == e_parts)
-
-
-def _redact_url(url: str | None) -> str | None:
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 # -- the edge: foreign exceptions become backupd errors here and only here ----------------
@@ -404,7 +391,7 @@ class S3Backend(Backend):
 
         self.bucket = bucket
         self.prefix = prefix
-        self.endpoint_url = _redact_url(endpoint_url)
+        self.endpoint_url = scrub(endpoint_url) if endpoint_url else endpoint_url  # for describe() and repr()
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.part_attempts = part_attempts

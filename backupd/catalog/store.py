@@ -8,7 +8,9 @@ rebuilt from manifests (``catalog rebuild``).
 The schema belongs to Alembic (``backupd/migrations``). The daemon never creates tables; it
 checks the schema is at head and otherwise refuses to start, naming ``backupd db upgrade``.
 SQLAlchemy exceptions are translated here, at the edge, into :class:`CatalogUnavailable`
-(connection problems, retryable) or :class:`CatalogError`.
+(connection problems, retryable) or :class:`CatalogError`. What leaves this module are plain
+values -- the domain types of :mod:`backupd.model` and :class:`~backupd.catalog.cursor.Cursor`
+-- never an ORM row (``.importlinter`` forbids importing ``schema`` or SQLAlchemy elsewhere).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
@@ -40,6 +41,7 @@ from sqlalchemy.engine import CursorResult, Engine, Result, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from backupd import retry
+from backupd.catalog.cursor import Cursor
 from backupd.catalog.schema import MIGRATIONS_DIR, ArchiveRow, LeaseRow, PolicyRow, RunRow, UTCDateTime
 from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated, scrub
 from backupd.model import (
@@ -55,54 +57,7 @@ from backupd.model import (
     Run,
     StoredPolicy,
     now_utc,
-    rfc3339,
 )
-
-# ---------------------------------------------------------------------------------------
-# Plain values handed to the rest of backupd (no ORM objects escape this module).
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """Where a page of a listing ended: the sort key of its last row.
-
-    Written ``<time>/<id>``: the row's own ``checkpoint_time`` (archives) or ``started_at``
-    (runs) and ``id`` exactly as the JSON output shows them, so a client can also build it from
-    the last item it holds. The next page starts strictly after it in the listing's order
-    (archives oldest first, runs newest first), which stays right while rows are added or
-    removed between two pages.
-    """
-
-    time: datetime
-    id: str
-
-    def __str__(self) -> str:
-        return f"{rfc3339(self.time)}/{self.id}"
-
-    @classmethod
-    def of_archive(cls, archive: Archive) -> Cursor:
-        return cls(archive.checkpoint_time, archive.id)
-
-    @classmethod
-    def of_run(cls, run: Run) -> Cursor:
-        return cls(run.started_at, str(run.id))
-
-    @classmethod
-    def parse(cls, text: str, field: str, *, numeric_id: bool = False) -> Cursor:
-        """Read a cursor given as ``field`` (an option or query parameter, named in the error)."""
-        time_text, sep, ident = text.rpartition("/")
-        moment: datetime | None = None
-        try:
-            parsed = datetime.fromisoformat(time_text) if sep else None
-            if parsed is not None and parsed.tzinfo is not None:
-                moment = parsed.astimezone(UTC)
-        except (ValueError, OverflowError):  # OverflowError: an offset that moves year 1 into year 0
-            pass
-        if moment is None or not ident or len(ident) > 32 or (numeric_id and not ident.isdigit()):
-            raise InvalidInput(f"{field}: {text[:100]!r} is not a page cursor: give the one the previous page "
-                               "ended with (<time>/<id> of its last item)")
-        return cls(moment, ident)
-
 
 _ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
 _SUMMARY_COLUMNS = [getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__]
