@@ -43,7 +43,7 @@ from backupd.model import COMMITTED, DELETING, FAILED, Archive, ArchiveSummary, 
 from backupd.policy import retention
 from backupd.policy.document import Policy
 from backupd.storage import layout
-from backupd.storage.runs import recorded_run
+from backupd.storage.runs import RunRecord, recorded_run
 
 log = structlog.get_logger("backupd.prune")
 
@@ -266,6 +266,7 @@ class Pruner:
             result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
             return result
         lease = take_policy_lease(self.catalog, policy.name, self.holder, self.lease_ttl)
+        run: RunRecord | None = None
         try:
             with recorded_run(self.catalog, self.metrics, "prune", policy=policy.name, node=self.node, log=log,
                               event="prune_finished") as run:
@@ -278,7 +279,9 @@ class Pruner:
                 run.fields.update(deleted=len(result.deleted), bytes_freed=result.bytes_freed,
                                   kept=sum(len(p.plan.keep) for p in result.plans))
         except BackupdError as exc:
-            result.error = exc
+            if run is None or run.run is None:
+                raise  # the catalog could not record the run at all
+            result.error = exc  # recorded, counted and logged
         finally:
             self.catalog.release_lease(lease, self.holder)
         return result
