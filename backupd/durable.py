@@ -27,9 +27,22 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def temp_path(dest: Path, prefix: str = ".", suffix: str = ".tmp") -> Path:
+def _temp_path(dest: Path, prefix: str = ".", suffix: str = ".tmp") -> Path:
     """A fresh name beside ``dest`` for its temp file: ``<prefix><name>.<random><suffix>``."""
     return dest.with_name(f"{prefix}{dest.name}.{secrets.token_hex(4)}{suffix}")
+
+
+@contextlib.contextmanager
+def new_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a new file at ``path`` (mode 0600, created with ``O_EXCL`` and ``O_NOFOLLOW``: an
+    existing name raises ``FileExistsError``), fsynced when the block ends without an error.
+    For files in a private directory that is published as a whole; see :func:`atomic_write`
+    for one file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager
@@ -44,13 +57,12 @@ def atomic_write(dest: str | os.PathLike[str], *, replace: bool = False, prefix:
     was writing. An error in the block publishes nothing.
     """
     path = Path(dest)
-    tmp = temp_path(path, prefix, suffix)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tmp = _temp_path(path, prefix, suffix)
+    created = False
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with new_file(tmp) as fh:
+            created = True
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
         if replace:
             os.replace(tmp, path)
         else:
@@ -59,5 +71,6 @@ def atomic_write(dest: str | os.PathLike[str], *, replace: bool = False, prefix:
     finally:
         # after a replace the name is gone already; any other failure to remove it is left to
         # the owner's sweep (the put's or restore's own outcome matters more)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

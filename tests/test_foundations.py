@@ -114,3 +114,13 @@ def test_totals_are_what_the_metrics_show(catalog: Catalog) -> None:
                                container="c")
     finished = catalog.finish_run(run_id, SUCCEEDED)
     assert catalog.totals().last_success == {("d", "deployment/w", "c"): finished.finished_at}
+
+
+def test_new_file_is_exclusive_0600_and_fsynced_on_success(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    with durable.new_file(path) as fh:
+        fh.write(b"x")
+    assert path.read_bytes() == b"x" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError), durable.new_file(path):
+        pass
+    assert path.read_bytes() == b"x"
