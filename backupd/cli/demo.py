@@ -190,7 +190,8 @@ def _summary(app: App, base: Path) -> None:
     click.echo(f"\ncheckpoint runs: {len(runs)} ({len(failed)} failed); archives taken {taken}, "
                f"removed by {len(prunes)} prune runs {taken - count} "
                f"({human_bytes(sum(r.bytes_in for r in prunes))}), kept {count}")
-    click.echo(f"every kept archive read back and checked against its manifest: {'all OK' if not problems else 'PROBLEMS'}")
+    verdict = "all OK" if not problems else "PROBLEMS"
+    click.echo(f"every kept archive read back and checked against its manifest: {verdict}")
     for p in problems:
         click.echo(f"  {p}")
     click.echo(f"node-local tars left in {app.config.kubelet.checkpoint_dir}: {node_tars} (keepOnNode)")
