@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, overload
 
 #: an RFC 1123 label: namespaces, container names, policy names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -135,9 +135,14 @@ ARCHIVE_STATES = (PENDING, COMMITTED, DELETING, FAILED)
 RUNNING, SUCCEEDED, RUN_FAILED, SKIPPED = "running", "succeeded", "failed", "skipped"
 
 
-def rfc3339(moment: datetime) -> str:
-    """An aware time as RFC 3339 UTC with ``Z``, as every JSON output of backupd writes it."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+@overload
+def rfc3339(moment: datetime) -> str: ...
+@overload
+def rfc3339(moment: None) -> None: ...
+def rfc3339(moment: datetime | None) -> str | None:
+    """An aware time as RFC 3339 UTC with ``Z``, as every JSON output of backupd writes it
+    (``None`` stays ``None``: a time not known yet)."""
+    return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _json_fields(value: Any) -> dict[str, Any]:
@@ -205,6 +210,16 @@ class ArchiveSummary:
     checkpoint_time: datetime
     stored_size: int | None
     pinned: bool
+
+
+@dataclass(frozen=True)
+class CatalogTotals:
+    """What the catalog holds now, for the state metrics (:meth:`Catalog.totals`)."""
+
+    #: policy -> (committed archives, their stored bytes)
+    retained: dict[str, tuple[int, int]]
+    #: (namespace, workload, container) -> when its newest successful checkpoint run finished
+    last_success: dict[tuple[str, str, str], datetime]
 
 
 @dataclass(frozen=True, slots=True)

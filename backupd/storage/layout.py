@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from backupd.errors import ManifestInvalid, ManifestKeyMismatch, validation_problems
-from backupd.model import DNS_LABEL, DNS_SUBDOMAIN, KINDS, Archive, Workload, recorded_replica
+from backupd.model import DNS_LABEL, DNS_SUBDOMAIN, KINDS, Archive, Workload, recorded_replica, rfc3339
 
 if TYPE_CHECKING:
     from backupd.backends.base import Backend
@@ -213,7 +213,7 @@ class Manifest(BaseModel):
     def to_json(self) -> bytes:
         """Sorted keys, indent 2, times in UTC with ``Z``: byte for byte what backupd always wrote."""
         d = self.model_dump()
-        d["checkpoint_time"] = self.checkpoint_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        d["checkpoint_time"] = rfc3339(self.checkpoint_time)
         return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
