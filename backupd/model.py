@@ -130,15 +130,9 @@ def recorded_replica(workload: str, pod: str, node: str) -> str:
 
 
 PENDING, COMMITTED, DELETING, FAILED = "pending", "committed", "deleting", "failed"
-
-
-
 ARCHIVE_STATES = (PENDING, COMMITTED, DELETING, FAILED)
 
-
-
 RUNNING, SUCCEEDED, RUN_FAILED, SKIPPED = "running", "succeeded", "failed", "skipped"
-
 
 
 @overload
@@ -151,7 +145,6 @@ def rfc3339(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-
 def _json_fields(value: Any) -> dict[str, Any]:
     """A catalog dataclass as JSON-ready fields, times in RFC 3339 UTC."""
     d = {f: getattr(value, f) for f in value.__dataclass_fields__}
@@ -161,9 +154,13 @@ def _json_fields(value: Any) -> dict[str, Any]:
     return d
 
 
-
 @dataclass(frozen=True)
 class Archive:
+    """An archive as the catalog knows it: one checkpoint of one container, stored in a backend."""
+
+    # The API lists to_json() and generates its OpenAPI schema from these fields; the manifest
+    # beside the stored object records the same facts (backupd.storage.layout.ARCHIVE_FACTS).
+
     id: str
     state: str
     policy: str
@@ -199,7 +196,6 @@ class Archive:
         return _json_fields(self)
 
 
-
 @dataclass(frozen=True, slots=True)
 class ArchiveSummary:
     """What retention needs of an archive; a tenth of a row, for planning over millions."""
@@ -216,7 +212,6 @@ class ArchiveSummary:
     pinned: bool
 
 
-
 @dataclass(frozen=True)
 class CatalogTotals:
     """What the catalog holds now, for the state metrics (:meth:`Catalog.totals`)."""
@@ -225,7 +220,6 @@ class CatalogTotals:
     retained: dict[str, tuple[int, int]]
     #: (namespace, workload, container) -> when its newest successful checkpoint run finished
     last_success: dict[tuple[str, str, str], datetime]
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +244,12 @@ class GroupStats:
         return (self.policy, self.namespace, self.workload, self.replica, self.container)
 
 
-
 @dataclass(frozen=True)
 class Run:
+    """One run of a policy's work (a checkpoint, prune, verify or delete) and its outcome."""
+
+    # The API lists to_json() and generates its OpenAPI schema from these fields.
+
     id: int
     kind: str
     policy: str | None
@@ -275,7 +272,6 @@ class Run:
         return _json_fields(self)
 
 
-
 @dataclass(frozen=True)
 class StoredPolicy:
     name: str
@@ -283,7 +279,6 @@ class StoredPolicy:
     generation: int
     created_at: datetime
     updated_at: datetime
-
 
 
 def now_utc() -> datetime:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -165,14 +165,10 @@ class Pipeline:
             with self.checkpoint_dir.open(node_path.name) as raw:
                 reader = PackingReader(raw, level=self.level, threads=self.threads, recipients=recipients)
                 backend.put(key, reader)
-            manifest = layout.Manifest(
-                archive_id=archive_id, key=key, node=self.node, namespace=pod.namespace, pod=pod.name,
-                workload=str(pod.workload), container=container.name, image=container.image,
-                checkpoint_time=when, tar_size=reader.tar_size, stored_size=reader.stored_size,
-                tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256, compression="zstd",
-                encryption=reader.encryption, policy=policy.name, backupd_version=__version__,
-                format_version=layout.FORMAT_VERSION, labels=dict(pod.labels), replica=replica,
-            )
+            committed = replace(pending, tar_size=reader.tar_size, stored_size=reader.stored_size,
+                                tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256,
+                                encryption=reader.encryption)
+            manifest = layout.Manifest.of(committed, labels=dict(pod.labels), backupd_version=__version__)
             try:
                 backend.put_bytes(layout.manifest_key(key), manifest.to_json())
             except BackupdError:

@@ -30,8 +30,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import compress, groupby, repeat
-from operator import attrgetter, eq
+from operator import attrgetter
 
 import structlog
 
@@ -86,27 +85,19 @@ class GroupPlan:
 
 
 _GROUP = attrgetter("namespace", "workload", "replica", "container")
-_SELECTOR = attrgetter("state", "policy")
-_ID, _CHECKPOINT_TIME, _STORED_SIZE, _PINNED = map(attrgetter, ("id", "checkpoint_time", "stored_size", "pinned"))
 
 
 def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
-    """One retention plan per group of the policy's committed archives. Pure."""
-    listed = archives if isinstance(archives, list) else list(archives)
-    rules, tz = policy.rules, policy.tz
+    """One retention plan per group of the policy's committed archives, groups in order. Pure."""
+    groups: dict[tuple[str, str, str, str], list[Planned]] = {}
+    for archive in archives:
+        if archive.state == COMMITTED and archive.policy == policy.name:
+            groups.setdefault(_GROUP(archive), []).append(archive)
     plans = []
-    with retention.gc_paused():  # a million short-lived keys and Items: see retention.gc_paused
-        # Selecting, grouping and building Items with C iterators rather than a Python loop:
-        # over a million archives the loop cost more than the retention plan itself.
-        mine = list(compress(listed, map(eq, map(_SELECTOR, listed), repeat((COMMITTED, policy.name)))))
-        mine.sort(key=_GROUP)  # stable: each group keeps its input order
-        for (namespace, workload, replica, container), grouped in groupby(mine, _GROUP):
-            members = tuple(grouped)
-            sizes = [size or 0 for size in map(_STORED_SIZE, members)]
-            items = retention.items(map(_ID, members), map(_CHECKPOINT_TIME, members), sizes,
-                                    map(_PINNED, members), len(members))
-            plans.append(GroupPlan(namespace, workload, replica, container, members,
-                                   retention.plan(items, rules, tz=tz)))
+    for (namespace, workload, replica, container), members in sorted(groups.items()):
+        items = [retention.Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in members]
+        plans.append(GroupPlan(namespace, workload, replica, container, tuple(members),
+                               retention.plan(items, policy.rules, tz=policy.tz)))
     return plans
 
 
