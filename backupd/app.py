@@ -20,7 +20,7 @@ from backupd.daemon.api import Api, HttpServer
 from backupd.daemon.scheduler import CycleResult, Daemon, Runner
 from backupd.errors import BackupdError, IntegrityError, LeaseHeld, NotFound
 from backupd.metrics import Metrics
-from backupd.model import RUN_FAILED, SUCCEEDED, now_utc
+from backupd.model import now_utc
 from backupd.node.checkpoints import CheckpointDir
 from backupd.node.kubelet import KubeletClient
 from backupd.policy.document import Policy
@@ -30,6 +30,7 @@ from backupd.report.model import RetentionReport
 from backupd.storage.commit import Pipeline
 from backupd.storage.delete import Deleter
 from backupd.storage.prune import Pruner, lease_holder, remove_orphans
+from backupd.storage.runs import recorded_run
 from backupd.storage.verify import VerifyReport, choose_sample, verify
 
 log = structlog.get_logger("backupd.app")
@@ -143,18 +144,15 @@ class App:
         check digests and that each is a checkpoint archive; recorded as a ``verify`` run."""
         sample = policy.spec.verify.sample if policy.spec.verify else None
         archives = choose_sample(self.catalog.list_archives(policy=policy.name), sample)
-        run_id = self.catalog.start_run("verify", policy=policy.name, node=self.node)
-        report = verify(self.catalog, self.backends, archives, structure=True)
-        self.metrics.runs.labels(kind="verify", outcome=SUCCEEDED if report.clean else RUN_FAILED).inc()
-        if report.clean:
-            self.catalog.finish_run(run_id, SUCCEEDED, bytes_in=report.bytes_read)
-            log.info("drill_finished", policy=policy.name, outcome=SUCCEEDED, checked=len(report.findings))
-        else:
-            problems = [f"{f.archive_id}: {f.status} ({f.detail})" for f in report.problems]
-            problems += [f"orphan {key}" for keys in report.orphans.values() for key in keys]
-            error = IntegrityError(f"{len(problems)} problem(s): " + "; ".join(problems[:10]))
-            self.catalog.finish_run(run_id, RUN_FAILED, error=error, bytes_in=report.bytes_read)
-            log.error("drill_finished", policy=policy.name, outcome=RUN_FAILED, error=str(error))
+        with recorded_run(self.catalog, self.metrics, "verify", policy=policy.name, node=self.node, log=log,
+                          event="drill_finished") as run:
+            report = verify(self.catalog, self.backends, archives, structure=True)
+            run.bytes_in = report.bytes_read
+            run.fields.update(policy=policy.name, checked=len(report.findings))
+            if not report.clean:
+                problems = [f"{f.archive_id}: {f.status} ({f.detail})" for f in report.problems]
+                problems += [f"orphan {key}" for keys in report.orphans.values() for key in keys]
+                run.error = IntegrityError(f"{len(problems)} problem(s): " + "; ".join(problems[:10]))
         return report
 
     def report(self) -> RetentionReport:

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
 from backupd.cli.base import Context, cli, output_option, pass_ctx, render
 from backupd.config import DEFAULT_STALE_INTERVALS
+from backupd.durable import atomic_write
 from backupd.errors import InvalidInput
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600 (temp file in the same directory,
-    fsync, rename): a reader never sees half a report, and workload names stay private."""
-    directory = path.parent if str(path.parent) else Path(".")
+    """Write ``text`` to ``path`` atomically with mode 0600 (see :mod:`backupd.durable`): a
+    reader never sees half a report, and workload names stay private."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # mode 0600
+        with atomic_write(path, replace=True) as fh:
+            fh.write(text.encode())
     except OSError as exc:
-        raise InvalidInput(f"--out {str(path)!r}: cannot write in {str(directory)!r}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with_tmp = Path(tmp)
-        if with_tmp.exists():
-            with_tmp.unlink()
-        raise InvalidInput(f"--out {str(path)!r}: cannot write: {exc.strerror}") from None
+        raise InvalidInput(f"--out {str(path)!r}: cannot write: {exc.strerror or exc}") from None
 
 
 @cli.command()

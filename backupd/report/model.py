@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, overload
+
+from pydantic import WithJsonSchema
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from backupd.model import Run, rfc3339
 
@@ -15,9 +18,131 @@ SEVERITY = {OK: 0, UNMANAGED: 1, LATE: 2, MISSING: 3}
 FORMAT = "backupd.report/v1"
 
 
+@overload
+def json_time(moment: datetime) -> str: ...
+@overload
+def json_time(moment: None) -> None: ...
+@overload
+def json_time(moment: datetime | None) -> str | None: ...
 def json_time(moment: datetime | None) -> str | None:
     """A moment as the JSON writes it (:func:`backupd.model.rfc3339`); None stays None."""
     return rfc3339(moment) if moment is not None else None
+
+
+# -- the JSON, field by field ------------------------------------------------------------------
+# What each to_json below returns: mypy holds every to_json to its type, and the OpenAPI schema
+# of /api/v1/report is generated from RetentionReportJson (backupd.daemon.api).
+
+Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]  # RFC 3339, UTC, "Z"
+
+
+class RunJson(TypedDict):
+    id: int
+    kind: str
+    outcome: str
+    policy: str | None
+    namespace: str | None
+    pod: str | None
+    workload: str | None
+    container: str | None
+    node: str
+    started_at: Time
+    finished_at: Time | None
+    error_kind: str | None
+    error: str | None
+
+
+class ArchivePointJson(TypedDict):
+    id: str
+    time: Time
+    stored_size: int
+    pinned: bool
+    keep: bool
+    reasons: list[str]
+
+
+class StoragePointJson(TypedDict):
+    time: Time
+    stored_bytes: int
+
+
+class WorkloadPruneJson(TypedDict):
+    remove_archives: int
+    remove_bytes: int
+    remove: list[ArchivePointJson]
+
+
+class WorkloadJson(TypedDict):
+    policy: str
+    namespace: str
+    workload: str
+    replica: str
+    container: str
+    status: str
+    reason: str
+    failing: bool
+    archives: int
+    stored_bytes: int
+    oldest: Time | None
+    newest: Time | None
+    recovery_point_age_seconds: float | None
+    due_at: Time | None
+    late_after: Time | None
+    missing_after: Time | None
+    next_run: Time | None
+    last_success: RunJson | None
+    last_failure: RunJson | None
+    prune: WorkloadPruneJson
+    timeline: list[ArchivePointJson]
+    timeline_complete: bool
+
+
+class PolicyPruneJson(TypedDict):
+    remove_archives: int
+    remove_bytes: int
+
+
+class PolicyJson(TypedDict):
+    name: str
+    managed: bool
+    schedule: str | None
+    timezone: str | None
+    backend: str | None
+    period_seconds: float | None
+    status: str
+    archives: int
+    stored_bytes: int
+    next_run: Time | None
+    last_success: RunJson | None
+    last_failure: RunJson | None
+    last_prune: RunJson | None
+    last_verify: RunJson | None
+    prune: PolicyPruneJson
+    storage: list[StoragePointJson]
+    workloads: list[WorkloadJson]
+    error: str | None
+
+
+class SummaryJson(TypedDict):
+    policies: int
+    workloads: int
+    ok: int
+    late: int
+    missing: int
+    unmanaged: int
+    failing: int
+    archives: int
+    stored_bytes: int
+    prune_remove_archives: int
+    prune_remove_bytes: int
+
+
+class RetentionReportJson(TypedDict):
+    format: str
+    generated_at: Time
+    stale_intervals: int
+    summary: SummaryJson
+    policies: list[PolicyJson]
 
 
 def format_moment(moment: datetime | None) -> str:
@@ -65,7 +190,7 @@ class RunSummary:
         return cls(run.id, run.kind, run.outcome, run.policy, run.namespace, run.pod, run.workload, run.container,
                    run.node, run.started_at, run.finished_at, run.error_kind, run.error)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> RunJson:
         return {
             "id": self.id, "kind": self.kind, "outcome": self.outcome, "policy": self.policy,
             "namespace": self.namespace, "pod": self.pod, "workload": self.workload, "container": self.container,
@@ -85,7 +210,7 @@ class ArchivePoint:
     keep: bool
     reasons: tuple[str, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> ArchivePointJson:
         return {"id": self.id, "time": json_time(self.time), "stored_size": self.stored_size, "pinned": self.pinned,
                 "keep": self.keep, "reasons": list(self.reasons)}
 
@@ -97,7 +222,7 @@ class StoragePoint:
     time: datetime
     stored_bytes: int
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> StoragePointJson:
         return {"time": json_time(self.time), "stored_bytes": self.stored_bytes}
 
 
@@ -143,7 +268,7 @@ class WorkloadStatus:
         """The removals on the timeline (``remove_archives`` counts them all)."""
         return [p for p in self.timeline if not p.keep]
 
-    def to_json(self, *, timelines: bool = True) -> dict[str, Any]:
+    def to_json(self, *, timelines: bool = True) -> WorkloadJson:
         """``timelines`` False: without the archive points (``timeline`` and ``prune.remove``
         empty, ``timeline_complete`` true only for a workload without archives)."""
         age = self.recovery_point_age
@@ -207,7 +332,7 @@ class PolicyReport:
     def remove_bytes(self) -> int:
         return sum(w.remove_bytes for w in self.workloads)
 
-    def to_json(self, *, timelines: bool = True) -> dict[str, Any]:
+    def to_json(self, *, timelines: bool = True) -> PolicyJson:
         return {
             "name": self.name, "managed": self.managed, "schedule": self.schedule, "timezone": self.timezone,
             "backend": self.backend, "period_seconds": self.period.total_seconds() if self.period else None,
@@ -236,7 +361,7 @@ class RetentionReport:
         for p in self.policies:
             yield from p.workloads
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> SummaryJson:
         workloads = list(self.workloads())
         counts = {s: sum(1 for w in workloads if w.status == s) for s in (OK, LATE, MISSING, UNMANAGED)}
         return {
@@ -248,7 +373,7 @@ class RetentionReport:
             "prune_remove_bytes": sum(w.remove_bytes for w in workloads),
         }
 
-    def to_json(self, *, timelines: bool = True) -> dict[str, Any]:
+    def to_json(self, *, timelines: bool = True) -> RetentionReportJson:
         """The report as JSON (:mod:`backupd.report`); ``timelines`` False leaves out every
         workload's archive points, which are most of a big report's bytes."""
         return {
