@@ -8,18 +8,17 @@ housekeeping -- what runs after each policy's cycle and once an hour -- is wired
 from __future__ import annotations
 
 import functools
-import os
 from datetime import timedelta
 
 import structlog
 
-from backupd.backends import Backend, open_backends
+from backupd.backends import Backends, BackendWrapper, open_backends
 from backupd.catalog.store import Catalog
 from backupd.config import Config
 from backupd.daemon.alerts import Notifier, check_and_alert, notifier_from_config
 from backupd.daemon.api import Api, HttpServer
 from backupd.daemon.scheduler import CycleResult, Daemon, Runner
-from backupd.errors import BackupdError, IntegrityError, LeaseHeld
+from backupd.errors import BackupdError, IntegrityError, LeaseHeld, NotFound
 from backupd.metrics import Metrics
 from backupd.model import now_utc
 from backupd.node.checkpoints import CheckpointDir
@@ -38,18 +37,21 @@ log = structlog.get_logger("backupd.app")
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    """``wrap_backend`` wraps each configured backend beneath its retry wrapper (the test
+    suite's fault injection; see :data:`backupd.backends.BackendWrapper`)."""
+
+    def __init__(self, config: Config, *, wrap_backend: BackendWrapper | None = None) -> None:
         self.config = config
         self.holder = lease_holder()
+        self.wrap_backend = wrap_backend
 
     @functools.cached_property
     def catalog(self) -> Catalog:
         return Catalog.open(self.config.database.resolved_url())
 
     @functools.cached_property
-    def backends(self) -> dict[str, Backend]:
-        # BACKUPD_FAULTS: the crash tests' way to kill a real daemon at a chosen backend call
-        return open_backends(self.config.backends, faults=os.environ.get("BACKUPD_FAULTS"))
+    def backends(self) -> Backends:
+        return open_backends(self.config.backends, wrap=self.wrap_backend)
 
     @functools.cached_property
     def kubelet(self) -> KubeletClient:
@@ -89,6 +91,17 @@ class App:
             # long enough for the kubelet's own limit plus the upload of a large archive
             lease_ttl=timedelta(seconds=2 * self.config.kubelet.request_timeout()) + timedelta(minutes=20),
         )
+
+    def policies(self) -> list[Policy]:
+        """The stored policies: the catalog alone, no kubelet (``prune`` runs off the node too)."""
+        return [Policy.from_spec_json(p.name, p.spec_json) for p in self.catalog.list_policies()]
+
+    def load_policy(self, name: str) -> Policy:
+        """The stored policy ``name``; :class:`NotFound` when there is none."""
+        for policy in self.policies():
+            if policy.name == name:
+                return policy
+        raise NotFound(f"no policy named {name!r}")
 
     @functools.cached_property
     def pruner(self) -> Pruner:
@@ -178,8 +191,13 @@ class App:
         return self.notifier is not None and self.catalog.acquire_lease("alerts", self.holder, timedelta(minutes=3))
 
     def http_server(self, listen: str | None = None) -> HttpServer:
+        kubelet = self.kubelet
+
+        def kubelet_reachable() -> None:  # /readyz asks only that the kubelet answers
+            kubelet.pods()
+
         api = Api(self.catalog, self.metrics, token=self.config.daemon.api_token(),
-                  kubelet_probe=self.kubelet.pods,
+                  kubelet_probe=kubelet_reachable,
                   report=lambda timelines: self.reports.json(timelines=timelines))
         daemon = self.config.daemon
         return HttpServer(api, listen or daemon.http_listen, timeout=daemon.http_timeout_seconds,
@@ -188,8 +206,12 @@ class App:
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
         periodic = {"maintenance": (self.maintenance, timedelta(hours=1)),
                     "report": (self.refresh_report, timedelta(minutes=1))}
+
+        def drill(policy: Policy) -> None:  # the run records the outcome; the daemon needs no report
+            self.drill(policy)
+
         return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,
-                      periodic=periodic, drill=self.drill, holder=self.holder)
+                      periodic=periodic, drill=drill, holder=self.holder)
 
     def close(self) -> None:
         if self.__dict__.get("notifier") is not None:

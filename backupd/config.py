@@ -44,10 +44,10 @@ DEFAULT_STALE_INTERVALS = 3
 DEFAULT_CONFIG_PATH = Path("/etc/backupd/config.toml")
 
 ENV_PREFIX = "BACKUPD_"
-#: ``BACKUPD_*`` variables that are not config keys: read by commands (restore, verify, inspect,
-#: the crash tests' fault injection) or by the test suite (also every ``BACKUPD_TEST_*``)
+#: ``BACKUPD_*`` variables that are not config keys: read by commands (restore, verify, inspect)
+#: or by the test suite (also every ``BACKUPD_TEST_*``)
 NON_CONFIG_ENV = frozenset({
-    "BACKUPD_CONFIG", "BACKUPD_AGE_IDENTITY_FILE", "BACKUPD_REGISTRY_PASSWORD", "BACKUPD_FAULTS",
+    "BACKUPD_CONFIG", "BACKUPD_AGE_IDENTITY_FILE", "BACKUPD_REGISTRY_PASSWORD",
     "BACKUPD_REQUIRE_POSTGRES", "BACKUPD_FUZZ_EXAMPLES", "BACKUPD_SHARED_DIR", "BACKUPD_BENCH_DATABASE_URL",
 })
 NON_CONFIG_ENV_PREFIX = "BACKUPD_TEST_"

@@ -146,8 +146,8 @@ def test_unknown_backupd_variables_are_errors_naming_them(config_file: Path, mon
 
 
 def test_backupd_variables_that_are_not_config_are_allowed(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("BACKUPD_AGE_IDENTITY_FILE", "BACKUPD_REGISTRY_PASSWORD", "BACKUPD_FAULTS", "BACKUPD_TEST_ANYTHING",
-                 "BACKUPD_REQUIRE_POSTGRES", "BACKUPD_FUZZ_EXAMPLES", "BACKUPD_SHARED_DIR"):
+    for name in ("BACKUPD_AGE_IDENTITY_FILE", "BACKUPD_REGISTRY_PASSWORD", "BACKUPD_TEST_FAULTS",
+                 "BACKUPD_TEST_ANYTHING", "BACKUPD_REQUIRE_POSTGRES", "BACKUPD_FUZZ_EXAMPLES", "BACKUPD_SHARED_DIR"):
         monkeypatch.setenv(name, "x")
     monkeypatch.setenv("BACKUPD_CONFIG", str(config_file))
     assert load_config().kubelet.node_name == "node-a"

@@ -157,8 +157,8 @@ def test_hostile_kubelet_paths_are_refused(app_factory, sim: NodeSimulator, tmp_
 
 
 def test_upload_failure_midway_leaves_no_object(app_factory, sim: NodeSimulator, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from backupd.backends.wrappers import Fault, FaultInjectingBackend
     from backupd.errors import NoSpace
+    from tests.faults import Fault, FaultInjectingBackend
 
     app = app_factory()
     app.backends["local"] = FaultInjectingBackend(
@@ -231,8 +231,8 @@ def test_reconcile_fails_a_pending_row_whose_manifest_is_not_what_it_wrote(app_f
 
 
 def test_failed_commit_removes_the_node_tar_and_temp_files(app_factory, sim: NodeSimulator, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from backupd.backends.wrappers import Fault, FaultInjectingBackend
     from backupd.errors import StorageError
+    from tests.faults import Fault, FaultInjectingBackend
 
     app = app_factory()
     policy = web_policy(app)

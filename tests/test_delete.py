@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 from backupd.app import App
-from backupd.backends.wrappers import Fault, FaultInjectingBackend
 from backupd.config import load_config
 from backupd.daemon.api import Api
-from backupd.errors import StorageUnavailable
+from backupd.errors import StorageAuthError, StorageUnavailable
 from backupd.model import COMMITTED, DELETING, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive
 from backupd.storage import layout
 from backupd.storage.delete import Deleter, Selection
 from backupd.storage.prune import Pruner
+from tests.faults import Fault, FaultInjectingBackend
 from tests.policies import apply, web_policy
 from tests.reliability.inprocess import run_cli
 from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET, REGION
@@ -87,8 +87,10 @@ class Rig:
             keys = self.raw_keys(a.backend)
             assert a.key in keys and layout.manifest_key(a.key) in keys, f"{a.id} lost its object or manifest"
 
-    def cli(self, *args: str, code: int = 0, env: dict[str, str] | None = None) -> tuple[str, str]:
-        status, out, err = run_cli(self.config, *args, env=env)
+    def cli(self, *args: str, code: int = 0, faults: list[Fault] | None = None) -> tuple[str, str]:
+        """``backupd ARGS...``; ``faults`` are injected beneath the retries of every backend."""
+        wrap = (lambda backend: FaultInjectingBackend(backend, faults)) if faults else None
+        status, out, err = run_cli(self.config, *args, wrap_backend=wrap)
         assert status == code, (status, out, err)
         return out, err
 
@@ -293,9 +295,8 @@ def test_a_failure_at_each_delete_step_is_finished_by_deleting_again(backend: tu
 def test_a_refused_object_delete_exits_with_its_code_and_says_how_to_finish(rig: Rig) -> None:
     """The backend refuses to delete objects (an IAM policy without s3:DeleteObject, say)."""
     doomed = [rig.add(2), rig.add(1)]
-    refused = json.dumps([{"operation": "delete_many", "key": "*.tar.zst", "error": "StorageAuthError",
-                           "message": "access denied", "times": None}])
-    out, err = rig.cli("delete", *(a.id for a in doomed), "-o", "json", code=6, env={"BACKUPD_FAULTS": refused})
+    refused = Fault("delete_many", key="*.tar.zst", error=lambda: StorageAuthError("access denied"), times=None)
+    out, err = rig.cli("delete", *(a.id for a in doomed), "-o", "json", code=6, faults=[refused])
     assert json.loads(out) | {"dry_run": None} == {"dry_run": None, "deleted": [], "bytes_freed": 0,
                                                    "pending_skipped": [], "error": "access denied"}
     assert "Run the same command again" in err and "error: access denied" in err

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backupd.backends.memory import MemoryBackend
-from backupd.backends.wrappers import Fault, FaultInjectingBackend
 from backupd.catalog.store import Catalog
 from backupd.cli import cli
 from backupd.errors import LeaseHeld, StorageUnavailable
@@ -24,6 +23,7 @@ from backupd.model import COMMITTED, DELETING, FAILED, PENDING, Archive
 from backupd.policy.document import parse_policies
 from backupd.storage import layout
 from backupd.storage.prune import Pruner, find_orphans, plan_policy, remove_orphans
+from tests.faults import Fault, FaultInjectingBackend
 
 T0 = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
 SHARED = Path(os.environ.get("BACKUPD_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")

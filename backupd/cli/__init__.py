@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 import structlog
@@ -19,8 +19,11 @@ import backupd.cli.inspect  # noqa: F401
 import backupd.cli.report  # noqa: F401
 import backupd.cli.restore  # noqa: F401
 from backupd.cli import archives, daemon, db, doctor, policy, retention, verify  # noqa: F401
-from backupd.cli.base import cli, human_bytes, print_json, print_table
+from backupd.cli.base import Wiring, cli, human_bytes, print_json, print_table
 from backupd.errors import EXIT_INTERNAL, BackupdError
+
+if TYPE_CHECKING:
+    from backupd.backends import BackendWrapper
 
 __all__ = ["cli", "human_bytes", "main", "print_json", "print_table"]
 
@@ -33,13 +36,15 @@ def _attach_optional_commands() -> None:
     cli.add_command(simulate_node, name="simulate-node")
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
+def main(argv: Sequence[str] | None = None, *, wrap_backend: BackendWrapper | None = None) -> NoReturn:
+    """The ``backupd`` entry point. ``wrap_backend``: see :class:`backupd.app.App` (tests only)."""
     # Archives hold process memory: everything backupd creates -- archives, temp files, the
     # SQLite catalog and its -wal/-shm files, restored tars, reports -- is private to its owner.
     os.umask(0o077)
     _attach_optional_commands()
     try:
-        code = cli.main(args=list(argv) if argv is not None else None, prog_name="backupd", standalone_mode=False)
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="backupd", standalone_mode=False,
+                        obj=Wiring(wrap_backend=wrap_backend))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

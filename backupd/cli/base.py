@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +21,7 @@ from backupd.sizes import human_bytes  # noqa: F401  (commands import it from he
 
 if TYPE_CHECKING:
     from backupd.app import App
+    from backupd.backends import BackendWrapper
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,22 +125,38 @@ def print_data_pages(pages: Iterable[Iterable[Any]], output: str) -> None:
         click.echo(render([], output), nl=False)
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """What :func:`backupd.cli.main`'s caller adds to how the core is built (``obj`` of the
+    root click context): ``wrap_backend`` wraps every backend (the test suite's faults)."""
+
+    wrap_backend: BackendWrapper | None = None
+
+
 class Context:
-    def __init__(self, config_path: str | None, log_level: str) -> None:
+    """Per invocation: the config, loaded when a command first asks for it, and the
+    :class:`~backupd.app.App`, built when a command first asks for it (each of whose parts is
+    built when first used), so a command builds only what it uses."""
+
+    def __init__(self, config_path: str | None, log_level: str, wiring: Wiring | None = None) -> None:
         self.config_path = config_path
         self.log_level = log_level
+        self.wiring = wiring or Wiring()
+        self._config: Config | None = None
         self._app: App | None = None
 
     @property
     def config(self) -> Config:
-        return self.app.config
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
 
     @property
     def app(self) -> App:
         if self._app is None:
             from backupd.app import App  # the whole core: only commands that need it pay for it
 
-            self._app = App(load_config(self.config_path))
+            self._app = App(self.config, wrap_backend=self.wiring.wrap_backend)
         return self._app
 
     def close(self) -> None:
@@ -159,5 +177,5 @@ pass_ctx = click.make_pass_decorator(Context)
 def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     """Scheduled Kubernetes container checkpoints: take, ship, catalogue, prune, restore."""
     logs.configure(level=log_level)
-    ctx.obj = Context(config_path, log_level)
+    ctx.obj = Context(config_path, log_level, ctx.obj if isinstance(ctx.obj, Wiring) else None)
     ctx.call_on_close(ctx.obj.close)

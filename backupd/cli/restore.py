@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,8 +14,8 @@ from backupd.sizes import parse_size
 
 if TYPE_CHECKING:
     from backupd.model import Archive
-    from backupd.restore import oci
-    from backupd.restore.progress import ProgressReader
+    from backupd.restore import service
+    from backupd.restore.progress import Progress
 
 PASSWORD_ENV = "BACKUPD_REGISTRY_PASSWORD"
 
@@ -111,13 +109,8 @@ def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: 
     fails the restore (exit 7) and leaves nothing behind.
     """
     # imported here: the restore machinery is not needed for `backupd --help` or other commands
-    from backupd.archive.metadata import CheckpointInfo, checkpoint_info, metadata_scanner
-    from backupd.archive.tar import ScanningReader
-    from backupd.restore import oci, podmanifest
-    from backupd.restore.file import restore_to_file
-    from backupd.restore.progress import Progress, ProgressReader
-    from backupd.restore.select import select_archive
-    from backupd.storage.read import open_archive, verified_manifest
+    from backupd.restore import service
+    from backupd.restore.progress import Progress
     from backupd.storage.transfer import load_identities
 
     if as_json:
@@ -135,83 +128,61 @@ def restore(ctx: Context, archive_id: str | None, to_file: str | None, oci_dir: 
         chunk = parse_size(chunk_size)
     except ValueError as exc:
         raise InvalidInput(f"--chunk-size: {exc}") from None
-    ref = None
+    destination: service.Destination
     if image:
         from backupd.restore.registry import ImageRef
 
         ref = ImageRef.parse(image)
         if ref.digest:
             raise InvalidInput(f"--image {image!r}: push to a tag, not a digest")
-    if pod_manifest:
-        _check_new_file(pod_manifest, "--pod-manifest", force)
-    if to_file:
+        manifest = None
+        if pod_manifest:
+            _check_new_file(pod_manifest, "--pod-manifest", force)
+            manifest = service.PodManifest(
+                pod_manifest, as_workload=(manifest_kind or ("workload" if workload else "pod")) == "workload",
+                node_name=node_name, pin_node=pin_node, labels=extra_labels, pod_name=pod_name, overwrite=force)
+        destination = service.ToRegistry(
+            ref, username=registry_username, password=_registry_password(registry_password_file),
+            insecure=insecure_registry, ca_file=registry_ca_file, chunk_size=chunk, mount_from=mount_from,
+            pod_manifest=manifest)
+    elif to_file:
         _check_new_file(to_file, "--to", force)
+        destination = service.ToFile(to_file, overwrite=force)
+    else:
+        assert oci_dir is not None
+        destination = service.ToOciLayout(oci_dir)
+    identities = load_identities(identity_file, "--identity-file") if identity_file else []
+
+    def progress(archive: Archive) -> Progress:
+        return Progress(archive.tar_size, label=f"restore {archive.id[:8]}", archive_id=archive.id)
 
     app = ctx.app
-    app.catalog.check_schema()
-    archive = select_archive(app.catalog, archive_id, latest=latest, namespace=namespace, workload=workload,
-                             container=container, pod=pod)
-    result: dict[str, Any] = {"archive": archive.to_json()}
-    progress = Progress(archive.tar_size, label=f"restore {archive.id[:8]}", archive_id=archive.id)
-
-    identities = load_identities(identity_file, "--identity-file") if identity_file else []
-    with open_archive(app.backends, archive, identities) as verified, progress:
-        # every destination gets only a tar whose members pass the rules verify and inspect apply
-        scanner = metadata_scanner(archive)
-        layer = ProgressReader(ScanningReader(verified, scanner, explain=verified.explain), progress)
-        if to_file:
-            written = restore_to_file(layer, to_file, overwrite=force)
-            result.update(to=str(Path(to_file).absolute()), bytes=written)
-            summary = f"restored archive {archive.id} to {to_file} ({human_bytes(written)}, verified)"
-        else:
-            info_box: list[CheckpointInfo] = []
-
-            def finish() -> oci.CheckpointImage:
-                info_box.append(checkpoint_info(scanner.files, archive))
-                return oci.build_image(archive, info_box[0])
-
-            if oci_dir:
-                built = oci.write_layout(oci_dir, archive, layer, finish, ref_name=archive.id)
-                result.update(oci_layout=str(Path(oci_dir).absolute()),
-                              manifest_digest=built.manifest_descriptor.digest, ref_name=archive.id)
-                summary = (f"wrote checkpoint image of archive {archive.id} to OCI layout {oci_dir} "
-                           f"(oci:{oci_dir}:{archive.id}, manifest {built.manifest_descriptor.digest})")
-            else:
-                assert ref is not None
-                summary = _push(archive, ref.with_tag(ref.tag or archive.id), layer, finish, result,
-                                username=registry_username, password=_registry_password(registry_password_file),
-                                insecure=insecure_registry, ca_file=registry_ca_file, chunk_size=chunk,
-                                mount_from=mount_from)
-                if pod_manifest:
-                    # The pod's own labels: recorded in the manifest from the kubelet's /pods (the
-                    # archive itself carries only the kubelet's io.kubernetes.* labels).
-                    recorded = verified_manifest(app.backends[archive.backend], archive).labels
-                    extra_labels = {**recorded, **extra_labels}
-                    as_workload = (manifest_kind or ("workload" if workload else "pod")) == "workload"
-                    text = podmanifest.render(
-                        archive, info_box[0], result["pinned"], as_workload=as_workload,
-                        node_name=archive.node if pin_node else node_name, extra_labels=extra_labels,
-                        pod_name=pod_name,
-                    )
-                    restore_to_file(io.BytesIO(text.encode()), pod_manifest, overwrite=force)
-                    result["pod_manifest"] = str(Path(pod_manifest).absolute())
-                    summary += f"\nwrote {pod_manifest}: apply it with `kubectl apply -f {pod_manifest}`"
+    query = service.ArchiveQuery(archive_id, latest=latest, namespace=namespace, workload=workload,
+                                 container=container, pod=pod)
+    restored = service.restore(app.catalog, app.backends, query, destination, identities=identities,
+                               progress=progress)
     if output != "table":
-        print_data(result, output)
+        print_data(restored.to_json(), output)
     else:
-        click.echo(summary)
+        click.echo(_summary(restored, destination))
 
 
-def _push(archive: Archive, ref: Any, layer: ProgressReader, finish: Callable[[], oci.CheckpointImage],
-          result: dict[str, Any], *, username: str | None, password: str | None, insecure: bool,
-          ca_file: str | None, chunk_size: int, mount_from: tuple[str, ...]) -> str:
-    from backupd.restore.registry import RegistryClient, push_checkpoint_image
+def _summary(restored: service.Restored, destination: service.Destination) -> str:
+    """What ``-o table`` prints: one line, and one more for a pod manifest (paths as given)."""
+    from backupd.restore import service
 
-    with RegistryClient(ref.api_host, username=username, password=password, insecure=insecure,
-                        ca_file=ca_file) as client:
-        pushed = push_checkpoint_image(client, ref, archive, layer, finish, mount_from=mount_from,
-                                       chunk_size=chunk_size)
-    result.update(image=str(pushed.ref), manifest_digest=pushed.manifest_digest, pinned=pushed.pinned,
-                  layer=pushed.layer)
-    return (f"pushed checkpoint image of archive {archive.id} to {pushed.ref} "
-            f"(layer {pushed.layer}); run it as {pushed.pinned}")
+    archive = restored.archive
+    if isinstance(restored, service.FileRestored):
+        assert isinstance(destination, service.ToFile)
+        return f"restored archive {archive.id} to {destination.path} ({human_bytes(restored.bytes)}, verified)"
+    if isinstance(restored, service.LayoutWritten):
+        assert isinstance(destination, service.ToOciLayout)
+        return (f"wrote checkpoint image of archive {archive.id} to OCI layout {destination.path} "
+                f"(oci:{destination.path}:{restored.ref_name}, manifest {restored.manifest_digest})")
+    assert isinstance(destination, service.ToRegistry)
+    summary = (f"pushed checkpoint image of archive {archive.id} to {restored.image} "
+               f"(layer {restored.layer}); run it as {restored.pinned}")
+    if destination.pod_manifest is not None:
+        path = destination.pod_manifest.path
+        summary += f"\nwrote {path}: apply it with `kubectl apply -f {path}`"
+    return summary

@@ -159,11 +159,11 @@ def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> 
     app.catalog.check_schema()
     if policy_name:
         try:
-            policies = [app.runner.load_policy(policy_name)]
+            policies = [app.load_policy(policy_name)]
         except NotFound:
             raise policy_gone(app.catalog, policy_name) from None
     else:
-        policies = app.runner.policies()
+        policies = app.policies()
     results = [app.pruner.prune(p, dry_run=dry_run) for p in policies]
     if not policy_name:  # deletes a crash interrupted in policies deleted since: no prune of theirs finishes them
         results += app.deleter.finish_leftovers({p.name for p in policies}, dry_run=dry_run)

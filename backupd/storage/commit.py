@@ -15,7 +15,7 @@ prune and verify report -- never listed as an archive); a crash between steps le
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -61,7 +61,7 @@ class Pipeline:
         self,
         *,
         catalog: Catalog,
-        backends: dict[str, Backend],
+        backends: Mapping[str, Backend],
         kubelet: KubeletClient,
         checkpoint_dir: CheckpointDir,
         node: str,

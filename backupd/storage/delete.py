@@ -25,7 +25,7 @@ them, from ``backupd prune`` and the daemon's hourly maintenance.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -153,7 +153,7 @@ class Deleter:
     #: the policy leases' lifetime, renewed before each policy's deletion (as prune does)
     lease_ttl = timedelta(minutes=15)
 
-    def __init__(self, catalog: Catalog, backends: dict[str, Backend], *, holder: str | None = None, node: str = "",
+    def __init__(self, catalog: Catalog, backends: Mapping[str, Backend], *, holder: str | None = None, node: str = "",
                  metrics: Metrics | None = None) -> None:
         self.catalog = catalog
         self.backends = backends

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from operator import attrgetter
@@ -173,7 +173,7 @@ def take_policy_lease(catalog: Catalog, policy: str, holder: str, ttl: timedelta
     return lease
 
 
-def check_backends(archives: Iterable[Archive], backends: dict[str, Backend]) -> None:
+def check_backends(archives: Iterable[Archive], backends: Mapping[str, Backend]) -> None:
     """Raise :class:`ConfigError` naming the backends that archives are in but the config lacks."""
     missing: dict[str, list[str]] = {}
     for a in archives:
@@ -187,7 +187,7 @@ def check_backends(archives: Iterable[Archive], backends: dict[str, Backend]) ->
         )
 
 
-def delete_archives(catalog: Catalog, backends: dict[str, Backend], archives: Sequence[Archive],
+def delete_archives(catalog: Catalog, backends: Mapping[str, Backend], archives: Sequence[Archive],
                     deleted: list[Archive] | None = None) -> list[Archive]:
     """The delete protocol: rows to ``deleting``, then per backend, batched, manifests, objects, rows.
 
@@ -225,7 +225,7 @@ class Pruner:
     def __init__(
         self,
         catalog: Catalog,
-        backends: dict[str, Backend],
+        backends: Mapping[str, Backend],
         *,
         holder: str | None = None,
         node: str = "",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -142,7 +142,7 @@ def verify_archive(archive: Archive, backend: Backend, *, structure: bool = Fals
 
 def verify(
     catalog: Catalog,
-    backends: dict[str, Backend],
+    backends: Mapping[str, Backend],
     archives: Sequence[Archive],
     *,
     structure: bool = False,

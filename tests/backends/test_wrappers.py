@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backupd.backends.memory import MemoryBackend
-from backupd.backends.wrappers import DryRunBackend, Fault, FaultInjectingBackend, PlannedAction, RetryingBackend
+from backupd.backends.wrappers import DryRunBackend, PlannedAction, RetryingBackend
 from backupd.errors import (
     BackupdError,
     InvalidInput,
@@ -20,6 +20,7 @@ from backupd.errors import (
     StorageNotFound,
     StorageUnavailable,
 )
+from tests.faults import Fault, FaultInjectingBackend
 
 from .contract import BackendContract, CountingReader
 

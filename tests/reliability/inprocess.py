@@ -10,13 +10,16 @@ from pathlib import Path
 import click.testing
 import structlog
 
+from backupd.backends import BackendWrapper
 from backupd.cli import main
 
 
-def run_cli(config: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def run_cli(config: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None,
+            wrap_backend: BackendWrapper | None = None) -> tuple[int, str, str]:
     """``backupd --config CONFIG ARGS...`` with ``stdin``; returns (exit code, stdout, stderr).
 
-    ``BACKUPD_*`` variables of the test process are hidden; ``env`` adds variables. The logging
+    ``BACKUPD_*`` variables of the test process are hidden; ``env`` adds variables;
+    ``wrap_backend`` wraps every backend the command opens (``tests.faults``). The logging
     set-up ``main()`` does (onto this call's captured stderr) is undone afterwards.
     """
     runner = click.testing.CliRunner()
@@ -28,7 +31,7 @@ def run_cli(config: Path, *args: str, stdin: str = "", env: dict[str, str] | Non
     try:
         with runner.isolation(input=stdin, env=environment) as (out, err, _):
             try:
-                main(["--config", str(config), *args])
+                main(["--config", str(config), *args], wrap_backend=wrap_backend)
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
             else:

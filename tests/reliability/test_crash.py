@@ -1,8 +1,9 @@
 """SIGKILL of a real backupd process at every step of the commit and delete protocols, then a
 restart: nothing committed is lost, nothing half-written is visible, nothing is duplicated.
 
-The kill comes from BACKUPD_FAULTS: a fault-injecting wrapper around the real backend that
-sends SIGKILL to its own process just before or just after a chosen backend call.
+The kill comes from ``python -m tests.faults`` (backupd with the faults of BACKUPD_TEST_FAULTS):
+a fault-injecting wrapper around the real backend that sends SIGKILL to its own process just
+before or just after a chosen backend call.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from backupd.catalog.store import Catalog
 from backupd.model import PENDING, RUNNING
 from backupd.simulator.server import NodeSimulator
 from backupd.storage import layout
+from tests.faults import FAULTS_ENV
 from tests.policies import web_policy
 
 POLICY = web_policy(retention="{keepLast: 1}")
@@ -50,13 +52,18 @@ class Rig:
 
     def env(self, faults: list[dict] | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # `tests.faults`, from any directory
         if faults:
-            env["BACKUPD_FAULTS"] = json.dumps(faults)
+            env[FAULTS_ENV] = json.dumps(faults)
         return env
+
+    def argv(self, *args: str, faults: list[dict] | None = None) -> list[str]:
+        """The real ``backupd`` (with ``faults``: the same, its backends faulty) with this config."""
+        return [sys.executable, "-m", "tests.faults" if faults else "backupd", "--config", str(self.cfg), *args]
 
     def run(self, *args: str, faults: list[dict] | None = None, stdin: str | None = None,
             expect: int | None = 0) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "backupd", "--config", str(self.cfg), *args], input=stdin,
+        proc = subprocess.run(self.argv(*args, faults=faults), input=stdin,
                               capture_output=True, text=True, env=self.env(faults), timeout=120)
         if expect is not None:
             assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr[-2000:])
@@ -193,14 +200,14 @@ def test_sigkill_during_backupd_delete_of_a_deleted_policy(rig: Rig, step: str, 
 
 
 def test_daemon_killed_mid_cycle_catches_up_exactly_once(rig: Rig) -> None:
-    env = rig.env([{"operation": "put", "key": "*.tar.zst", "after": True, "kill": True}])
-    first = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(rig.cfg), "run"], env=env,
+    faults = [{"operation": "put", "key": "*.tar.zst", "after": True, "kill": True}]
+    first = subprocess.Popen(rig.argv("run", faults=faults), env=rig.env(faults),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert first.wait(60) == -signal.SIGKILL
 
     def daemon_for(seconds: float) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(rig.cfg), "run"],
-                                env=rig.env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(rig.argv("run"), env=rig.env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
         time.sleep(seconds)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

@@ -130,8 +130,11 @@ def test_registry_insecure_comes_only_from_the_flag() -> None:
                 for kw in node.keywords:
                     if kw.arg == "insecure":
                         passed.append((path.relative_to(PACKAGE).as_posix(), ast.unparse(kw.value)))
-    assert set(passed) <= {("cli/restore.py", "insecure_registry"), ("cli/restore.py", "insecure")}, passed
+    # the flag becomes the destination's field, which is what the registry client gets
+    assert set(passed) <= {("cli/restore.py", "insecure_registry"), ("restore/service.py", "to.insecure")}, passed
     restore = (PACKAGE / "cli" / "restore.py").read_text()
     assert '@click.option("--insecure-registry", is_flag=True' in restore
-    # the helper's `insecure` parameter is fed only by the flag
-    assert re.findall(r"insecure=(\w+)", restore).count("insecure_registry") == 1
+    assert re.findall(r"insecure=(\w+)", restore) == ["insecure_registry"]
+    service = (PACKAGE / "restore" / "service.py").read_text()
+    assert re.findall(r"insecure=([\w.]+)", service) == ["to.insecure"]
+    assert re.search(r"def _push\(archive: Archive, to: ToRegistry,", service), "`to` is the CLI's ToRegistry"
