@@ -29,6 +29,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     literal,
     select,
     text,
@@ -40,8 +41,26 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from backupd import retry
-from backupd.catalog.schema import MIGRATIONS_DIR, ArchiveRow, LeaseRow, PolicyRow, RunRow, UTCDateTime
-from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated, scrub
+from backupd.catalog.schema import (
+    MIGRATIONS_DIR,
+    ArchivePackRow,
+    ArchiveRow,
+    ChunkRow,
+    LeaseRow,
+    PackRow,
+    PolicyRow,
+    RunRow,
+    UTCDateTime,
+)
+from backupd.errors import (
+    CatalogError,
+    CatalogUnavailable,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    SchemaOutdated,
+    scrub,
+)
 from backupd.model import (
     ARCHIVE_STATES,
     COMMITTED,
@@ -101,6 +120,32 @@ class Cursor:
             raise InvalidInput(f"{field}: {text[:100]!r} is not a page cursor: give the one the previous page "
                                "ended with (<time>/<id> of its last item)")
         return cls(moment, ident)
+
+
+#: pack states (``packs.state``): offered to writers; found unused by garbage collection (no
+#: longer offered, taken back by a commit that counted on it); certain to be deleted
+PACK_STORED, PACK_UNUSED, PACK_DELETING = "stored", "unused", "deleting"
+
+
+@dataclass(frozen=True)
+class PackRecord:
+    """A pack of the deduplicated format as the catalog holds it (see :class:`PackRow`)."""
+
+    backend: str
+    pack_id: str
+    key: str
+    stored_size: int
+    raw_size: int
+    chunk_count: int
+    state: str
+    created_at: datetime
+    marked_at: datetime | None = None
+    archives: int = 0  # archives whose recipes use it
+
+
+def _pack(row: PackRow, archives: int = 0) -> PackRecord:
+    return PackRecord(row.backend, row.pack_id, row.key, row.stored_size, row.raw_size, row.chunk_count, row.state,
+                      row.created_at, row.marked_at, archives)
 
 
 _ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
@@ -609,6 +654,147 @@ class Catalog:
         with self.session() as s:
             rows = s.execute(select(ArchiveRow.key, ArchiveRow.state).where(ArchiveRow.backend == backend)).all()
             return {key: state for key, state in rows}
+
+    # -- packs of the deduplicated format -------------------------------------------------
+
+    @_translated
+    def record_pack(self, backend: str, pack_id: str, key: str, *, stored_size: int, raw_size: int,
+                    chunk_ids: Sequence[bytes], created_at: datetime | None = None) -> str:
+        """Record a pack whose put returned, with its chunks, so that :meth:`known_chunks`
+        offers them; returns its state. Idempotent: a pack already recorded (the same name is
+        the same bytes) keeps its row, and one found unused is offered again."""
+        with self.session() as s:
+            existing = s.scalar(select(PackRow).where(PackRow.backend == backend, PackRow.pack_id == pack_id))
+            if existing is not None:
+                if existing.state == PACK_UNUSED:
+                    existing.state, existing.marked_at = PACK_STORED, None
+                return existing.state
+            row = PackRow(backend=backend, pack_id=pack_id, key=key, stored_size=stored_size, raw_size=raw_size,
+                          chunk_count=len(chunk_ids), state=PACK_STORED, created_at=created_at or now_utc())
+            s.add(row)
+            s.flush()
+            s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": row.id} for c in dict.fromkeys(chunk_ids)])
+            return PACK_STORED
+
+    @_translated
+    def known_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
+        """chunk id -> pack id of those of ``chunk_ids`` that a ``stored`` pack of ``backend``
+        holds: what a writer need not store again. Packs still being uploaded are not recorded
+        yet and unused or deleting ones are not offered, so an answer never names a pack that a
+        writer cannot count on (a commit re-checks: :meth:`commit_dedup_archive`)."""
+        found: dict[bytes, str] = {}
+        with self.session() as s:
+            for chunk in _chunks(chunk_ids):
+                q = (select(ChunkRow.chunk_id, PackRow.pack_id).join(PackRow, PackRow.id == ChunkRow.pack)
+                     .where(ChunkRow.chunk_id.in_(chunk), PackRow.backend == backend, PackRow.state == PACK_STORED))
+                for chunk_id, pack_id in s.execute(q):
+                    found.setdefault(bytes(chunk_id), pack_id)
+        return found
+
+    @_translated
+    def locate_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
+        """chunk id -> key of a pack of ``backend`` that holds it (any state: a restore reads
+        whatever is still there)."""
+        found: dict[bytes, str] = {}
+        with self.session() as s:
+            for chunk in _chunks(chunk_ids):
+                q = (select(ChunkRow.chunk_id, PackRow.key, PackRow.state).join(PackRow, PackRow.id == ChunkRow.pack)
+                     .where(ChunkRow.chunk_id.in_(chunk), PackRow.backend == backend))
+                for chunk_id, key, state in s.execute(q):
+                    if state == PACK_STORED or bytes(chunk_id) not in found:
+                        found[bytes(chunk_id)] = key
+        return found
+
+    @_translated
+    def commit_dedup_archive(self, archive_id: str, backend: str, pack_ids: Sequence[str], *,
+                             expect_state: str | None = None, **fields: Any) -> Archive:
+        """Commit a deduplicated archive: in one transaction, check that every pack its recipe
+        uses is still recorded and not ``deleting`` (one garbage collection found unused is
+        taken back: this archive uses it), record which packs it uses, then update the row as
+        :meth:`update_archive` does. Raises :class:`IntegrityError` naming a pack that is gone
+        or going, and changes nothing."""
+        with self.session() as s:
+            rows: dict[str, PackRow] = {}
+            for chunk in _chunks(pack_ids):
+                for row in s.scalars(select(PackRow).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk))
+                                     .with_for_update()):
+                    rows[row.pack_id] = row
+            for pack_id in dict.fromkeys(pack_ids):
+                used = rows.get(pack_id)
+                if used is None or used.state == PACK_DELETING:
+                    raise IntegrityError(f"archive {archive_id}: pack {pack_id} of backend {backend!r} it uses is "
+                                         f"{'not in the catalog' if used is None else 'being deleted'}; the archive "
+                                         "is not committed")
+                if used.state == PACK_UNUSED:
+                    used.state, used.marked_at = PACK_STORED, None
+            archive = s.get(ArchiveRow, archive_id, with_for_update=True)
+            if archive is None:
+                raise NotFound(f"no archive {archive_id!r} in the catalog")
+            if expect_state is not None and archive.state != expect_state:
+                raise CatalogError(f"archive {archive_id} is {archive.state}, expected {expect_state}")
+            have = set(s.scalars(select(ArchivePackRow.pack).where(ArchivePackRow.archive_id == archive_id)))
+            new = [{"archive_id": archive_id, "pack": r.id} for r in rows.values() if r.id not in have]
+            if new:
+                s.execute(insert(ArchivePackRow), new)
+            for k, v in fields.items():
+                setattr(archive, k, v)
+            return _archive(archive)
+
+    @_translated
+    def list_packs(self, backend: str, *, states: Sequence[str] = ()) -> list[PackRecord]:
+        """The packs of ``backend`` (of ``states``, or all), with how many archives use each."""
+        uses = (select(ArchivePackRow.pack, func.count().label("n")).group_by(ArchivePackRow.pack).subquery())
+        q = (select(PackRow, func.coalesce(uses.c.n, 0)).outerjoin(uses, uses.c.pack == PackRow.id)
+             .where(PackRow.backend == backend).order_by(PackRow.id))
+        if states:
+            q = q.where(PackRow.state.in_(states))
+        with self.session() as s:
+            return [_pack(row, n) for row, n in s.execute(q)]
+
+    @_translated
+    def pack_chunk_ids(self, backend: str, pack_id: str) -> list[bytes]:
+        with self.session() as s:
+            q = (select(ChunkRow.chunk_id).join(PackRow, PackRow.id == ChunkRow.pack)
+                 .where(PackRow.backend == backend, PackRow.pack_id == pack_id))
+            return [bytes(c) for c in s.scalars(q)]
+
+    @_translated
+    def mark_unused_packs(self, backend: str, *, created_before: datetime, now: datetime) -> list[PackRecord]:
+        """Garbage collection, phase one: ``stored`` packs created before ``created_before``
+        that no archive uses become ``unused`` (no longer offered to writers), marked ``now``."""
+        used = select(ArchivePackRow.pack).where(ArchivePackRow.pack == PackRow.id).exists()
+        with self.session() as s:
+            rows = list(s.scalars(select(PackRow).where(
+                PackRow.backend == backend, PackRow.state == PACK_STORED, PackRow.created_at < created_before,
+                ~used).with_for_update()))
+            for row in rows:
+                row.state, row.marked_at = PACK_UNUSED, now
+            return [_pack(r) for r in rows]
+
+    @_translated
+    def doom_unused_packs(self, backend: str, *, marked_before: datetime) -> list[PackRecord]:
+        """Garbage collection, phase two: ``unused`` packs marked before ``marked_before`` that
+        still no archive uses become ``deleting``, in one transaction with the check (a commit
+        that takes one back first wins: :meth:`commit_dedup_archive` locks the same rows)."""
+        used = select(ArchivePackRow.pack).where(ArchivePackRow.pack == PackRow.id).exists()
+        with self.session() as s:
+            rows = list(s.scalars(select(PackRow).where(
+                PackRow.backend == backend, PackRow.state == PACK_UNUSED, PackRow.marked_at < marked_before,
+                ~used).with_for_update()))
+            for row in rows:
+                row.state = PACK_DELETING
+            return [_pack(r) for r in rows]
+
+    @_translated
+    def drop_pack_rows(self, backend: str, pack_ids: Sequence[str]) -> None:
+        """Forget packs (their chunks too) whose objects were deleted; only ``deleting`` ones."""
+        with self.session() as s:
+            for chunk in _chunks(pack_ids):
+                ids = list(s.scalars(select(PackRow.id).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk),
+                                                              PackRow.state == PACK_DELETING)))
+                if ids:
+                    s.execute(delete(ChunkRow).where(ChunkRow.pack.in_(ids)))
+                    s.execute(delete(PackRow).where(PackRow.id.in_(ids)))
 
     # -- runs ---------------------------------------------------------------------------
 
