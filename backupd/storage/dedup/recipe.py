@@ -51,7 +51,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from backupd.backends.base import Backend, Readable
-from backupd.errors import IntegrityError, InvalidInput, ObjectExists
+from backupd.errors import IntegrityError, InvalidInput, ObjectExists, StorageNotFound
 from backupd.storage.dedup import pack as packs
 from backupd.storage.dedup.chunker import DEFAULT_PAGES_PER_CHUNK, PAGE, Chunk, is_page_image, member_chunks
 from backupd.storage.dedup.ids import ChunkIds
@@ -235,9 +235,13 @@ class ArchiveWriter:
                  pages_per_chunk: int = DEFAULT_PAGES_PER_CHUNK, grouping: str = "content",
                  frame_size: int = packs.DEFAULT_FRAME_SIZE, pack_size: int = packs.DEFAULT_PACK_SIZE,
                  level: int = packs.DEFAULT_LEVEL, list_fanout: int = LIST_FANOUT, workers: int = 2,
-                 uploads: int = 2, spool_dir: str | None = None) -> None:
+                 uploads: int = 2, spool_dir: str | None = None,
+                 on_stored: Callable[[PackInfo, list[bytes]], None] | None = None) -> None:
         self.backend = backend
         self.known = known
+        #: called (on an upload thread) with each pack and its chunk ids once its put returned:
+        #: the commit protocol records it there, so that other writers may count on its chunks
+        self.on_stored = on_stored
         self.ids = ids or ChunkIds()
         if recipients and self.ids.key is None:
             raise InvalidInput("an encrypted backend needs keyed chunk ids (hmac-sha256): plain SHA-256 ids "
@@ -496,8 +500,11 @@ class _WriteRun:
             self.w.backend.put(key, io.BytesIO(stored))
         except ObjectExists:
             pass  # the name is the content's SHA-256: the same bytes are already there
-        return PackInfo(key=key, pack_id=pack_id, stored_size=len(stored), chunks=len(builder),
+        info = PackInfo(key=key, pack_id=pack_id, stored_size=len(stored), chunks=len(builder),
                         raw_size=builder.raw_size, index_size=index_size)
+        if self.w.on_stored is not None:
+            self.w.on_stored(info, builder.chunk_ids)
+        return info
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -515,12 +522,14 @@ class PackStore:
 
     def __init__(self, backend: Backend, *, identities: Sequence[Any] = (), root: str = "dedup/",
                  locate: Callable[[bytes], str | None] | None = None, spool_dir: str | None = None,
-                 frame_cache: int = 64 << 20) -> None:
+                 frame_cache: int = 64 << 20, pack_keys: Sequence[str] | None = None) -> None:
         self.backend = backend
         self.identities = list(identities)
         self.root = root
         self._dir = tempfile.mkdtemp(prefix="backupd-restore-", dir=spool_dir)  # 0700
         self._locate = locate
+        #: packs to look in before every pack under ``root`` (a manifest names its archive's)
+        self._hint = list(pack_keys) if pack_keys is not None else None
         self._where: dict[bytes, str] | None = None
         self._open: dict[str, packs.PackFile] = {}
         self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -534,10 +543,16 @@ class PackStore:
                                                     identities=self.identities)
         return pack
 
-    def _scan(self) -> dict[bytes, str]:
+    def _scan(self, keys: Sequence[str] | None = None) -> dict[bytes, str]:
         where: dict[bytes, str] = {}
-        for key in packs.list_packs(self.backend, self.root):
-            for chunk_id in self._pack(key).index.order:
+        for key in packs.list_packs(self.backend, self.root) if keys is None else keys:
+            try:
+                pack = self._pack(key)
+            except StorageNotFound:
+                if keys is None:
+                    raise
+                continue  # a hinted pack gone (repacked): the scan of every pack finds its chunks
+            for chunk_id in pack.index.order:
                 where.setdefault(chunk_id, key)
         return where
 
@@ -559,8 +574,12 @@ class PackStore:
         key = self._locate(chunk_id) if self._locate is not None else None
         if key is None:
             if self._where is None:
-                self._where = self._scan()
+                self._where = self._scan(self._hint)
             key = self._where.get(chunk_id)
+            if key is None and self._hint is not None:
+                self._hint = None
+                self._where.update(self._scan())
+                key = self._where.get(chunk_id)
         if key is None:
             raise IntegrityError(f"chunk {chunk_id.hex()} is in no pack of backend {self.backend.name!r}")
         pack = self._pack(key)
