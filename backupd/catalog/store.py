@@ -522,6 +522,23 @@ class Catalog:
                                int(row[10])) for row in s.execute(q)]
 
     @_translated
+    def group_logical_bytes(self) -> dict[tuple[str, str, str, str, str], int]:
+        """The tar bytes (before compression and deduplication) of every retention group's
+        committed archives: beside :meth:`group_stats`'s stored bytes, the report's dedup ratio."""
+        columns = (ArchiveRow.policy, ArchiveRow.namespace, ArchiveRow.workload, ArchiveRow.replica,
+                   ArchiveRow.container)
+        q = (select(*columns, func.sum(func.coalesce(ArchiveRow.tar_size, 0)))
+             .where(ArchiveRow.state == COMMITTED).group_by(*columns))
+        with self.session() as s:
+            return {tuple(row[:5]): int(row[5]) for row in s.execute(q)}  # type: ignore[misc]
+
+    @_translated
+    def has_packs(self) -> bool:
+        """Whether any backend holds packs of the deduplicated format."""
+        with self.session() as s:
+            return s.scalar(select(PackRow.id).limit(1)) is not None
+
+    @_translated
     def group_head(self, group: tuple[str, str, str, str, str],
                    unpinned: int) -> tuple[list[ArchiveSummary], bool]:
         """The newest committed archives of one retention group (``group_stats().group``), oldest

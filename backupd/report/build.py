@@ -197,6 +197,15 @@ class WorkloadStatus:
     next_run: datetime | None
     last_success: RunSummary | None
     last_failure: RunSummary | None
+    #: tar bytes of the archives, when any backend deduplicates (``stored_bytes``: what they added)
+    logical_bytes: int | None = None
+
+    @property
+    def dedup_ratio(self) -> float | None:
+        """Logical over stored bytes (compression and deduplication together)."""
+        if self.logical_bytes is None or not self.stored_bytes:
+            return None
+        return round(self.logical_bytes / self.stored_bytes, 2)
 
     @property
     def target(self) -> str:
@@ -229,6 +238,8 @@ class WorkloadStatus:
                       "remove": [p.to_json() for p in self.prune_remove]},
             "timeline": [p.to_json() for p in self.timeline],
             "timeline_complete": self.timeline_complete,
+            **({"logical_bytes": self.logical_bytes, "dedup_ratio": self.dedup_ratio}
+               if self.logical_bytes is not None else {}),
         }
 
 
@@ -402,6 +413,7 @@ class GroupFacts:
     timeline: tuple[ArchivePoint, ...]  # oldest first
     remove_archives: int
     remove_bytes: int
+    logical_bytes: int | None = None  # only read when a backend deduplicates
 
     @property
     def target(self) -> Target:
@@ -687,6 +699,7 @@ def _archive_fields(group: GroupFacts | None) -> dict[str, Any]:
         return {"archives": 0, "stored_bytes": 0, "oldest": None, "newest": None, "timeline": (),
                 "remove_archives": 0, "remove_bytes": 0}
     return {"archives": group.stats.archives, "stored_bytes": group.stats.stored_bytes,
+            "logical_bytes": group.logical_bytes,
             "oldest": group.stats.oldest, "newest": group.stats.newest, "timeline": group.timeline,
             "remove_archives": group.remove_archives, "remove_bytes": group.remove_bytes}
 
@@ -725,6 +738,7 @@ def facts_from_catalog(catalog: Catalog, policies: Sequence[Policy | PolicyProbl
     usable = {p.name: p for p in policies if isinstance(p, Policy) and policy_problem(p, now) is None}
     groups: dict[str, list[GroupFacts]] = {}
     pending = {stats.group: (stats, first_read(usable.get(stats.policy), stats)) for stats in catalog.group_stats()}
+    logical = catalog.group_logical_bytes() if catalog.has_packs() else {}
     while pending:
         reads: dict[int, list[tuple[str, str, str, str, str]]] = {}
         for group, (_stats, unpinned) in pending.items():
@@ -738,7 +752,8 @@ def facts_from_catalog(catalog: Catalog, policies: Sequence[Policy | PolicyProbl
                     continue
                 del pending[group]
                 points, removed, removed_bytes = decided
-                groups.setdefault(stats.policy, []).append(GroupFacts(stats, points, removed, removed_bytes))
+                groups.setdefault(stats.policy, []).append(GroupFacts(stats, points, removed, removed_bytes,
+                                                                      logical.get(group)))
     for members in groups.values():
         members.sort(key=lambda g: g.target)
     series = catalog.storage_series([(name, sum(g.stats.archives for g in members))

@@ -6,8 +6,6 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
-
 from backupd.app import App
 from backupd.catalog.store import PACK_STORED, PACK_UNUSED
 from backupd.model import now_utc
@@ -16,16 +14,9 @@ from backupd.storage.dedup.gc import collect
 from backupd.storage.dedup.pack import list_packs
 from backupd.storage.prune import delete_archives
 from tests import policies
-from tests.dedup.test_pipeline import dedup_app, read_all
+from tests.dedup.conftest import read_all
 
 GRACE = timedelta(hours=6)
-
-
-@pytest.fixture
-def app(tmp_path: Path, sim: NodeSimulator, db_url: str):  # type: ignore[no-untyped-def]
-    a = dedup_app(tmp_path, sim, db_url)
-    yield a
-    a.close()
 
 
 def gc(app: App, now):  # type: ignore[no-untyped-def]

@@ -7,44 +7,17 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
-
 from backupd.app import App
-from backupd.config import FilesystemBackendConfig
 from backupd.model import COMMITTED
 from backupd.simulator.server import NodeSimulator
 from backupd.storage import layout
-from backupd.storage.read import open_archive
 from backupd.storage.verify import verify
 from tests import policies
-from tests.conftest import make_config
+from tests.dedup.conftest import dedup_app, read_all
 
 
-def dedup_app(tmp_path: Path, sim: NodeSimulator, db_url: str, **backend: object) -> App:
-    config = make_config(tmp_path, sim, db_url)
-    config.backends[0] = FilesystemBackendConfig(name="local", type="filesystem", path=tmp_path / "backend",
-                                                 format="dedup", **backend)  # type: ignore[arg-type]
-    app = App(config)
-    app.catalog.upgrade()
-    return app
-
-
-@pytest.fixture
-def app(tmp_path: Path, sim: NodeSimulator, db_url: str):  # type: ignore[no-untyped-def]
-    a = dedup_app(tmp_path, sim, db_url)
-    yield a
-    a.close()
-
-
-def read_all(app: App, archive, identities=()) -> bytes:  # type: ignore[no-untyped-def]
-    out = []
-    with open_archive(app.backends, archive, identities) as stream:
-        while block := stream.read(1 << 20):
-            out.append(block)
-    return b"".join(out)
-
-
-def test_dedup_archives_restore_the_byte_identical_tar(app: App, sim: NodeSimulator, tmp_path: Path) -> None:
+def test_dedup_archives_restore_the_byte_identical_tar(app: App, sim: NodeSimulator) -> None:
+    backend = app.backends["local"]
     policy = policies.apply(app, policies.web_policy(keep_on_node=5))
     first = app.runner.cycle(policy)
     second = app.runner.cycle(policy)
@@ -56,16 +29,17 @@ def test_dedup_archives_restore_the_byte_identical_tar(app: App, sim: NodeSimula
         node_tar = (sim.checkpoint_dir / a.node_path).read_bytes()
         assert read_all(app, a) == node_tar
         assert hashlib.sha256(node_tar).hexdigest() == a.tar_sha256
-        manifest = json.loads((tmp_path / "backend" / layout.manifest_key(a.key)).read_text())
+        manifest = json.loads(backend.read_bytes(layout.manifest_key(a.key)))
         assert manifest["format"] == "dedup" and manifest["packs"]
-        recipe = (tmp_path / "backend" / a.key).read_bytes()
+        recipe = backend.read_bytes(a.key)
         assert manifest["stored_sha256"] == hashlib.sha256(recipe).hexdigest() == a.stored_sha256
         assert manifest["recipe_size"] == len(recipe)
     packs = app.catalog.list_packs("local")
     assert packs and all(p.state == "stored" for p in packs)
     # stored_size: what each archive added (its new packs and its recipe), the packs counted once
     assert sum(a.stored_size or 0 for a in archives) == sum(p.stored_size for p in packs) + sum(
-        (tmp_path / "backend" / a.key).stat().st_size for a in archives)
+        len(backend.read_bytes(a.key)) for a in archives)
+    assert {p.key for p in packs} == {o.key for o in backend.list("dedup/packs/")}
     report = verify(app.catalog, app.backends, archives, structure=True)
     assert report.clean, report.to_json()
 
@@ -109,13 +83,14 @@ def test_encrypted_dedup_backend(tmp_path: Path, sim: NodeSimulator) -> None:
         app.close()
 
 
-def test_catalog_rebuild_from_manifests_and_pack_indexes(app: App, sim: NodeSimulator, tmp_path: Path) -> None:
+def test_catalog_rebuild_from_manifests_and_pack_indexes(app: App, sim: NodeSimulator, tmp_path: Path,
+                                                        kind: dict[str, object]) -> None:
     from backupd.storage.rebuild import rebuild
 
     policy = policies.apply(app, policies.web_policy(keep_on_node=5))
     assert not app.runner.cycle(policy).failed
     before = {p.pack_id: p.chunk_count for p in app.catalog.list_packs("local")}
-    lost = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'rebuilt.db'}")
+    lost = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'rebuilt.db'}", **kind)
     try:
         report = rebuild(lost.catalog, lost.backends["local"])
         assert report.clean, report.to_json()
@@ -133,7 +108,8 @@ def test_catalog_rebuild_from_manifests_and_pack_indexes(app: App, sim: NodeSimu
         lost.close()
 
 
-def test_verify_read_data_checks_every_pack(app: App, sim: NodeSimulator, tmp_path: Path) -> None:
+def test_verify_read_data_checks_every_pack(fs_app: App, tmp_path: Path) -> None:
+    app = fs_app
     policy = policies.apply(app, policies.web_policy())
     assert not app.runner.cycle(policy).failed
     packs = app.catalog.list_packs("local")
@@ -150,3 +126,15 @@ def test_verify_read_data_checks_every_pack(app: App, sim: NodeSimulator, tmp_pa
     victim.unlink()
     gone = verify(app.catalog, app.backends, [], read_data=True, dedup_backends=["local"])
     assert "not in the backend" in gone.packs["local"].problems[0]["detail"]
+
+
+def test_report_shows_logical_and_stored_bytes_and_the_ratio(app: App) -> None:
+    policy = policies.apply(app, policies.web_policy())
+    for _ in range(2):
+        assert not app.runner.cycle(policy).failed
+    archives = app.catalog.list_archives()
+    (web,) = [p for p in app.report().to_json()["policies"] if p["name"] == "web"]
+    (row,) = web["workloads"]
+    assert row["logical_bytes"] == sum(a.tar_size or 0 for a in archives)
+    assert row["stored_bytes"] == sum(a.stored_size or 0 for a in archives)
+    assert row["dedup_ratio"] == round(row["logical_bytes"] / row["stored_bytes"], 2) > 1

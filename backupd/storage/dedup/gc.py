@@ -38,6 +38,7 @@ from backupd.errors import BackupdError, LeaseHeld
 from backupd.storage import layout
 from backupd.storage.dedup import pack as packs
 from backupd.storage.dedup.commit import ROOT
+from backupd.storage.prune import release_dead_leases
 
 log = structlog.get_logger("backupd.gc")
 
@@ -72,7 +73,9 @@ def collect(catalog: Catalog, backend: Backend, *, grace: timedelta, now: dateti
         _plan(report, current, grace=grace, now=now)
         return report
     lease = f"gc/{backend.name}"
-    if not catalog.acquire_lease(lease, holder, LEASE_TTL):
+    if not catalog.acquire_lease(lease, holder, LEASE_TTL) and not (
+        release_dead_leases(catalog) and catalog.acquire_lease(lease, holder, LEASE_TTL)
+    ):  # a lease of a killed collector on this host is freed rather than waited for
         raise LeaseHeld(f"another process is collecting the packs of backend {backend.name!r}; try again later")
     try:
         _delete(catalog, backend, [p for p in current if p.state == PACK_DELETING], report)  # a crash's leftovers
