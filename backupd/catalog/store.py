@@ -685,12 +685,17 @@ class Catalog:
             if existing is not None:
                 if existing.state == PACK_UNUSED:
                     existing.state, existing.marked_at = PACK_STORED, None
+                if not existing.chunk_count and chunk_ids:  # recorded by a rebuild that could not read it
+                    s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": existing.id}
+                                                 for c in dict.fromkeys(chunk_ids)])
+                    existing.chunk_count, existing.raw_size = len(chunk_ids), raw_size
                 return existing.state
             row = PackRow(backend=backend, pack_id=pack_id, key=key, stored_size=stored_size, raw_size=raw_size,
                           chunk_count=len(chunk_ids), state=PACK_STORED, created_at=created_at or now_utc())
             s.add(row)
             s.flush()
-            s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": row.id} for c in dict.fromkeys(chunk_ids)])
+            if chunk_ids:  # none: a pack whose index could not be read (encrypted, no identity)
+                s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": row.id} for c in dict.fromkeys(chunk_ids)])
             return PACK_STORED
 
     @_translated

@@ -138,3 +138,56 @@ def test_report_shows_logical_and_stored_bytes_and_the_ratio(app: App) -> None:
     assert row["logical_bytes"] == sum(a.tar_size or 0 for a in archives)
     assert row["stored_bytes"] == sum(a.stored_size or 0 for a in archives)
     assert row["dedup_ratio"] == round(row["logical_bytes"] / row["stored_bytes"], 2) > 1
+
+
+def test_rebuild_never_offers_the_chunks_of_a_planted_pack(fs_app: App, sim: NodeSimulator, tmp_path: Path) -> None:
+    """The bucket is not trusted: a pack whose index claims a chunk it does not hold (here:
+    the id of a page every checkpoint has) must not make later checkpoints point at it."""
+    from backupd.storage.dedup import pack as packs
+    from backupd.storage.dedup.ids import ChunkIds
+    from backupd.storage.rebuild import rebuild
+
+    app = fs_app
+    zero_page = ChunkIds()(bytes(4096))
+    builder = packs.PackBuilder()
+    builder.add_frame(packs.compress_frame(b"\xee" * 4096), [(zero_page, 4096)])
+    pack_id, stored = packs.seal(builder.finish())
+    app.backends["local"].put_bytes(packs.pack_key(pack_id), stored)
+    report = rebuild(app.catalog, app.backends["local"])
+    assert [c["key"] for c in report.corrupt_packs] == [packs.pack_key(pack_id)]
+    assert "does not match its id" in report.corrupt_packs[0]["error"] and not report.clean
+    assert app.catalog.known_chunks("local", [zero_page]) == {}
+    policy = policies.apply(app, policies.web_policy(keep_on_node=5))
+    assert not app.runner.cycle(policy).failed
+    for a in app.catalog.list_archives():
+        assert read_all(app, a) == (sim.checkpoint_dir / a.node_path).read_bytes()
+
+
+def test_encrypted_rebuild_maps_chunks_only_with_the_identity(tmp_path: Path, sim: NodeSimulator) -> None:
+    import pyrage
+
+    from backupd.storage.rebuild import rebuild
+
+    ident = pyrage.x25519.Identity.generate()
+    key_file = tmp_path / "id-key"
+    key_file.write_text("c3" * 32)
+    key_file.chmod(0o400)
+    options = {"encryption_recipients": [str(ident.to_public())], "id_key_file": key_file}
+    app = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'catalog.db'}", **options)
+    blind = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'blind.db'}", **options)
+    seeing = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'seeing.db'}", **options)
+    try:
+        assert not app.runner.cycle(policies.apply(app, policies.web_policy())).failed
+        packs = {p.pack_id: p.chunk_count for p in app.catalog.list_packs("local")}
+        without = rebuild(blind.catalog, blind.backends["local"])
+        assert without.clean and len(without.added) == 2 and without.packs_added == len(packs)
+        assert all(p.chunk_count == 0 and p.archives for p in blind.catalog.list_packs("local"))
+        with_identity = rebuild(seeing.catalog, seeing.backends["local"], identities=[ident])
+        assert with_identity.clean
+        assert {p.pack_id: p.chunk_count for p in seeing.catalog.list_packs("local")} == packs
+        # the blind catalog's packs get their chunks from a second rebuild, with the identity
+        assert rebuild(blind.catalog, blind.backends["local"], identities=[ident]).clean
+        assert {p.pack_id: p.chunk_count for p in blind.catalog.list_packs("local")} == packs
+    finally:
+        for a in (app, blind, seeing):
+            a.close()

@@ -37,7 +37,7 @@ class PackCheck:
         return {"checked": self.checked, "bytes_read": self.bytes_read, "problems": self.problems}
 
 
-def _ids(backend: Backend, identities: Sequence[Any]) -> list[ChunkIds]:
+def id_schemes(backend: Backend, identities: Sequence[Any]) -> list[ChunkIds]:
     """The id schemes the backend's chunks may use: SHA-256, and each id key whose copy the
     identities decrypt."""
     schemes = [ChunkIds()]
@@ -64,7 +64,7 @@ def check_packs(catalog: Catalog, backend: Backend, *, read_data: bool = False, 
     result = PackCheck(backend.name)
     recorded = [p for p in catalog.list_packs(backend.name) if p.state != PACK_DELETING]
     chosen = recorded if read_data or len(recorded) <= sample else (rng or random.Random()).sample(recorded, sample)
-    schemes = _ids(backend, identities) if read_data else []
+    schemes = id_schemes(backend, identities) if read_data else []
     for p in chosen:
         result.checked += 1
         result.bytes_read += p.stored_size
@@ -88,14 +88,23 @@ def _check_one(catalog: Catalog, backend: Backend, key: str, pack_id: str, ident
         try:
             if set(pack.index.order) != set(catalog.pack_chunk_ids(backend.name, pack_id)):
                 raise IntegrityError(f"{what}: its index and the catalog's chunk map disagree")
-            if not schemes:
-                return
-            chunks = [(chunk_id, loc) for chunk_id, loc in pack.index.chunks.items()]
-            frames = {n: pack.frame(n) for n in {loc.frame for _, loc in chunks}}
-            for ids in schemes:
-                if all(ids(frames[loc.frame][loc.offset:loc.offset + loc.length]) == chunk_id
-                       for chunk_id, loc in chunks):
-                    return
-            raise IntegrityError(f"{what}: a chunk does not match its id (under every id key known)")
+            if schemes and not chunks_match(pack, schemes):
+                raise IntegrityError(f"{what}: a chunk does not match its id (under every id key known)")
         finally:
             pack.close()
+
+
+def chunks_match(pack: packs.PackFile, schemes: Sequence[ChunkIds]) -> bool:
+    """Whether every chunk of ``pack`` matches its id under one of ``schemes`` (frames are
+    decompressed one at a time)."""
+    by_frame: dict[int, list[tuple[bytes, packs.Location]]] = {}
+    for chunk_id, loc in pack.index.chunks.items():
+        by_frame.setdefault(loc.frame, []).append((chunk_id, loc))
+    remaining = list(schemes)
+    for n, members in sorted(by_frame.items()):
+        frame = pack.frame(n)
+        remaining = [ids for ids in remaining
+                     if all(ids(frame[loc.offset:loc.offset + loc.length]) == cid for cid, loc in members)]
+        if not remaining:
+            return False
+    return True

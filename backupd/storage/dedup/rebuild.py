@@ -1,14 +1,18 @@
 """``catalog rebuild`` for the deduplicated format: pack rows from the packs themselves.
 
 Packs are self-describing: each one's index (its trailer) lists its chunks, so the chunk ->
-pack map is rebuilt by reading them. An encrypted pack's index needs the age identity; without
-one the pack is still recorded (restores find it through the manifests that name it, garbage
-collection keeps it while an archive uses it) but its chunks are not offered to writers until
-a rebuild with the identity.
+pack map is rebuilt by reading them. The bucket is not trusted: a pack's chunks are offered to
+writers again only once every one of them matched its id (a planted pack whose index claims
+common pages could otherwise make every later checkpoint unrestorable). An encrypted pack
+needs the age identity (and the id key, read from its copy in the backend); without them the
+pack is still recorded -- restores find it through the manifests that name it, garbage
+collection keeps it while an archive uses it -- but its chunks are not offered to writers
+until a rebuild with the identity.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +23,7 @@ from backupd.backends.base import Backend
 from backupd.catalog.store import Catalog
 from backupd.errors import IntegrityError, InvalidInput
 from backupd.storage.dedup import pack as packs
+from backupd.storage.dedup.check import chunks_match, id_schemes
 from backupd.storage.dedup.commit import ROOT
 
 log = structlog.get_logger("backupd.dedup")
@@ -36,7 +41,8 @@ def rebuild_packs(catalog: Catalog, backend: Backend, *, identities: Sequence[An
     be read. A pack that does not match its name or whose index is corrupt is reported, not
     recorded."""
     result = PackRebuild()
-    known = {p.pack_id for p in catalog.list_packs(backend.name)}
+    known = {p.pack_id for p in catalog.list_packs(backend.name) if p.chunk_count or not identities}
+    schemes = id_schemes(backend, identities)
     for info in backend.list(f"{ROOT}{packs.PACKS_DIR}"):
         if not info.key.endswith(".pack"):
             continue
@@ -46,9 +52,15 @@ def rebuild_packs(catalog: Catalog, backend: Backend, *, identities: Sequence[An
         chunk_ids: list[bytes] = []
         raw_size = 0
         try:
-            index = packs.read_pack_index(backend, info.key, identities=identities)
-            chunk_ids = index.order
-            raw_size = sum(f.raw_length for f in index.frames)
+            with tempfile.TemporaryDirectory(prefix="backupd-rebuild-") as directory:
+                pack = packs.PackFile(backend, info.key, pack_id, directory=directory, identities=identities)
+                try:
+                    if not chunks_match(pack, schemes):
+                        raise IntegrityError(f"pack {info.key!r}: a chunk does not match its id")
+                    chunk_ids = pack.index.order
+                    raw_size = sum(f.raw_length for f in pack.index.frames)
+                finally:
+                    pack.close()
         except InvalidInput:
             result.without_index.append(pack_id)
         except IntegrityError as exc:
