@@ -121,7 +121,8 @@ def bench_compression(work: Path, quick: bool) -> list[Row]:
     if shutil.which("gzip"):
         t = wall(f"gzip -1 -c {tar} > {work / 'out.gz'}", shell=True)
         baseline = t
-        rows.append({"bench": "compression", "case": "gzip -1 (baseline)", "ratio": round(size / (work / "out.gz").stat().st_size, 2),
+        ratio = round(size / (work / "out.gz").stat().st_size, 2)
+        rows.append({"bench": "compression", "case": "gzip -1 (baseline)", "ratio": ratio,
                      "MB/s": round(size / t / 1e6), "vs baseline": 1.0})
     for level, threads in ((1, 0), (1, 2), (3, 0), (3, 2), (6, 0)):
         cctx = zstandard.ZstdCompressor(level=level, threads=threads)
@@ -132,7 +133,10 @@ def bench_compression(work: Path, quick: bool) -> list[Row]:
             while chunk := reader.read(8 * MiB):
                 out += len(chunk)
         t = time.perf_counter() - started
-        rows.append({"bench": "compression", "case": f"zstd -{level} " + (f"{threads} worker threads" if threads else "in the reading thread") + (" (backupd)" if (level, threads) == (3, 0) else ""),
+        case = f"zstd -{level} " + (f"{threads} worker threads" if threads else "in the reading thread")
+        if (level, threads) == (3, 0):
+            case += " (backupd)"
+        rows.append({"bench": "compression", "case": case,
                      "ratio": round(size / out, 2), "MB/s": round(size / t / 1e6),
                      "vs baseline": round(baseline / t, 2) if baseline else None})
     return rows
@@ -207,8 +211,9 @@ def bench_rss(work: Path, quick: bool) -> list[Row]:
         for mib in sizes:
             tar = checkpoint_tar(work, mib * MiB)
             r = ship(tar, work / f"rss-{mib}", s3_endpoint=endpoint, bucket="bench")
-            rows.append({"bench": "peak RSS", "case": f"ship {mib} MiB to S3", "peak RSS MiB": round(r["vmhwm_kib"] / 1024),
-                         "stored MiB": round(r["stored_size"] / MiB), "target": "flat, <= 150 MiB"})
+            rows.append({"bench": "peak RSS", "case": f"ship {mib} MiB to S3",
+                         "peak RSS MiB": round(r["vmhwm_kib"] / 1024), "stored MiB": round(r["stored_size"] / MiB),
+                         "target": "flat, <= 150 MiB"})
             if mib >= 1024:
                 tar.unlink()  # keep the disk footprint of the bench small
     return rows
@@ -355,7 +360,8 @@ def bench_prune(work: Path, quick: bool) -> list[Row]:
         catalog.close()
     objects = 2 * len(result.deleted)
     return [{"bench": "prune", "case": f"{objects:,} S3 objects ({len(result.deleted):,} archives)",
-             "delete requests": len(requests), "backupd s": round(elapsed, 2), "target": "<= 1 request per 1,000 objects"}]
+             "delete requests": len(requests), "backupd s": round(elapsed, 2),
+             "target": "<= 1 request per 1,000 objects"}]
 
 
 CATALOG_GROUPS = 1_000  # workloads: 10 policies x 100 deployments, one container each

@@ -42,7 +42,8 @@ def test_health_readiness_and_metrics(served, sim) -> None:  # type: ignore[no-u
     assert 'backupd_archives_retained{policy="web"} 2.0' in metrics
     assert "backupd_checkpoint_duration_seconds_bucket" in metrics
     assert 'backupd_upload_duration_seconds_count{backend="local"} 2.0' in metrics
-    assert 'backupd_last_success_timestamp_seconds{container="nginx",namespace="default",workload="deployment/web"}' in metrics
+    assert ('backupd_last_success_timestamp_seconds{container="nginx",namespace="default",workload="deployment/web"}'
+            in metrics)
     assert "backupd_bytes_shipped_total" in metrics and "backupd_catalog_up 1.0" in metrics
 
 
@@ -90,7 +91,8 @@ def test_listings_are_pages_linked_by_a_cursor(served) -> None:  # type: ignore[
     cursor = first.headers["X-Next-Cursor"]
     assert cursor == f"{first.json()[0]['checkpoint_time']}/{first.json()[0]['id']}"
     link = first.headers["Link"]
-    assert link.startswith("</api/v1/archives?") and link.endswith('>; rel="next"') and "workload=deployment%2Fweb" in link
+    assert link.startswith("</api/v1/archives?") and link.endswith('>; rel="next"')
+    assert "workload=deployment%2Fweb" in link
     second = client.get(link[1:link.index(">")])
     assert second.status_code == 200 and "X-Next-Cursor" not in second.headers and "Link" not in second.headers
     assert [a["id"] for a in first.json() + second.json()] == [a.id for a in app.catalog.list_archives()]

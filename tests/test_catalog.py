@@ -226,7 +226,8 @@ def test_lease_race_has_one_winner(db_url: str) -> None:
 
 
 def test_unreachable_database_is_a_retryable_catalog_error() -> None:
-    c = Catalog.open("postgresql+psycopg://postgres@127.0.0.1:1/nothing", retry_backoff=Backoff(attempts=2, base_delay=0.01))
+    c = Catalog.open("postgresql+psycopg://postgres@127.0.0.1:1/nothing",
+                     retry_backoff=Backoff(attempts=2, base_delay=0.01))
     with pytest.raises(CatalogUnavailable) as info:
         c.list_policies()
     assert info.value.retryable

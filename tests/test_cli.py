@@ -96,8 +96,8 @@ def test_invalid_config_exits_2_naming_the_key(cfg: Path) -> None:
 def test_failed_checkpoints_exit_8(cfg: Path, sim: NodeSimulator) -> None:
     backupd(cfg, "db", "upgrade")
     backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY)
-    sim.add_fault("respond", method="POST", path="/checkpoint/*", status=403,
-                  body="Forbidden (user=backupd, verb=create, resource=nodes, subresource(s)=[checkpoint])\n", times=None)
+    sim.add_fault("respond", method="POST", path="/checkpoint/*", status=403, times=None,
+                  body="Forbidden (user=backupd, verb=create, resource=nodes, subresource(s)=[checkpoint])\n")
     proc = backupd(cfg, "checkpoint", check=8)
     assert proc.stdout.count("failed") >= 2 and "nodes/checkpoint" in proc.stdout
 

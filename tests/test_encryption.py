@@ -78,7 +78,8 @@ def test_restore_and_verify_with_and_without_the_identity(app_factory, sim, iden
     archives = app.catalog.list_archives()
     identities = load_identities(str(key), "--identity-file")
     with open_archive(app.backends, archives[0], identities) as tar:
-        assert b"".join(iter(lambda: tar.read(1 << 20), b"")) == (sim.checkpoint_dir / archives[0].node_path).read_bytes()
+        original = (sim.checkpoint_dir / archives[0].node_path).read_bytes()
+        assert b"".join(iter(lambda: tar.read(1 << 20), b"")) == original
     with pytest.raises(InvalidInput, match="--identity-file"):
         with open_archive(app.backends, archives[0]):
             pass

@@ -44,7 +44,8 @@ def test_checkpoint_request_shape_and_success() -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, json={"items": [str(CKPT_DIR / "checkpoint-web_default-nginx-2026-03-13T21:43:06Z.tar")]})
+        node_tar = CKPT_DIR / "checkpoint-web_default-nginx-2026-03-13T21:43:06Z.tar"
+        return httpx.Response(200, json={"items": [str(node_tar)]})
 
     path = client(handler).checkpoint(TARGET)
     assert path == CKPT_DIR / "checkpoint-web_default-nginx-2026-03-13T21:43:06Z.tar"

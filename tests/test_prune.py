@@ -109,13 +109,16 @@ def test_pinned_and_size_cap() -> None:
     assert any(d.reasons == ("size cap",) for d in plan.decisions if not d.keep)
 
 
+Rig = tuple[Catalog, MemoryBackend]
+
+
 @pytest.fixture
-def rig(catalog: Catalog):  # type: ignore[no-untyped-def]
+def rig(catalog: Catalog) -> Rig:
     backend = MemoryBackend("mem")
     return catalog, backend
 
 
-def test_prune_deletes_manifest_object_and_row(rig) -> None:  # type: ignore[no-untyped-def]
+def test_prune_deletes_manifest_object_and_row(rig: Rig) -> None:
     catalog, backend = rig
     store(catalog, backend, [archive(i) for i in range(5)])
     pruner = Pruner(catalog, {"mem": backend})
@@ -140,10 +143,13 @@ def test_prune_deletes_manifest_object_and_row(rig) -> None:  # type: ignore[no-
         ("*.tar.zst", True, 4),     # after the objects, before the rows
     ],
 )
-def test_a_crash_at_each_delete_step_is_finished_by_the_next_prune(rig, keys: str, after: bool, left_objects: int) -> None:  # type: ignore[no-untyped-def]
+def test_a_crash_at_each_delete_step_is_finished_by_the_next_prune(
+    rig: Rig, keys: str, after: bool, left_objects: int,
+) -> None:
     catalog, inner = rig
     store(catalog, inner, [archive(i) for i in range(5)])
-    flaky = FaultInjectingBackend(inner, [Fault("delete_many", key=keys, error=StorageUnavailable("crash"), after=after)])
+    crash = Fault("delete_many", key=keys, error=StorageUnavailable("crash"), after=after)
+    flaky = FaultInjectingBackend(inner, [crash])
     result = Pruner(catalog, {"mem": flaky}).prune(policy())
     assert result.error is not None
     assert len(list(inner.list())) == left_objects
@@ -158,7 +164,7 @@ def test_a_crash_at_each_delete_step_is_finished_by_the_next_prune(rig, keys: st
     consistent(catalog, inner)
 
 
-def test_a_crash_between_marking_and_deleting_rows(rig) -> None:  # type: ignore[no-untyped-def]
+def test_a_crash_between_marking_and_deleting_rows(rig: Rig) -> None:
     """Rows marked deleting and nothing else done (the process died right after the UPDATE)."""
     catalog, backend = rig
     store(catalog, backend, [archive(i) for i in range(3)])
@@ -170,7 +176,7 @@ def test_a_crash_between_marking_and_deleting_rows(rig) -> None:  # type: ignore
     consistent(catalog, backend)
 
 
-def test_two_daemons_never_prune_the_same_policy_at_once(rig) -> None:  # type: ignore[no-untyped-def]
+def test_two_daemons_never_prune_the_same_policy_at_once(rig: Rig) -> None:
     catalog, backend = rig
     store(catalog, backend, [archive(i) for i in range(5)])
     assert catalog.acquire_lease("prune/web", "other-daemon", timedelta(minutes=5))
@@ -182,7 +188,7 @@ def test_two_daemons_never_prune_the_same_policy_at_once(rig) -> None:  # type: 
     assert len(Pruner(catalog, {"mem": backend}, holder="me").prune(policy()).deleted) == 3
 
 
-def test_orphans_are_found_and_removed_after_grace(rig) -> None:  # type: ignore[no-untyped-def]
+def test_orphans_are_found_and_removed_after_grace(rig: Rig) -> None:
     catalog, backend = rig
     store(catalog, backend, [archive(0)])
     orphan = layout.archive_key("default", "deployment-web", "nginx", T0, "00000000000000aa")
@@ -198,7 +204,7 @@ def test_orphans_are_found_and_removed_after_grace(rig) -> None:  # type: ignore
     assert backend.stat(inflight.key) is not None and backend.stat("foreign/object.txt") is not None
 
 
-def test_failed_rows_are_cleaned_with_their_leftover_objects(rig) -> None:  # type: ignore[no-untyped-def]
+def test_failed_rows_are_cleaned_with_their_leftover_objects(rig: Rig) -> None:
     catalog, backend = rig
     failed = archive(1, state=FAILED, created_at=T0)
     catalog.add_archive(failed)

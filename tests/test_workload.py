@@ -26,8 +26,10 @@ def test_workload_identity(owner_kind: str, owner_name: str, labels: dict[str, s
 
 
 def test_rollout_keeps_the_same_workload() -> None:
-    before = Pod("default", "web-aaa-1", labels={"pod-template-hash": "aaa"}, owner_kind="ReplicaSet", owner_name="web-aaa")
-    after = Pod("default", "web-bbb-2", labels={"pod-template-hash": "bbb"}, owner_kind="ReplicaSet", owner_name="web-bbb")
+    before = Pod("default", "web-aaa-1", labels={"pod-template-hash": "aaa"},
+                 owner_kind="ReplicaSet", owner_name="web-aaa")
+    after = Pod("default", "web-bbb-2", labels={"pod-template-hash": "bbb"},
+                owner_kind="ReplicaSet", owner_name="web-bbb")
     assert workload_of(before) == workload_of(after) == Workload("deployment", "web")
 
 

@@ -68,7 +68,8 @@ def checkpoint(ctx: Context, policy_name: str | None, output: str) -> None:
                 "policy": r.policy,
                 "error": str(r.error) if r.error else None,
                 "skipped": r.skipped,
-                "runs": [{**o.run.to_json(), "archive": o.archive.to_json() if o.archive else None} for o in r.outcomes],
+                "runs": [{**o.run.to_json(), "archive": o.archive.to_json() if o.archive else None}
+                         for o in r.outcomes],
             }
             for r in results
         ], output)

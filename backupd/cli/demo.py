@@ -86,7 +86,8 @@ class Progress:
                 self.failed += 1
             if not self.tty:
                 target = f"{run.namespace}/{run.pod}/{run.container}" if run.container else "(discovery)"
-                detail = f"{run.bytes_in >> 20} MiB -> {run.bytes_out >> 20} MiB" if run.outcome == SUCCEEDED else run.error
+                detail = (f"{run.bytes_in >> 20} MiB -> {run.bytes_out >> 20} MiB" if run.outcome == SUCCEEDED
+                          else run.error)
                 click.echo(f"[{elapsed:5.1f}s] {run.policy:8} {target:40} {run.outcome:9} {detail}")
         if self.tty:
             ratio = f"{self.bytes_in / self.bytes_out:.1f}x" if self.bytes_out else "-"
@@ -187,7 +188,8 @@ def _summary(app: App, base: Path) -> None:
     click.echo(f"\ncheckpoint runs: {len(runs)} ({len(failed)} failed); archives taken {taken}, "
                f"removed by {len(prunes)} prune runs {taken - count} "
                f"({human_bytes(sum(r.bytes_in for r in prunes))}), kept {count}")
-    click.echo(f"every kept archive read back and checked against its manifest: {'all OK' if not problems else 'PROBLEMS'}")
+    verdict = "all OK" if not problems else "PROBLEMS"
+    click.echo(f"every kept archive read back and checked against its manifest: {verdict}")
     for p in problems:
         click.echo(f"  {p}")
     click.echo(f"node-local tars left in {app.config.kubelet.checkpoint_dir}: {node_tars} (keepOnNode)")

@@ -46,70 +46,70 @@ def format_micros(us: int) -> str:
     return f"{text} {unit}"
 
 
-def _tree(r: Inspection) -> Tree:
-    p = _printable
+def _inspection_tree(inspection: Inspection) -> Tree:
     top: list[Tree] = []
 
     def add(label: str, value: str | None) -> None:
         if value is not None:
-            top.append((f"{label}: {p(value)}", []))
+            top.append((f"{label}: {_printable(value)}", []))
 
-    add("Image", r.image or "")
-    add("ID", r.id or "")
-    add("Runtime", r.runtime or "")
-    add("Created", r.created or "")
-    add("Checkpointed", r.checkpointed)
-    add("Engine", r.engine or "")
-    add("IP", r.ip)
-    add("MAC", r.mac)
-    if r.pod or r.namespace:
-        add("Pod", f"{r.namespace or '-'}/{r.pod or '-'}")
-    sizes = r.checkpoint_size
+    add("Image", inspection.image or "")
+    add("ID", inspection.id or "")
+    add("Runtime", inspection.runtime or "")
+    add("Created", inspection.created or "")
+    add("Checkpointed", inspection.checkpointed)
+    add("Engine", inspection.engine or "")
+    add("IP", inspection.ip)
+    add("MAC", inspection.mac)
+    if inspection.pod or inspection.namespace:
+        add("Pod", f"{inspection.namespace or '-'}/{inspection.pod or '-'}")
+    sizes = inspection.checkpoint_size
     size_children: list[Tree] = []
     if sizes.memory_pages_size:
         size_children.append((f"Memory pages size: {human_bytes(sizes.memory_pages_size)}", []))
     if sizes.amd_gpu_memory_pages_size:
         size_children.append((f"AMD GPU memory pages size: {human_bytes(sizes.amd_gpu_memory_pages_size)}", []))
     top.append((f"Checkpoint size: {human_bytes(sizes.total_size)}", size_children))
-    if r.rootfs_diff is not None:
+    if inspection.rootfs_diff is not None:
         files: list[Tree] = []
-        for f in r.rootfs_diff.files:
+        for f in inspection.rootfs_diff.files:
             if f.type == "file":
-                files.append((f"{p(f.path)} ({human_bytes(f.size)})", []))
+                files.append((f"{_printable(f.path)} ({human_bytes(f.size)})", []))
             elif f.link is not None:
-                files.append((f"{p(f.path)} -> {p(f.link)} ({f.type})", []))
+                files.append((f"{_printable(f.path)} -> {_printable(f.link)} ({f.type})", []))
             elif f.type != "dir":
-                files.append((f"{p(f.path)} ({f.type})", []))
-        if r.rootfs_diff.truncated:
+                files.append((f"{_printable(f.path)} ({f.type})", []))
+        if inspection.rootfs_diff.truncated:
             files.append(("… (listing truncated)", []))
         top.append((f"Root FS diff size: {human_bytes(sizes.root_fs_diff_size)}", files))
-    if r.deleted_files:
-        top.append(("Deleted files", [(p(path), []) for path in r.deleted_files]))
-    s = r.statistics
-    if s is not None:
+    if inspection.deleted_files:
+        top.append(("Deleted files", [(_printable(path), []) for path in inspection.deleted_files]))
+    stats = inspection.statistics
+    if stats is not None:
         top.append(("CRIU dump statistics", [
-            (f"Freezing time: {format_micros(s.freezing_time)}", []),
-            (f"Frozen time: {format_micros(s.frozen_time)}", []),
-            (f"Memdump time: {format_micros(s.memdump_time)}", []),
-            (f"Memwrite time: {format_micros(s.memwrite_time)}", []),
-            (f"Pages scanned: {s.pages_scanned}", []),
-            (f"Pages written: {s.pages_written}", []),
+            (f"Freezing time: {format_micros(stats.freezing_time)}", []),
+            (f"Frozen time: {format_micros(stats.frozen_time)}", []),
+            (f"Memdump time: {format_micros(stats.memdump_time)}", []),
+            (f"Memwrite time: {format_micros(stats.memwrite_time)}", []),
+            (f"Pages scanned: {stats.pages_scanned}", []),
+            (f"Pages written: {stats.pages_written}", []),
         ]))  # fmt: skip
-    if r.process_tree is not None:
+    if inspection.process_tree is not None:
         built: dict[int, Tree] = {}
-        nodes = [node for _, node in r.process_tree.walk()]
+        nodes = [node for _, node in inspection.process_tree.walk()]
         for node in reversed(nodes):  # children before parents: no recursion on deep trees
             state = "" if node.task_state == "Alive" else f" ({node.task_state})"
-            built[id(node)] = (f"[{node.pid}{state}]  {p(node.command)}", [built[id(c)] for c in node.children])
-        top.append(("Process tree", [built[id(r.process_tree)]]))
-    for warning in r.warnings:
-        top.append((f"Warning: {p(warning)}", []))
-    return (p(r.container_name or "Container"), top)
+            children = [built[id(child)] for child in node.children]
+            built[id(node)] = (f"[{node.pid}{state}]  {_printable(node.command)}", children)
+        top.append(("Process tree", [built[id(inspection.process_tree)]]))
+    for warning in inspection.warnings:
+        top.append((f"Warning: {_printable(warning)}", []))
+    return (_printable(inspection.container_name or "Container"), top)
 
 
 def tree_lines(result: Inspection) -> list[str]:
     """The human view of an inspection, terminal-safe."""
-    return render_tree(_tree(result))
+    return render_tree(_inspection_tree(result))
 
 
 def render_tree(root: Tree) -> list[str]:

@@ -18,6 +18,13 @@ Behaviour copied from the kubelet (reference §1.1–1.3, 1.8):
 
 Tests steer it with faults (:class:`Fault`), read the request log (``requests``) and mutate
 pods at run time (``add_pod``, ``remove_pod``, ``set_container_state``).
+
+Why one module of ~850 lines: it is one kubelet. The TLS accept path, the request handler,
+the fault injector and the checkpoint writer all work on :class:`NodeSimulator`'s lock, pods,
+faults and request log, so the kubelet's behaviour reads top to bottom in one place; what
+stands alone already lives beside it (certificates in :mod:`~backupd.simulator.pki`, pods in
+:mod:`~backupd.simulator.topology`, archives in :mod:`~backupd.simulator.archive`, real CRIU
+in :mod:`~backupd.simulator.criu`).
 """
 
 from __future__ import annotations
@@ -241,6 +248,17 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
 
+def _common_name(cert: Mapping[str, Any] | None) -> str | None:
+    """The subject's (last) common name in a verified peer certificate as ``getpeercert()`` gives
+    it: ``subject`` is a tuple of RDNs, each a tuple of ``(key, value)`` pairs."""
+    user = None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                user = value
+    return user
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -250,8 +268,11 @@ class _HTTPServer(ThreadingHTTPServer):
         self.sim = sim
         super().__init__(address, _Handler)
 
-    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: Any) -> None:
         # The TLS handshake runs here, in the connection's own thread, never in the accept loop.
+        if not isinstance(request, socket.socket):  # the (data, socket) pair of a UDP server
+            raise TypeError(f"the kubelet simulator serves TCP, not datagrams: {type(request).__name__}")
         sim = self.sim
         conn: socket.socket = request
         sim._track(conn)
@@ -407,7 +428,9 @@ class NodeSimulator:
     def client_key(self) -> Path:
         return self.pki.client_key
 
-    def client_ssl_context(self, cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None) -> ssl.SSLContext:
+    def client_ssl_context(
+        self, cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+    ) -> ssl.SSLContext:
         """A client context trusting the simulator's CA, presenting ``cert`` (cert file, key
         file; default: the trusted client cert). Pass it as httpx ``verify=``: httpx 0.28
         silently drops ``cert=`` when ``verify`` is a path."""
@@ -619,11 +642,11 @@ class NodeSimulator:
                     return fault
         return None
 
-    def _handle(self, h: _Handler) -> None:
-        url = urlsplit(h.path)
-        ex = _Exchange(h, h.command, unquote(url.path), url.query, self._log_request)
+    def _handle(self, handler: _Handler) -> None:
+        url = urlsplit(handler.path)
+        ex = _Exchange(handler, handler.command, unquote(url.path), url.query, self._log_request)
         try:
-            self._read_body(h)
+            self._read_body(handler)
             fault = self._match_fault(ex.method, ex.path)
             if fault is not None:
                 ex.fault = fault.action
@@ -635,7 +658,7 @@ class NodeSimulator:
                     return
             self._route(ex)
         except _Abort:
-            h.close_connection = True
+            handler.close_connection = True
             raise
         finally:
             ex.record()
@@ -644,8 +667,8 @@ class NodeSimulator:
         with self._lock:
             self._requests.append(record)
 
-    def _read_body(self, h: _Handler) -> None:
-        length = h.headers.get("Content-Length")
+    def _read_body(self, handler: _Handler) -> None:
+        length = handler.headers.get("Content-Length")
         if length is None:
             return
         try:
@@ -654,7 +677,7 @@ class NodeSimulator:
             n = -1
         if not 0 <= n <= _MAX_REQUEST_BODY:
             raise _Abort()
-        h.rfile.read(n)
+        handler.rfile.read(n)
 
     def _route(self, ex: _Exchange) -> None:
         if ex.path in ("/pods", "/pods/"):
@@ -684,13 +707,8 @@ class NodeSimulator:
 
     def _auth(self, ex: _Exchange, subresources: tuple[str, ...]) -> bool:
         """Authenticate and authorise as the kubelet's filter does; answer 401/403 if not."""
-        user = None
-        cert = ex.handler.connection.getpeercert()  # type: ignore[attr-defined]
-        if cert:
-            for rdn in cert.get("subject", ()):
-                for key, value in rdn:
-                    if key == "commonName":
-                        user = value
+        conn: ssl.SSLSocket = ex.handler.connection  # every connection is TLS (process_request_thread)
+        user = _common_name(conn.getpeercert())
         if user is None and self._tokens is not None:
             header = ex.handler.headers.get("Authorization", "")
             if header[:7].lower() == "bearer ":

@@ -27,6 +27,11 @@ StatefulSet (pods ``<name>-<i>``), DaemonSet, Job or omitted. A container's ``st
 Materialising (:func:`materialize`) derives every identifier (pod UID, container IDs, image
 digests, pod-template hashes, pod IPs) deterministically from the seed and the names, so two
 simulators with the same seed and topology describe the same pods.
+
+Why one module of ~600 lines: the spec and its materialised form are the two halves of one
+file format -- every key validated in the first half is consumed in the second, and the
+``v1.Pod`` JSON the simulator serves is derived from nothing else -- so a change to the format
+stays within one file.
 """
 
 from __future__ import annotations
@@ -269,7 +274,9 @@ def default_topology() -> Topology:
                     "namespace": "default",
                     "owner": {"kind": "DaemonSet", "name": "log-agent"},
                     "labels": {"app": "log-agent"},
-                    "containers": [{"name": "fluent-bit", "image": "fluent/fluent-bit:3.1", "processes": ["fluent-bit"]}],
+                    "containers": [
+                        {"name": "fluent-bit", "image": "fluent/fluent-bit:3.1", "processes": ["fluent-bit"]}
+                    ],
                 },
                 {
                     "namespace": "default",
@@ -403,7 +410,8 @@ def _materialize_pod(spec: PodSpec, replica: int, seed: int, now: dt.datetime, n
         generate_name = f"{spec.owner_name}-"
         labels.setdefault("statefulset.kubernetes.io/pod-name", name)
         labels.setdefault("apps.kubernetes.io/pod-index", str(replica))
-        labels.setdefault("controller-revision-hash", f"{spec.owner_name}-{_template_hash(seed, spec.namespace, spec.owner_name)}")
+        revision = _template_hash(seed, spec.namespace, spec.owner_name)
+        labels.setdefault("controller-revision-hash", f"{spec.owner_name}-{revision}")
     elif spec.owner_kind in ("DaemonSet", "ReplicaSet", "Job"):
         generate_name = f"{spec.owner_name}-"
         name = spec.name or f"{spec.owner_name}-{_pod_suffix(seed, spec.namespace, spec.owner_name, replica)}"
@@ -477,45 +485,46 @@ def _owner_api_version(kind: str) -> str:
     return "batch/v1" if kind == "Job" else "apps/v1"
 
 
-def _container_status(pod: Pod, c: Container) -> dict[str, Any]:
+def _container_status(pod: Pod, container: Container) -> dict[str, Any]:
     status: dict[str, Any] = {
-        "name": c.name,
+        "name": container.name,
         "state": {},
         "lastState": {},
-        "ready": c.state == "running",
-        "restartCount": c.restart_count,
-        "image": c.image_name,
-        "imageID": c.image_ref,
-        "containerID": f"cri-o://{c.container_id}",
-        "started": c.state == "running",
+        "ready": container.state == "running",
+        "restartCount": container.restart_count,
+        "image": container.image_name,
+        "imageID": container.image_ref,
+        "containerID": f"cri-o://{container.container_id}",
+        "started": container.state == "running",
     }
-    if c.state == "running":
-        status["state"] = {"running": {"startedAt": _k8s_time(c.created_at + dt.timedelta(seconds=1))}}
-    elif c.state == "waiting":
-        reason = c.reason or "CrashLoopBackOff"
+    if container.state == "running":
+        status["state"] = {"running": {"startedAt": _k8s_time(container.created_at + dt.timedelta(seconds=1))}}
+    elif container.state == "waiting":
+        reason = container.reason or "CrashLoopBackOff"
         waiting: dict[str, Any] = {"reason": reason}
         if reason == "CrashLoopBackOff":
-            waiting["message"] = f"back-off 5m0s restarting failed container={c.name} pod={pod.name}_{pod.namespace}({pod.uid})"
+            waiting["message"] = (f"back-off 5m0s restarting failed container={container.name} "
+                                  f"pod={pod.name}_{pod.namespace}({pod.uid})")
         status["state"] = {"waiting": waiting}
-        finished = pod.created_at + dt.timedelta(minutes=5 * max(c.restart_count, 1))
+        finished = pod.created_at + dt.timedelta(minutes=5 * max(container.restart_count, 1))
         status["lastState"] = {
             "terminated": {
-                "exitCode": 1 if c.exit_code is None else c.exit_code,
+                "exitCode": 1 if container.exit_code is None else container.exit_code,
                 "reason": "Error",
                 "startedAt": _k8s_time(finished - dt.timedelta(seconds=2)),
                 "finishedAt": _k8s_time(finished),
-                "containerID": f"cri-o://{c.container_id}",
+                "containerID": f"cri-o://{container.container_id}",
             }
         }
     else:
-        code = 0 if c.exit_code is None else c.exit_code
+        code = 0 if container.exit_code is None else container.exit_code
         status["state"] = {
             "terminated": {
                 "exitCode": code,
-                "reason": c.reason or ("Completed" if code == 0 else "Error"),
-                "startedAt": _k8s_time(c.created_at + dt.timedelta(seconds=1)),
-                "finishedAt": _k8s_time(c.created_at + dt.timedelta(seconds=30)),
-                "containerID": f"cri-o://{c.container_id}",
+                "reason": container.reason or ("Completed" if code == 0 else "Error"),
+                "startedAt": _k8s_time(container.created_at + dt.timedelta(seconds=1)),
+                "finishedAt": _k8s_time(container.created_at + dt.timedelta(seconds=30)),
+                "containerID": f"cri-o://{container.container_id}",
             }
         }
     return status

@@ -209,7 +209,9 @@ class PackingReader:
             self._filter.close()
         self._source = _HashingSource(self._raw)
         cctx = zstandard.ZstdCompressor(level=self._level, threads=self._threads, write_checksum=True)
-        self._stream = cctx.stream_reader(self._source, read_size=READ_SIZE)
+        # zstandard's stub asks for IO[bytes]; stream_reader only calls read(size) on its source
+        # (its docstring: "any object with a read(size) method"), which _HashingSource has.
+        self._stream = cctx.stream_reader(self._source, read_size=READ_SIZE)  # type: ignore[arg-type]
         if self._recipients:
             self._filter = _Filter(_encrypt(self._recipients), self._stream, what="encrypting an archive")
             self._stream = self._filter  # type: ignore[assignment]
@@ -305,7 +307,7 @@ class UnpackingReader:
             self._filter = compressed = _Filter(_decrypt(identities), self._stored, what=what)
         elif encryption not in ("none", ""):
             raise InvalidInput(f"{what}: unknown encryption {encryption!r}")
-        self._tar = _HashingSource(zstandard.ZstdDecompressor().stream_reader(  # type: ignore[arg-type]
+        self._tar = _HashingSource(zstandard.ZstdDecompressor().stream_reader(
             compressed, read_size=READ_SIZE, read_across_frames=True), limit=tar_size, over_limit=(
             f"{what}: does not match the catalog: the tar is longer than its {tar_size} bytes (a decompression "
             "bomb, or the wrong object); nothing more is read"))

@@ -273,7 +273,8 @@ def test_truncation_and_bit_flips_on_read() -> None:
 def test_truncation_and_bit_flips_on_write() -> None:
     inner = MemoryBackend()
     data = os.urandom(3 * 1024 * 1024)
-    faulty = FaultInjectingBackend(inner, [Fault("put", key="cut", truncate_at=10), Fault("put", key="flip", flip_bit=0)])
+    faulty = FaultInjectingBackend(inner, [Fault("put", key="cut", truncate_at=10),
+                                           Fault("put", key="flip", flip_bit=0)])
     faulty.put("cut", io.BytesIO(data))
     faulty.put("flip", io.BytesIO(data))
     assert inner.read_bytes("cut") == data[:10]

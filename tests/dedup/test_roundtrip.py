@@ -243,7 +243,6 @@ def test_real_criu_dumps_round_trip(tmp_path: Path):
 def test_a_hostile_pack_index_under_a_valid_name_is_refused(tmp_path: Path, damage):
     """Packs are verified by name, but a writer bug or a hostile bucket can name a bad pack
     correctly: the index is checked against the pack's own layout."""
-    import hashlib as h
     import struct
 
     from backupd.storage.dedup import pack as packs
@@ -265,7 +264,7 @@ def test_a_hostile_pack_index_under_a_valid_name_is_refused(tmp_path: Path, dama
     else:
         plain[index_offset : index_offset + index_length] = index
     if damage != "index digest":
-        plain[len(plain) - footer + 16 : len(plain) - footer + 48] = h.sha256(bytes(index)).digest()
+        plain[len(plain) - footer + 16 : len(plain) - footer + 48] = hashlib.sha256(bytes(index)).digest()
     pack_id, stored = packs.seal(bytes(plain))
     backend = MemoryBackend()
     backend.put(packs.pack_key(pack_id), io.BytesIO(stored))

@@ -54,10 +54,10 @@ class ResetProxy:
                 client.close()
                 continue
             upstream.settimeout(None)
-            threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._pump_to_upstream, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump_to_client, args=(upstream, client), daemon=True).start()
 
-    def _up(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _pump_to_upstream(self, client: socket.socket, upstream: socket.socket) -> None:
         sent, generation = 0, self._generation
         try:
             while data := client.recv(65536):
@@ -75,7 +75,7 @@ class ResetProxy:
             pass
         self._close(client, upstream)
 
-    def _down(self, upstream: socket.socket, client: socket.socket) -> None:
+    def _pump_to_client(self, upstream: socket.socket, client: socket.socket) -> None:
         try:
             while data := upstream.recv(65536):
                 client.sendall(data)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from backupd.errors import EXIT_INVALID_INPUT, PolicyError
 from backupd.policy.document import parse_policies
-from tests.reliability.inprocess import run_cli as cli
+from tests.reliability.inprocess import run_cli
 
 # -- crashes the fuzzers found (fixed in policy.py / schedule.py), kept as regression cases --------
 
@@ -188,14 +188,14 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = root / "config.toml"
     path.write_text(f'[database]\nurl = "sqlite:///{root / "catalog.db"}"\n'
                     f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{root / "backend"}"\n')
-    assert cli(path, "db", "upgrade")[0] == 0
+    assert run_cli(path, "db", "upgrade")[0] == 0
     return path
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(text=policy_texts())
 def test_fuzzed_policy_apply_exits_2_without_a_traceback(config: Path, text: str) -> None:
-    code, out, err = cli(config, "policy", "apply", "-f", "-", stdin=text)
+    code, out, err = run_cli(config, "policy", "apply", "-f", "-", stdin=text)
     assert code != 1, f"policy apply crashed (exit 1):\n{err[-3000:]}"
     assert code in (0, EXIT_INVALID_INPUT), (code, out, err)
     assert "Traceback" not in err and "Traceback" not in out
@@ -205,7 +205,7 @@ def test_fuzzed_policy_apply_exits_2_without_a_traceback(config: Path, text: str
 
 @pytest.mark.parametrize("bug", list(REGRESSIONS))
 def test_former_crashes_of_policy_apply_exit_2(config: Path, bug: str) -> None:
-    code, _, err = cli(config, "policy", "apply", "-f", "-", stdin=REGRESSIONS[bug][2])
+    code, _, err = run_cli(config, "policy", "apply", "-f", "-", stdin=REGRESSIONS[bug][2])
     assert (code, "Traceback" in err) == (EXIT_INVALID_INPUT, False), err[-2000:]
 
 
@@ -213,6 +213,7 @@ def test_a_valid_file_still_applies(config: Path) -> None:
     """The fuzz harness is not blind: a good file applies, a bad one is refused naming the field."""
     good = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: harness-check}\n"
             "spec: {schedule: '@every 30s', backend: local, retention: {keepLast: 3}}\n")
-    assert cli(config, "policy", "apply", "-f", "-", stdin=good)[:2] == (0, "checkpointpolicy/harness-check created\n")
-    code, _, err = cli(config, "policy", "apply", "-f", "-", stdin=good.replace("keepLast: 3", "keepLast: many"))
+    created = run_cli(config, "policy", "apply", "-f", "-", stdin=good)[:2]
+    assert created == (0, "checkpointpolicy/harness-check created\n")
+    code, _, err = run_cli(config, "policy", "apply", "-f", "-", stdin=good.replace("keepLast: 3", "keepLast: many"))
     assert code == EXIT_INVALID_INPUT and "spec.retention.keepLast" in err and "Traceback" not in err

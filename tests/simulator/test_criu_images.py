@@ -8,38 +8,43 @@ from pathlib import Path
 
 import pytest
 
-from backupd.archive import criu as ci
+from backupd.archive import criu as criu_images
 from backupd.errors import UnsafeArchive
 
 # shared/fixtures lives beside the repository
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 STATS_FIXTURE = FIXTURES / "checkpointctl/history/0405c795b97e646c1332fc1f3f9269e803507c68/test/stats-dump"
-needs_fixture = pytest.mark.skipif(not STATS_FIXTURE.is_file(), reason=f"stats-dump fixture not found at {STATS_FIXTURE}")
+needs_fixture = pytest.mark.skipif(not STATS_FIXTURE.is_file(),
+                                   reason=f"stats-dump fixture not found at {STATS_FIXTURE}")
 
 
 def sample_images() -> dict[str, bytes]:
-    ids = ci.TaskKobjIdsEntry(vm_id=1, files_id=1, fs_id=1, sighand_id=1, pid_ns_id=1, time_ns_id=5)
+    ids = criu_images.TaskKobjIdsEntry(vm_id=1, files_id=1, fs_id=1, sighand_id=1, pid_ns_id=1, time_ns_id=5)
     return {
-        "inventory": ci.encode_image("INVENTORY", [ci.InventoryEntry(
+        "inventory": criu_images.encode_image("INVENTORY", [criu_images.InventoryEntry(
             img_version=2, fdinfo_per_id=True, root_ids=ids, ns_per_id=True, lsmtype=0,
-            plugins_entry=ci.PluginsEntry(plugins=["amdgpu"]), dump_criu_run_id="run-1")]),
-        "pstree": ci.encode_image("PSTREE", [
-            ci.PstreeEntry(pid=1, ppid=0, pgid=1, sid=1, threads=[1, 7]),
-            ci.PstreeEntry(pid=2, ppid=1, pgid=1, sid=1, threads=[2]),
+            plugins_entry=criu_images.PluginsEntry(plugins=["amdgpu"]), dump_criu_run_id="run-1")]),
+        "pstree": criu_images.encode_image("PSTREE", [
+            criu_images.PstreeEntry(pid=1, ppid=0, pgid=1, sid=1, threads=[1, 7]),
+            criu_images.PstreeEntry(pid=2, ppid=1, pgid=1, sid=1, threads=[2]),
         ]),
-        "core": ci.encode_image("CORE", [ci.CoreEntry(
+        "core": criu_images.encode_image("CORE", [criu_images.CoreEntry(
             mtype=1,
-            tc=ci.TaskCoreEntry(task_state=6, exit_code=137, comm="nginx", oom_score_adj=-998, loginuid=0xFFFFFFFF),
-            thread_core=ci.ThreadCoreEntry(futex_rla=0x7F0000001000, futex_rla_len=24, sched_nice=-5))]),
-        "pagemap": ci.encode_image("PAGEMAP", [
-            ci.PagemapHead(pages_id=3),
-            ci.PagemapEntry(vaddr=0x7FFC00000000, compat_nr_pages=2, flags=ci.PE_PRESENT, nr_pages=2),
-            ci.PagemapEntry(vaddr=0x400000, compat_nr_pages=0, flags=ci.PE_PRESENT | ci.PE_LAZY, nr_pages=1 << 33),
+            tc=criu_images.TaskCoreEntry(task_state=6, exit_code=137, comm="nginx", oom_score_adj=-998,
+                                         loginuid=0xFFFFFFFF),
+            thread_core=criu_images.ThreadCoreEntry(futex_rla=0x7F0000001000, futex_rla_len=24, sched_nice=-5))]),
+        "pagemap": criu_images.encode_image("PAGEMAP", [
+            criu_images.PagemapHead(pages_id=3),
+            criu_images.PagemapEntry(vaddr=0x7FFC00000000, compat_nr_pages=2, flags=criu_images.PE_PRESENT,
+                                     nr_pages=2),
+            criu_images.PagemapEntry(vaddr=0x400000, compat_nr_pages=0,
+                                     flags=criu_images.PE_PRESENT | criu_images.PE_LAZY, nr_pages=1 << 33),
         ]),
-        "stats": ci.encode_stats(ci.StatsEntry(dump=ci.DumpStatsEntry(freezing_time=1, pages_written=1 << 40))),
-        "mm": ci.encode_image("MM", [ci.MmEntry(mm_arg_start=0x10, mm_arg_end=0x20, exe_file_id=9,
+        "stats": criu_images.encode_stats(criu_images.StatsEntry(
+            dump=criu_images.DumpStatsEntry(freezing_time=1, pages_written=1 << 40))),
+        "mm": criu_images.encode_image("MM", [criu_images.MmEntry(mm_arg_start=0x10, mm_arg_end=0x20, exe_file_id=9,
                                                 mm_saved_auxv=[33, 1 << 63],
-                                                vmas=[ci.VmaEntry(start=0x1000, end=0x3000, prot=3, fd=-1)])]),
+                                                vmas=[criu_images.VmaEntry(start=0x1000, end=0x3000, prot=3, fd=-1)])]),
     }  # fmt: skip
 
 
@@ -49,62 +54,62 @@ def sample_images() -> dict[str, bytes]:
 def test_round_trip_preserves_every_field():
     images = sample_images()
     for name, data in images.items():
-        decoded = ci.decode_image(data)
-        assert ci.encode_image(decoded.magic, decoded.entries) == data, name
+        decoded = criu_images.decode_image(data)
+        assert criu_images.encode_image(decoded.magic, decoded.entries) == data, name
 
-    core = ci.decode_image(images["core"], expect="CORE").entries[0]
+    core = criu_images.decode_image(images["core"], expect="CORE").entries[0]
     assert core.tc.comm == "nginx"
     assert core.tc.state_name == "Zombie"
     assert core.tc.exit_code == 137
     assert core.tc.oom_score_adj == -998  # int32, negative: a 10-byte varint on the wire
     assert core.thread_core.sched_nice == -5  # sint32 zigzag
 
-    head, *entries = ci.decode_image(images["pagemap"]).entries
-    assert head == ci.PagemapHead(pages_id=3)
+    head, *entries = criu_images.decode_image(images["pagemap"]).entries
+    assert head == criu_images.PagemapHead(pages_id=3)
     assert [e.pages for e in entries] == [2, 1 << 33]  # nr_pages (u64) wins over compat_nr_pages
 
-    tree = ci.decode_image(images["pstree"]).entries
+    tree = criu_images.decode_image(images["pstree"]).entries
     assert [(p.pid, p.ppid, p.threads) for p in tree] == [(1, 0, [1, 7]), (2, 1, [2])]
 
-    mm = ci.decode_image(images["mm"]).entries[0]
+    mm = criu_images.decode_image(images["mm"]).entries[0]
     assert mm.mm_saved_auxv == [33, 1 << 63]
     assert mm.vmas[0].fd == -1  # sint64
 
 
 def test_image_framing_per_kind():
     images = sample_images()
-    assert struct.unpack_from("<I", images["inventory"]) == (ci.MAGICS["INVENTORY"],)  # no common magic
-    assert struct.unpack_from("<II", images["pstree"]) == (ci.IMG_COMMON, ci.MAGICS["PSTREE"])
-    assert struct.unpack_from("<II", images["stats"]) == (ci.IMG_SERVICE, ci.MAGICS["STATS"])
+    assert struct.unpack_from("<I", images["inventory"]) == (criu_images.MAGICS["INVENTORY"],)  # no common magic
+    assert struct.unpack_from("<II", images["pstree"]) == (criu_images.IMG_COMMON, criu_images.MAGICS["PSTREE"])
+    assert struct.unpack_from("<II", images["stats"]) == (criu_images.IMG_SERVICE, criu_images.MAGICS["STATS"])
 
 
 def test_magics_match_criu_magic_h():
     # spot checks against criu/include/magic.h and go-criu magic/magic.go (decimal there)
-    assert ci.MAGICS["INVENTORY"] == 0x58313116
-    assert ci.MAGICS["PSTREE"] == 0x50273030
-    assert ci.MAGICS["CORE"] == 0x55053847 == 1426405447
-    assert ci.MAGICS["PAGEMAP"] == 0x56084025
-    assert ci.MAGICS["MM"] == 0x57492820
-    assert ci.MAGICS["STATS"] == 1460220678
-    assert ci.IMG_SERVICE == 1427134784
+    assert criu_images.MAGICS["INVENTORY"] == 0x58313116
+    assert criu_images.MAGICS["PSTREE"] == 0x50273030
+    assert criu_images.MAGICS["CORE"] == 0x55053847 == 1426405447
+    assert criu_images.MAGICS["PAGEMAP"] == 0x56084025
+    assert criu_images.MAGICS["MM"] == 0x57492820
+    assert criu_images.MAGICS["STATS"] == 1460220678
+    assert criu_images.IMG_SERVICE == 1427134784
 
 
 def test_packed_repeated_fields_are_accepted():
     # proto2 writers may pack repeated scalars; threads 1, 300 packed into one field 5
     payload = bytes([0x08, 1, 0x10, 0, 0x18, 1, 0x20, 1, 0x2A, 3, 1, 0xAC, 0x02])
-    data = struct.pack("<III", ci.IMG_COMMON, ci.MAGICS["PSTREE"], len(payload)) + payload
-    assert ci.decode_image(data).entries[0].threads == [1, 300]
+    data = struct.pack("<III", criu_images.IMG_COMMON, criu_images.MAGICS["PSTREE"], len(payload)) + payload
+    assert criu_images.decode_image(data).entries[0].threads == [1, 300]
 
 
 def test_unknown_fields_are_skipped():
-    known = ci.encode_message(ci.PstreeEntry(pid=5, ppid=1, pgid=5, sid=5))
+    known = criu_images.encode_message(criu_images.PstreeEntry(pid=5, ppid=1, pgid=5, sid=5))
     unknown = bytes([0x98, 0x06, 0x07])  # field 99 varint
     unknown += bytes([0xA2, 0x06, 0x02, 0xAA, 0xBB])  # field 100 bytes
     unknown += bytes([0xAD, 0x06]) + b"\x01\x02\x03\x04"  # field 101 fixed32
     unknown += bytes([0xB1, 0x06]) + bytes(8)  # field 102 fixed64
     payload = unknown + known
-    data = struct.pack("<III", ci.IMG_COMMON, ci.MAGICS["PSTREE"], len(payload)) + payload
-    assert ci.decode_image(data).entries[0] == ci.PstreeEntry(pid=5, ppid=1, pgid=5, sid=5)
+    data = struct.pack("<III", criu_images.IMG_COMMON, criu_images.MAGICS["PSTREE"], len(payload)) + payload
+    assert criu_images.decode_image(data).entries[0] == criu_images.PstreeEntry(pid=5, ppid=1, pgid=5, sid=5)
 
 
 # -- the real stats-dump ------------------------------------------------------------------------
@@ -114,56 +119,56 @@ def test_unknown_fields_are_skipped():
 def test_stats_dump_fixture_decodes_to_documented_values():
     data = STATS_FIXTURE.read_bytes()
     assert len(data) == 54
-    stats = ci.decode_stats(data)
+    stats = criu_images.decode_stats(data)
     assert stats.restore is None
-    assert stats.dump == ci.DumpStatsEntry(
+    assert stats.dump == criu_images.DumpStatsEntry(
         freezing_time=105405, frozen_time=1376964, memdump_time=504399, memwrite_time=446571,
         pages_scanned=492153, pages_skipped_parent=0, pages_written=88689, irmap_resolve=0,
         pages_lazy=0, page_pipes=16, page_pipe_bufs=16, shpages_scanned=0,
         shpages_skipped_parent=0, shpages_written=0,
     )  # fmt: skip
-    assert ci.encode_stats(stats) == data  # byte-exact: same field order and encoding as CRIU
+    assert criu_images.encode_stats(stats) == data  # byte-exact: same field order and encoding as CRIU
 
 
 # -- hostile input --------------------------------------------------------------------------
 
 
 def refused(data: bytes, match: str, **kwargs) -> None:
-    with pytest.raises(ci.CriuImageError, match=match):
-        ci.decode_image(data, **kwargs)
+    with pytest.raises(criu_images.CriuImageError, match=match):
+        criu_images.decode_image(data, **kwargs)
 
 
 def test_error_class_is_unsafe_archive_and_value_error():
     with pytest.raises(UnsafeArchive):
-        ci.decode_image(b"\x00")
+        criu_images.decode_image(b"\x00")
     with pytest.raises(ValueError):
-        ci.decode_image(b"\x00")
+        criu_images.decode_image(b"\x00")
 
 
 def test_refuses_wrong_or_missing_magic():
     refused(b"", "too short")
     refused(b"\x19\x43\x56", "too short")
-    refused(struct.pack("<I", ci.IMG_COMMON), "truncated after its common magic")
-    refused(struct.pack("<II", ci.IMG_COMMON, 0xDEADBEEF), "unknown magic 0xdeadbeef")
+    refused(struct.pack("<I", criu_images.IMG_COMMON), "truncated after its common magic")
+    refused(struct.pack("<II", criu_images.IMG_COMMON, 0xDEADBEEF), "unknown magic 0xdeadbeef")
     refused(b"GIF89a\x00\x00", "unknown magic")
     refused(sample_images()["core"], "expected a CRIU PSTREE image, found CORE", expect="PSTREE")
-    refused(ci.encode_image("FILES", []), "no decoder for CRIU FILES")
+    refused(criu_images.encode_image("FILES", []), "no decoder for CRIU FILES")
 
 
 def test_refuses_absurd_entry_size_without_allocating():
-    data = struct.pack("<IIII", ci.IMG_COMMON, ci.MAGICS["CORE"], 0xFFFFFFFF, 0)
+    data = struct.pack("<IIII", criu_images.IMG_COMMON, criu_images.MAGICS["CORE"], 0xFFFFFFFF, 0)
     refused(data, r"claims 4294967295 bytes, only 4 left")
 
 
 def test_refuses_absurd_field_length():
     payload = bytes([0x32]) + b"\xff\xff\xff\xff\xff\xff\xff\xff\x7f"  # comm with a 2^63-ish length
-    data = struct.pack("<III", ci.IMG_COMMON, ci.MAGICS["CORE"], len(payload)) + payload
+    data = struct.pack("<III", criu_images.IMG_COMMON, criu_images.MAGICS["CORE"], len(payload)) + payload
     refused(data, "claims")
 
 
 def test_refuses_malformed_protobuf():
     def image(payload: bytes) -> bytes:
-        return struct.pack("<III", ci.IMG_COMMON, ci.MAGICS["PSTREE"], len(payload)) + payload
+        return struct.pack("<III", criu_images.IMG_COMMON, criu_images.MAGICS["PSTREE"], len(payload)) + payload
 
     refused(image(b"\x08" + b"\xff" * 11), "longer than 10 bytes")
     refused(image(b"\x08\xff"), "truncated varint")
@@ -172,19 +177,21 @@ def test_refuses_malformed_protobuf():
     refused(image(b"\x0b"), "unsupported wire type 3")
     refused(image(b"\x00\x01"), "invalid field number 0")
     refused(image(b"\x09\x01\x02"), "truncated fixed64")
-    refused(struct.pack("<II", ci.IMG_COMMON, ci.MAGICS["PSTREE"]) + b"\x05\x00", "truncated in an entry size")
-    refused(ci.encode_image("PAGEMAP", []), "no pagemap_head")
-    with pytest.raises(ci.CriuImageError, match="has 2 entries, expected 1"):
-        ci.decode_stats(ci.encode_image("STATS", [ci.StatsEntry(), ci.StatsEntry()]))
+    pstree_magic = struct.pack("<II", criu_images.IMG_COMMON, criu_images.MAGICS["PSTREE"])
+    refused(pstree_magic + b"\x05\x00", "truncated in an entry size")
+    refused(criu_images.encode_image("PAGEMAP", []), "no pagemap_head")
+    with pytest.raises(criu_images.CriuImageError, match="has 2 entries, expected 1"):
+        two_entries = [criu_images.StatsEntry(), criu_images.StatsEntry()]
+        criu_images.decode_stats(criu_images.encode_image("STATS", two_entries))
 
 
 def test_every_truncation_is_refused_or_a_clean_prefix():
     for name, data in sample_images().items():
-        full = ci.decode_image(data)
+        full = criu_images.decode_image(data)
         for cut in range(len(data)):
             try:
-                partial = ci.decode_image(data[:cut])
-            except ci.CriuImageError:
+                partial = criu_images.decode_image(data[:cut])
+            except criu_images.CriuImageError:
                 continue
             # cutting exactly at an entry boundary yields the leading entries, nothing else
             assert partial.entries == full.entries[: len(partial.entries)], (name, cut)
@@ -201,14 +208,14 @@ def test_random_corruption_only_ever_raises_criu_image_error():
         if rng.random() < 0.3:
             data += rng.randbytes(rng.randint(1, 40))
         try:
-            ci.decode_image(bytes(data))
-        except ci.CriuImageError:
+            criu_images.decode_image(bytes(data))
+        except criu_images.CriuImageError:
             pass
 
 
 def test_read_image_file_refuses_oversized(tmp_path: Path):
     big = tmp_path / "pagemap-1.img"
     big.write_bytes(bytes(2048))
-    with pytest.raises(ci.CriuImageError, match="larger than the 1024-byte limit"):
-        ci.read_image_file(big, max_bytes=1024)
-    assert ci.read_image_file(big, max_bytes=2048) == bytes(2048)
+    with pytest.raises(criu_images.CriuImageError, match="larger than the 1024-byte limit"):
+        criu_images.read_image_file(big, max_bytes=1024)
+    assert criu_images.read_image_file(big, max_bytes=2048) == bytes(2048)

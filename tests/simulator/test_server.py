@@ -112,7 +112,8 @@ def test_pods_is_a_v1_podlist(sim, client):
     r = client.get("/pods")
     assert r.headers["content-type"] == "application/json"
     body = r.json()
-    assert {k: body[k] for k in ("kind", "apiVersion", "metadata")} == {"kind": "PodList", "apiVersion": "v1", "metadata": {}}
+    head = {k: body[k] for k in ("kind", "apiVersion", "metadata")}
+    assert head == {"kind": "PodList", "apiVersion": "v1", "metadata": {}}
     pods = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in body["items"]}
     assert len(pods) == len(sim.pods)
 
@@ -121,7 +122,8 @@ def test_pods_is_a_v1_podlist(sim, client):
     tpl = web["metadata"]["labels"]["pod-template-hash"]
     assert owner["kind"] == "ReplicaSet" and owner["name"] == f"web-{tpl}" and owner["controller"] is True
     assert web["spec"]["nodeName"] == sim.node_name
-    assert web["spec"]["containers"] == [web["spec"]["containers"][0]] and web["spec"]["containers"][0]["name"] == "nginx"
+    containers = web["spec"]["containers"]
+    assert containers == [containers[0]] and containers[0]["name"] == "nginx"
     status = web["status"]["containerStatuses"][0]
     assert re.fullmatch(r"cri-o://[0-9a-f]{64}", status["containerID"])
     assert status["ready"] is True and "startedAt" in status["state"]["running"]
@@ -166,8 +168,8 @@ def test_checkpoint_writes_the_kubelets_file(sim, client):
     assert {"config.dump", "spec.dump", "stats-dump", "dump.log", "rootfs-diff.tar", "checkpoint",
             "checkpoint/inventory.img", "checkpoint/pstree.img", "checkpoint/pages-1.img"} <= set(names)  # fmt: skip
     record = sim.requests[-1]
-    assert (record.method, record.path, record.query, record.status) == ("POST", f"/checkpoint/default/{pod.name}/nginx",
-                                                                         "timeout=30", 200)  # fmt: skip
+    assert (record.method, record.path, record.query, record.status) == (
+        "POST", f"/checkpoint/default/{pod.name}/nginx", "timeout=30", 200)
 
 
 def test_file_name_uses_the_kubelets_local_time(make_sim):
