@@ -784,27 +784,28 @@ class Catalog:
     def mark_unused_packs(self, backend: str, *, created_before: datetime, now: datetime) -> list[PackRecord]:
         """Garbage collection, phase one: ``stored`` packs created before ``created_before``
         that no archive uses become ``unused`` (no longer offered to writers), marked ``now``."""
-        used = select(ArchivePackRow.pack).where(ArchivePackRow.pack == PackRow.id).exists()
-        with self.session() as s:
-            rows = list(s.scalars(select(PackRow).where(
-                PackRow.backend == backend, PackRow.state == PACK_STORED, PackRow.created_at < created_before,
-                ~used).with_for_update()))
-            for row in rows:
-                row.state, row.marked_at = PACK_UNUSED, now
-            return [_pack(r) for r in rows]
+        return self._move_unused_packs(backend, PACK_STORED, PackRow.created_at < created_before,
+                                       state=PACK_UNUSED, marked_at=now)
 
     @_translated
     def doom_unused_packs(self, backend: str, *, marked_before: datetime) -> list[PackRecord]:
         """Garbage collection, phase two: ``unused`` packs marked before ``marked_before`` that
         still no archive uses become ``deleting``, in one transaction with the check (a commit
         that takes one back first wins: :meth:`commit_dedup_archive` locks the same rows)."""
+        return self._move_unused_packs(backend, PACK_UNUSED, PackRow.marked_at < marked_before, state=PACK_DELETING)
+
+    def _move_unused_packs(self, backend: str, current: str, condition: Any, *, state: str,
+                           **values: Any) -> list[PackRecord]:
+        """Packs of ``backend`` in state ``current`` meeting ``condition`` that no archive uses,
+        locked, moved to ``state`` (with ``values``) in one transaction."""
         used = select(ArchivePackRow.pack).where(ArchivePackRow.pack == PackRow.id).exists()
         with self.session() as s:
-            rows = list(s.scalars(select(PackRow).where(
-                PackRow.backend == backend, PackRow.state == PACK_UNUSED, PackRow.marked_at < marked_before,
-                ~used).with_for_update()))
+            rows = list(s.scalars(select(PackRow).where(PackRow.backend == backend, PackRow.state == current,
+                                                        condition, ~used).with_for_update()))
             for row in rows:
-                row.state = PACK_DELETING
+                row.state = state
+                for name, value in values.items():
+                    setattr(row, name, value)
             return [_pack(r) for r in rows]
 
     @_translated

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tempfile
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
@@ -29,14 +28,13 @@ from backupd.storage.dedup.recipe import (
     ArchiveReader,
     PackStore,
     read_uvarint,
+    spool_file,
 )
-
-SPOOL_MEMORY = 8 << 20
 
 
 def fetch_recipe(backend: Backend, key: str, *, sha256: str, size: int | None, what: str) -> BinaryIO:
     """The stored recipe at ``key``, spooled, checked against the manifest's SHA-256 and size."""
-    spool: BinaryIO = tempfile.SpooledTemporaryFile(SPOOL_MEMORY)  # type: ignore[assignment]  # noqa: SIM115
+    spool = spool_file(None)
     digest, got = hashlib.sha256(), 0
     try:
         with backend.open(key) as stream:

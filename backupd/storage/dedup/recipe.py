@@ -46,7 +46,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
@@ -96,6 +96,11 @@ def read_uvarint(stream: Readable, what: str) -> int:
         shift += 7
         if shift > 63:
             raise IntegrityError(f"{what}: corrupt recipe (varint too long)")
+
+
+def spool_file(directory: str | None) -> BinaryIO:
+    """A private temporary file that stays in memory up to :data:`SPOOL_MEMORY` bytes."""
+    return cast(BinaryIO, tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=directory))  # noqa: SIM115
 
 
 def encode_list(chunk_ids: Sequence[bytes], lengths: Sequence[int]) -> bytes:
@@ -276,7 +281,7 @@ class _WriteRun:
         self.what = what
         self.pool = ThreadPoolExecutor(w.workers, thread_name_prefix="dedup")
         self.upload_pool = ThreadPoolExecutor(w.uploads, thread_name_prefix="dedup-put")
-        self.spool: BinaryIO = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=w.spool_dir)  # noqa: SIM115
+        self.spool: BinaryIO = spool_file(w.spool_dir)
         self.encoder = RecipeEncoder(self.spool, w.ids)
         self.batches: deque[tuple[str, Any, Any]] = deque()
         self.frames: deque[tuple[Future[bytes], list[tuple[bytes, int]]]] = deque()
@@ -357,7 +362,7 @@ class _WriteRun:
 
             plain = self.spool
             plain.seek(0)
-            self.spool = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=self.w.spool_dir)  # noqa: SIM115
+            self.spool = spool_file(self.w.spool_dir)
             try:
                 pyrage.encrypt_io(plain, self.spool, self.w.recipients)
             finally:
@@ -629,7 +634,7 @@ class ArchiveReader:
         self._done = False
 
     def _decrypted(self, recipe: Readable, identities: Sequence[Any], spool_dir: str | None) -> BinaryIO:
-        stored = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=spool_dir)  # noqa: SIM115
+        stored = spool_file(spool_dir)
         self._spools.append(stored)
         size = 0
         while block := recipe.read(1 << 20):
@@ -647,7 +652,7 @@ class ArchiveReader:
         import pyrage
 
         stored.seek(0)
-        plain = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=spool_dir)  # noqa: SIM115
+        plain = spool_file(spool_dir)
         self._spools.append(plain)
         try:
             pyrage.decrypt_io(stored, plain, list(identities))
@@ -666,7 +671,7 @@ class ArchiveReader:
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise IntegrityError(f"{what}: unsupported recipe format {header.get('format')!r} "
                                  f"version {header.get('version')!r}")
-        self.ids.check_matches(header.get("id_scheme"), header.get("id_key_check"), what)
+        self.ids.check_matches(str(header.get("id_scheme")), header.get("id_key_check"), what)
         pieces: list[bytes] = []
         expected: list[tuple[bytes, int]] = []
         while True:
