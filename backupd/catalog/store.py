@@ -123,8 +123,9 @@ class Cursor:
 
 
 #: pack states (``packs.state``): offered to writers; found unused by garbage collection (no
-#: longer offered, taken back by a commit that counted on it); certain to be deleted
-PACK_STORED, PACK_UNUSED, PACK_DELETING = "stored", "unused", "deleting"
+#: longer offered, taken back by a commit that counted on it); certain to be deleted; found
+#: gone from the backend by a writer (never offered again)
+PACK_STORED, PACK_UNUSED, PACK_DELETING, PACK_MISSING = "stored", "unused", "deleting", "missing"
 
 
 @dataclass(frozen=True)
@@ -743,10 +744,11 @@ class Catalog:
                     rows[row.pack_id] = row
             for pack_id in dict.fromkeys(pack_ids):
                 used = rows.get(pack_id)
-                if used is None or used.state == PACK_DELETING:
+                if used is None or used.state in (PACK_DELETING, PACK_MISSING):
+                    why = {None: "not in the catalog", PACK_DELETING: "being deleted", PACK_MISSING: "gone from the "
+                           "backend"}[None if used is None else used.state]
                     raise IntegrityError(f"archive {archive_id}: pack {pack_id} of backend {backend!r} it uses is "
-                                         f"{'not in the catalog' if used is None else 'being deleted'}; the archive "
-                                         "is not committed")
+                                         f"{why}; the archive is not committed")
                 if used.state == PACK_UNUSED:
                     used.state, used.marked_at = PACK_STORED, None
             archive = s.get(ArchiveRow, archive_id, with_for_update=True)
@@ -809,12 +811,22 @@ class Catalog:
             return [_pack(r) for r in rows]
 
     @_translated
+    def mark_packs_missing(self, backend: str, pack_ids: Sequence[str]) -> None:
+        """Packs found gone from the backend: never offered to writers again (archives that use
+        them are reported by verify; garbage collection forgets those no archive uses)."""
+        with self.session() as s:
+            for chunk in _chunks(pack_ids):
+                s.execute(update(PackRow).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk))
+                          .values(state=PACK_MISSING))
+
+    @_translated
     def drop_pack_rows(self, backend: str, pack_ids: Sequence[str]) -> None:
-        """Forget packs (their chunks too) whose objects were deleted; only ``deleting`` ones."""
+        """Forget packs (their chunks too) whose objects were deleted or are gone; only
+        ``deleting`` and ``missing`` ones."""
         with self.session() as s:
             for chunk in _chunks(pack_ids):
                 ids = list(s.scalars(select(PackRow.id).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk),
-                                                              PackRow.state == PACK_DELETING)))
+                                                              PackRow.state.in_((PACK_DELETING, PACK_MISSING)))))
                 if ids:
                     s.execute(delete(ChunkRow).where(ChunkRow.pack.in_(ids)))
                     s.execute(delete(PackRow).where(PackRow.id.in_(ids)))

@@ -69,3 +69,21 @@ def test_a_commit_takes_back_a_pack_marked_unused_meanwhile(app: App, sim: NodeS
     assert all(p.state == PACK_STORED for p in app.catalog.list_packs("local"))
     assert gc(app, later + GRACE + timedelta(minutes=1)).deleted == []
     assert_all_restore(app, sim)
+
+
+def test_packs_lost_behind_backupds_back_are_never_counted_on_again(app: App, sim: NodeSimulator) -> None:
+    """A bucket emptied (or a pack deleted) outside backupd: the next checkpoint finds the
+    packs it would reuse gone and fails; the one after stores everything anew and restores."""
+    policy = policies.apply(app, policies.web_policy(keep_on_node=10))
+    assert not app.runner.cycle(policy).failed
+    backend = app.backends["local"]
+    lost = list_packs(backend, "dedup/")
+    backend.delete_many(lost)
+    failed = app.runner.cycle(policy)
+    assert failed.failed and all(o.run.error_kind == "IntegrityError" for o in failed.outcomes)
+    assert "gone from backend" in (failed.outcomes[0].run.error or "")
+    assert {p.state for p in app.catalog.list_packs("local") if p.key in lost} == {"missing"}
+    assert not app.runner.cycle(policy).failed
+    newest = sorted(app.catalog.list_archives(), key=lambda a: a.checkpoint_time)[-2:]
+    for a in newest:
+        assert read_all(app, a) == (sim.checkpoint_dir / a.node_path).read_bytes()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,8 @@ import structlog
 
 from backupd.backends.base import Backend, Readable
 from backupd.catalog.store import Catalog
-from backupd.errors import ObjectExists
+from backupd.errors import IntegrityError, ObjectExists
+from backupd.storage.dedup import pack as packs
 from backupd.storage.dedup.ids import ChunkIds
 from backupd.storage.dedup.recipe import ArchiveWriter, PackInfo
 
@@ -69,6 +71,24 @@ def store_id_key(backend: Backend, ids: ChunkIds, recipients: Sequence[Any]) -> 
         pass
 
 
+def _check_reused_packs(backend: Backend, catalog: Catalog, pack_ids: set[str], what: str) -> None:
+    """The catalog's packs this archive counts on must still be in the backend: a bucket
+    emptied or a pack deleted behind backupd's back would otherwise be referenced by every
+    later checkpoint. A missing one is never offered again and this archive fails (the next
+    checkpoint stores those chunks anew). One HEAD request per pack, eight at a time."""
+    keys = {pack_id: packs.pack_key(pack_id, ROOT) for pack_id in pack_ids}
+    with ThreadPoolExecutor(8, thread_name_prefix="dedup-stat") as pool:
+        found = dict(zip(keys, pool.map(backend.stat, keys.values()), strict=True))
+    missing = sorted(pack_id for pack_id, info in found.items() if info is None)
+    if missing:
+        catalog.mark_packs_missing(backend.name, missing)
+        log.error("dedup_packs_missing", backend=backend.name, packs=missing[:20], count=len(missing))
+        raise IntegrityError(f"{what}: {len(missing)} pack(s) the catalog holds are gone from backend "
+                             f"{backend.name!r} (e.g. {keys[missing[0]]}); they are no longer used: the next "
+                             "checkpoint stores their chunks again (`backupd verify` finds the archives that "
+                             "used them)")
+
+
 def ship(backend: Backend, catalog: Catalog, raw: Readable, key: str, *, ids: ChunkIds,
          recipients: Sequence[Any] = (), what: str, level: int | None = None) -> Shipped:
     """Store the tar read from ``raw`` as new packs and the recipe at ``key``. Raises a
@@ -90,6 +110,7 @@ def ship(backend: Backend, catalog: Catalog, raw: Readable, key: str, *, ids: Ch
                            **options)
     result = writer.write(raw, what=what)
     try:
+        _check_reused_packs(backend, catalog, used - {p.pack_id for p in result.packs}, what)
         digest = hashlib.sha256()
         while block := result.recipe.read(1 << 20):
             digest.update(block)

@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from backupd.backends.base import Backend
-from backupd.catalog.store import PACK_DELETING, PACK_STORED, PACK_UNUSED, Catalog, PackRecord
+from backupd.catalog.store import PACK_DELETING, PACK_MISSING, PACK_STORED, PACK_UNUSED, Catalog, PackRecord
 from backupd.errors import BackupdError, LeaseHeld
 from backupd.storage import layout
 from backupd.storage.dedup import pack as packs
@@ -78,7 +78,9 @@ def collect(catalog: Catalog, backend: Backend, *, grace: timedelta, now: dateti
     ):  # a lease of a killed collector on this host is freed rather than waited for
         raise LeaseHeld(f"another process is collecting the packs of backend {backend.name!r}; try again later")
     try:
-        _delete(catalog, backend, [p for p in current if p.state == PACK_DELETING], report)  # a crash's leftovers
+        # a crash's leftovers, and packs found gone that no archive uses
+        _delete(catalog, backend, [p for p in current if p.state == PACK_DELETING
+                                   or (p.state == PACK_MISSING and not p.archives)], report)
         _delete(catalog, backend, catalog.doom_unused_packs(backend.name, marked_before=now - grace), report)
         report.marked = [p.pack_id for p in catalog.mark_unused_packs(backend.name, created_before=now - grace,
                                                                         now=now)]
