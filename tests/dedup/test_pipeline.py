@@ -7,6 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
+
 from backupd.app import App
 from backupd.model import COMMITTED
 from backupd.simulator.server import NodeSimulator
@@ -191,3 +193,26 @@ def test_encrypted_rebuild_maps_chunks_only_with_the_identity(tmp_path: Path, si
     finally:
         for a in (app, blind, seeing):
             a.close()
+
+
+def test_what_the_daemon_stored_restores_without_backupd(fs_app: App, sim: NodeSimulator, tmp_path: Path) -> None:
+    """The README's "restore without backupd" for deduplicated archives: the standalone script
+    on the backend's files (standard library and the zstd command only)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("zstd") is None:
+        pytest.skip("the zstd command is not installed")
+    script = Path(__file__).resolve().parents[2] / "tools" / "restore-dedup.py"
+    app = fs_app
+    policy = policies.apply(app, policies.web_policy(keep_on_node=5))
+    for _ in range(2):
+        assert not app.runner.cycle(policy).failed
+    for a in app.catalog.list_archives():
+        out = tmp_path / f"{a.id}.tar"
+        done = subprocess.run([sys.executable, "-S", "-E", str(script), str(tmp_path / "backend"), a.key, "-o",
+                               str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == a.tar_sha256
+        assert out.read_bytes() == (sim.checkpoint_dir / a.node_path).read_bytes()
