@@ -21,16 +21,19 @@ from backupd.daemon.api import Api, HttpServer
 from backupd.daemon.scheduler import CycleResult, Daemon, Runner
 from backupd.errors import BackupdError, ConfigError, IntegrityError, LeaseHeld
 from backupd.metrics import Metrics
-from backupd.model import RUN_FAILED, SUCCEEDED, now_utc
+from backupd.model import now_utc
 from backupd.node.checkpoints import CheckpointDir
 from backupd.node.kubelet import KubeletClient
 from backupd.policy.document import Policy
-from backupd.report.build import Report, load_report
+from backupd.report.cache import ReportCache
+from backupd.report.load import load_report
+from backupd.report.model import RetentionReport
 from backupd.storage.commit import Pipeline
 from backupd.storage.dedup.gc import GcReport, collect
 from backupd.storage.dedup.ids import ChunkIds
 from backupd.storage.delete import Deleter
 from backupd.storage.prune import Pruner, lease_holder, remove_orphans
+from backupd.storage.runs import recorded_run
 from backupd.storage.verify import VerifyReport, choose_sample, verify
 
 log = structlog.get_logger("backupd.app")
@@ -147,45 +150,63 @@ class App:
         check digests and that each is a checkpoint archive; recorded as a ``verify`` run."""
         sample = policy.spec.verify.sample if policy.spec.verify else None
         archives = choose_sample(self.catalog.list_archives(policy=policy.name), sample)
-        run_id = self.catalog.start_run("verify", policy=policy.name, node=self.node)
-        report = verify(self.catalog, self.backends, archives, structure=True)
-        self.metrics.runs.labels(kind="verify", outcome=SUCCEEDED if report.clean else RUN_FAILED).inc()
-        if report.clean:
-            self.catalog.finish_run(run_id, SUCCEEDED, bytes_in=report.bytes_read)
-            log.info("drill_finished", policy=policy.name, outcome=SUCCEEDED, checked=len(report.findings))
-        else:
-            problems = [f"{f.archive_id}: {f.status} ({f.detail})" for f in report.problems]
-            problems += [f"orphan {key}" for keys in report.orphans.values() for key in keys]
-            error = IntegrityError(f"{len(problems)} problem(s): " + "; ".join(problems[:10]))
-            self.catalog.finish_run(run_id, RUN_FAILED, error=error, bytes_in=report.bytes_read)
-            log.error("drill_finished", policy=policy.name, outcome=RUN_FAILED, error=str(error))
+        with recorded_run(self.catalog, self.metrics, "verify", policy=policy.name, node=self.node, log=log,
+                          event="drill_finished") as run:
+            report = verify(self.catalog, self.backends, archives, structure=True)
+            run.bytes_in = report.bytes_read
+            run.fields.update(policy=policy.name, checked=len(report.findings))
+            if not report.clean:
+                problems = [f"{f.archive_id}: {f.status} ({f.detail})" for f in report.problems]
+                problems += [f"orphan {key}" for keys in report.orphans.values() for key in keys]
+                run.error = IntegrityError(f"{len(problems)} problem(s): " + "; ".join(problems[:10]))
         return report
 
-    def report(self) -> Report:
+    def report(self) -> RetentionReport:
+        """A fresh report of the whole catalog (``backupd report``; seconds at a million archives)."""
         return load_report(self.catalog, stale_intervals=self.config.alerts.stale_intervals)
+
+    @functools.cached_property
+    def reports(self) -> ReportCache:
+        """The last report, which the API serves (:meth:`refresh_report` keeps it fresh)."""
+        return ReportCache(self.report)
+
+    def refresh_report(self) -> None:
+        """Every minute: a fresh report for the API while someone reads it, and the alerts
+        from it when this daemon sends them (:meth:`check_alerts`)."""
+        sends_alerts = self._sends_alerts()
+        lately = timedelta(minutes=10)
+        if sends_alerts or self.reports.read_within(lately):
+            report = self.reports.refresh(serialise_read_within=lately)
+            if sends_alerts:
+                assert self.notifier is not None
+                check_and_alert(self.notifier, report)
 
     @functools.cached_property
     def notifier(self) -> Notifier | None:
         return notifier_from_config(self.config.alerts, source=self.node)
 
     def check_alerts(self) -> None:
+        """Alerts from a fresh report, when this daemon sends them."""
+        if self._sends_alerts():
+            assert self.notifier is not None
+            check_and_alert(self.notifier, self.report())
+
+    def _sends_alerts(self) -> bool:
         """Alerts come from the cluster-wide report, so one daemon sends them: the holder of the
         ``alerts`` lease (kept while it lives; a successor re-alerts what is still wrong)."""
-        if self.notifier is None or not self.catalog.acquire_lease("alerts", self.holder, timedelta(minutes=3)):
-            return
-        check_and_alert(self.notifier, self.report())
+        return self.notifier is not None and self.catalog.acquire_lease("alerts", self.holder, timedelta(minutes=3))
 
     def http_server(self, listen: str | None = None) -> HttpServer:
         api = Api(self.catalog, self.metrics, token=self.config.daemon.api_token(),
-                  kubelet_probe=self.kubelet.pods, report=lambda: self.report().to_json())
+                  kubelet_probe=self.kubelet.pods,
+                  report=lambda timelines: self.reports.json(timelines=timelines))
         daemon = self.config.daemon
         return HttpServer(api, listen or daemon.http_listen, timeout=daemon.http_timeout_seconds,
                           max_connections=daemon.http_max_connections)
 
     def daemon(self, *, policy_poll_seconds: float = 5.0) -> Daemon:
-        periodic = {"maintenance": (self.maintenance, timedelta(hours=1))}
-        if self.notifier is not None:
-            periodic["alerts"] = (self.check_alerts, timedelta(minutes=1))
+        periodic = {"maintenance": (self.maintenance, timedelta(hours=1)),
+                    "report": (self.refresh_report, timedelta(minutes=1))}
         return Daemon(self.runner, policy_poll_seconds=policy_poll_seconds, after_cycle=self.after_cycle,
                       periodic=periodic, drill=self.drill, holder=self.holder)
 

@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -85,11 +85,9 @@ class DatabaseConfig(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        from sqlalchemy.engine import make_url
-
         try:
-            backend = make_url(v).get_backend_name()
-        except Exception:
+            backend = _database_backend(v)
+        except ValueError:
             # the URL may hold a password: never repeat it
             raise ValueError("not a database URL (e.g. sqlite:////var/lib/backupd/catalog.db or "
                              "postgresql+psycopg://user@host/db)") from None
@@ -99,17 +97,41 @@ class DatabaseConfig(_Section):
 
     def resolved_url(self) -> str:
         """The URL to connect with; contains the password, so never log it (see ``safe_url``)."""
-        from sqlalchemy.engine import make_url
-
-        url = make_url(self.url)
-        if self.password_file is not None:
-            url = url.set(password=_read_secret_file(self.password_file, "database.password_file"))
-        return url.render_as_string(hide_password=False)
+        if self.password_file is None:
+            return self.url
+        password = _read_secret_file(self.password_file, "database.password_file")
+        return _with_password(self.url, quote(password, safe=""))
 
     def safe_url(self) -> str:
-        from sqlalchemy.engine import make_url
+        """The URL with its password, if any, shown as ``***``."""
+        return self.url if urlsplit(self.url).password is None else _with_password(self.url, "***")
 
-        return make_url(self.url).render_as_string(hide_password=True)
+
+# ``dialect[+driver]://[user[:password]@]host[:port]/database[?query]``, as SQLAlchemy reads it;
+# the catalog parses it with SQLAlchemy when it connects, config only checks and edits it.
+_DATABASE_URL = re.compile(r"^[\w+]+://")
+
+
+def _database_backend(url: str) -> str:
+    """The database a URL names (``postgresql`` for ``postgresql+psycopg://``); ValueError
+    if it is no database URL."""
+    if not _DATABASE_URL.match(url):
+        raise ValueError("no dialect://")
+    parts = urlsplit(url)
+    _ = parts.port  # a port that is not a number raises ValueError
+    return parts.scheme.split("+", 1)[0]
+
+
+def _with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (already percent-quoted) as its password. A URL without a
+    ``user@`` part is returned as it is: a password needs one (SQLAlchemy drops it too)."""
+    scheme, _, rest = url.partition("://")
+    authority, slash, tail = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:{password}@{host}{slash}{tail}"
 
 
 class KubeletConfig(_Section):

@@ -63,6 +63,7 @@ from backupd.errors import (
 from backupd.model import SUCCEEDED
 from backupd.node.checkpoints import CheckpointDir
 from backupd.node.kubelet import KubeletClient, Target
+from backupd.sizes import human_bytes
 
 Severity = Literal["blocking", "warning"]
 BLOCKING: Severity = "blocking"
@@ -360,7 +361,7 @@ def _checkpoint_test(name: str, kubelet: KubeletClient, directory: CheckpointDir
     try:
         with directory.open(path.name) as stream:
             head = stream.read(512)
-            size = _size(os.fstat(stream.fileno()).st_size)
+            size = human_bytes(os.fstat(stream.fileno()).st_size)
     except BackupdError as exc:
         directory_error: BackupdError | None = exc
     else:
@@ -423,11 +424,11 @@ def check_checkpoint_dir(config: Config) -> Check:
     except BackupdError as exc:
         return failed(name, exc, FIX_DIR_ACCESS)
     if free < floor:
-        return failed(name, NoSpace(f"only {_size(free)} free in {path}, below daemon.min_free_space "
-                                    f"({_size(floor)}): checkpoints are skipped"), FIX_SPACE)
-    held = f"{len(tars)} node tar(s), {_size(sum(t.size for t in tars))}" if tars else "no node tars"
-    return passed(name, f"{path} is writable and readable ({held}); {_size(free)} free, above "
-                  f"daemon.min_free_space ({_size(floor)})")
+        return failed(name, NoSpace(f"only {human_bytes(free)} free in {path}, below daemon.min_free_space "
+                                    f"({human_bytes(floor)}): checkpoints are skipped"), FIX_SPACE)
+    held = f"{len(tars)} node tar(s), {human_bytes(sum(t.size for t in tars))}" if tars else "no node tars"
+    return passed(name, f"{path} is writable and readable ({held}); {human_bytes(free)} free, above "
+                  f"daemon.min_free_space ({human_bytes(floor)})")
 
 
 def check_backend(cfg: BackendConfig, node: str) -> Check:
@@ -475,16 +476,9 @@ def _backend_fix(exc: BackupdError, cfg: BackendConfig) -> str:
         return "fix the backend's settings named above"
     if isinstance(exc, NoSpace):
         return "free space on the backend's filesystem"
-    if isinstance(exc, StorageError) and not s3:
+    if isinstance(exc, StorageError) and not isinstance(cfg, S3BackendConfig):
         return f"make {cfg.path} (or a parent) a writable directory for backupd's user"
     return "see the message"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 # -- all together ------------------------------------------------------------------------

@@ -32,7 +32,8 @@ EXIT_RUNS_FAILED = 8
 EXIT_BUSY = 9
 
 
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(?::[^/\s@]*)?@")
+# the userinfo of a URL, with or without its scheme: ``https://user:pw@``, ``//user@``
+_URL_CREDENTIALS = re.compile(r"(?i)((?:\b[a-z][a-z0-9+.-]*:)?//)[^/\s@]+@")
 
 
 def scrub(text: str) -> str:

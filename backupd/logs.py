@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import threading
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -20,7 +21,7 @@ from backupd.errors import scrub
 _SECRET_KEYS = re.compile(r"(secret|password|token|authorization|access_key|credential|identity)", re.IGNORECASE)
 
 
-def redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
         if _SECRET_KEYS.search(key):
             event[key] = "[redacted]"

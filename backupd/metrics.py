@@ -13,12 +13,10 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
-from backupd.catalog.schema import ArchiveRow, RunRow
 from backupd.catalog.store import Catalog
 from backupd.errors import BackupdError
-from backupd.model import COMMITTED, RUN_FAILED, SUCCEEDED
+from backupd.model import RUN_FAILED
 
 # Checkpoints of real workloads take from a second to many minutes.
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -75,26 +73,16 @@ class CatalogCollector(Collector):
             "finished (Unix time).", labels=["namespace", "workload", "container"])
         up = GaugeMetricFamily("backupd_catalog_up", "1 if the catalog answered this scrape.")
         try:
-            with self.catalog.session() as s:
-                per_policy = s.execute(
-                    select(ArchiveRow.policy, func.count(), func.coalesce(func.sum(ArchiveRow.stored_size), 0))
-                    .where(ArchiveRow.state == COMMITTED).group_by(ArchiveRow.policy)
-                ).all()
-                per_workload = s.execute(
-                    select(RunRow.namespace, RunRow.workload, RunRow.container, func.max(RunRow.finished_at))
-                    .where(RunRow.kind == "checkpoint", RunRow.outcome == SUCCEEDED)
-                    .group_by(RunRow.namespace, RunRow.workload, RunRow.container)
-                ).all()
+            totals = self.catalog.totals()
         except Exception:
             # A scrape must not fail because the database blinked; readiness reports it.
             up.add_metric([], 0)
             yield up
             return
         up.add_metric([], 1)
-        for policy, count, total in per_policy:
+        for policy, (count, total) in totals.retained.items():
             archives.add_metric([policy], count)
             stored.add_metric([policy], total)
-        for namespace, workload, container, finished in per_workload:
-            if finished is not None:
-                last_ok.add_metric([namespace or "", workload or "", container or ""], finished.timestamp())
+        for (namespace, workload, container), finished in totals.last_success.items():
+            last_ok.add_metric([namespace, workload, container], finished.timestamp())
         yield from (up, archives, stored, last_ok)

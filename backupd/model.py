@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, overload
 
 #: an RFC 1123 label: namespaces, container names, policy names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -130,21 +130,19 @@ def recorded_replica(workload: str, pod: str, node: str) -> str:
 
 
 PENDING, COMMITTED, DELETING, FAILED = "pending", "committed", "deleting", "failed"
-
-
-
 ARCHIVE_STATES = (PENDING, COMMITTED, DELETING, FAILED)
-
-
 
 RUNNING, SUCCEEDED, RUN_FAILED, SKIPPED = "running", "succeeded", "failed", "skipped"
 
 
-
-def rfc3339(moment: datetime) -> str:
-    """An aware time as RFC 3339 UTC with ``Z``, as every JSON output of backupd writes it."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
+@overload
+def rfc3339(moment: datetime) -> str: ...
+@overload
+def rfc3339(moment: None) -> None: ...
+def rfc3339(moment: datetime | None) -> str | None:
+    """An aware time as RFC 3339 UTC with ``Z``, as every JSON output of backupd writes it
+    (``None`` stays ``None``: a time not known yet)."""
+    return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _json_fields(value: Any) -> dict[str, Any]:
@@ -156,9 +154,13 @@ def _json_fields(value: Any) -> dict[str, Any]:
     return d
 
 
-
 @dataclass(frozen=True)
 class Archive:
+    """An archive as the catalog knows it: one checkpoint of one container, stored in a backend."""
+
+    # The API lists to_json() and generates its OpenAPI schema from these fields; the manifest
+    # beside the stored object records the same facts (backupd.storage.layout.ARCHIVE_FACTS).
+
     id: str
     state: str
     policy: str
@@ -194,7 +196,6 @@ class Archive:
         return _json_fields(self)
 
 
-
 @dataclass(frozen=True, slots=True)
 class ArchiveSummary:
     """What retention needs of an archive; a tenth of a row, for planning over millions."""
@@ -210,6 +211,15 @@ class ArchiveSummary:
     stored_size: int | None
     pinned: bool
 
+
+@dataclass(frozen=True)
+class CatalogTotals:
+    """What the catalog holds now, for the state metrics (:meth:`Catalog.totals`)."""
+
+    #: policy -> (committed archives, their stored bytes)
+    retained: dict[str, tuple[int, int]]
+    #: (namespace, workload, container) -> when its newest successful checkpoint run finished
+    last_success: dict[tuple[str, str, str], datetime]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +244,12 @@ class GroupStats:
         return (self.policy, self.namespace, self.workload, self.replica, self.container)
 
 
-
 @dataclass(frozen=True)
 class Run:
+    """One run of a policy's work (a checkpoint, prune, verify or delete) and its outcome."""
+
+    # The API lists to_json() and generates its OpenAPI schema from these fields.
+
     id: int
     kind: str
     policy: str | None
@@ -259,7 +272,6 @@ class Run:
         return _json_fields(self)
 
 
-
 @dataclass(frozen=True)
 class StoredPolicy:
     name: str
@@ -267,7 +279,6 @@ class StoredPolicy:
     generation: int
     created_at: datetime
     updated_at: datetime
-
 
 
 def now_utc() -> datetime:

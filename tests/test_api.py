@@ -4,14 +4,50 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from backupd.daemon.api import openapi_document
+from backupd.model import Archive, Run
 from backupd.policy.document import parse_policies
+
+DOCUMENT = openapi_document()
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with every object closed: a field the document does not describe is an error."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in schema:
+        closed.setdefault("additionalProperties", False)
+    return closed
+
+
+CLOSED_COMPONENTS = _closed(DOCUMENT["components"])
+
+
+def documented(path: str, response: httpx.Response) -> Any:
+    """The response's JSON, checked against what the OpenAPI document says ``path`` answers with
+    this status: its schema (JSON Schema 2020-12, formats checked), every object closed (no
+    field the document does not describe), every field required (to_json writes them all)."""
+    answers = DOCUMENT["paths"][path]["get"]["responses"]
+    assert str(response.status_code) in answers, f"{path} answered an undocumented {response.status_code}"
+    schema = answers[str(response.status_code)]["content"]["application/json"]["schema"]
+    body = response.json()
+    validator = Draft202012Validator({**_closed(schema), "components": CLOSED_COMPONENTS},
+                                     format_checker=Draft202012Validator.FORMAT_CHECKER)
+    problems = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(body)]
+    assert not problems, problems
+    return body
+
 
 POLICY = ("apiVersion: backupd.io/v1\nkind: CheckpointPolicy\nmetadata: {name: web}\n"
           "spec: {selector: {namespaces: [default], matchLabels: {app: web}}, schedule: '@hourly', backend: local, "
@@ -64,23 +100,29 @@ def test_readiness_names_the_failing_dependency(served, sim) -> None:  # type: i
 
 def test_json_api_lists_what_the_catalog_holds(served) -> None:  # type: ignore[no-untyped-def]
     app, client = served
-    archives = client.get("/api/v1/archives").json()
+    archives = documented("/api/v1/archives", client.get("/api/v1/archives"))
     assert [a["id"] for a in archives] == [a.id for a in app.catalog.list_archives()]
+    assert len(archives) == 2 and all(a["tar_sha256"] and a["committed_at"] for a in archives)
     assert client.get("/api/v1/archives", params={"workload": "deployment/web", "limit": 1}).json()[0]["workload"] \
         == "deployment/web"
     assert client.get("/api/v1/archives", params={"namespace": "nowhere"}).json() == []
-    runs = client.get("/api/v1/runs", params={"kind": "checkpoint"}).json()
+    runs = documented("/api/v1/runs", client.get("/api/v1/runs", params={"kind": "checkpoint"}))
     assert len(runs) == 2 and {r["outcome"] for r in runs} == {"succeeded"}
-    policies = client.get("/api/v1/policies").json()
+    policies = documented("/api/v1/policies", client.get("/api/v1/policies"))
     assert policies[0]["metadata"]["name"] == "web" and "error" not in policies[0]
     # stored by an older backupd that accepted it: listed with why it is not scheduled
     app.catalog.apply_policies([("feb30", '{"schedule": "0 0 30 2 *", "backend": "local", "retention": {}}')])
-    feb30 = {p["metadata"]["name"]: p for p in client.get("/api/v1/policies").json()}["feb30"]
+    feb30 = {p["metadata"]["name"]: p for p in documented("/api/v1/policies", client.get("/api/v1/policies"))}["feb30"]
     assert feb30["spec"]["schedule"] == "0 0 30 2 *" and "spec.schedule: cron expression" in feb30["error"]
     app.catalog.delete_policy("feb30")
+    report = documented("/api/v1/report", client.get("/api/v1/report", params={"timeline": "1"}))
+    (workload,) = report["policies"][0]["workloads"]
+    assert report["summary"]["archives"] == 2 and len(workload["timeline"]) == 2 and workload["last_success"]
+    assert documented("/api/v1/report", client.get("/api/v1/report"))["policies"][0]["workloads"][0]["timeline"] == []
     bad = client.get("/api/v1/runs", params={"limit": "lots"})
-    assert bad.status_code == 400 and "limit" in bad.json()["error"]
-    assert client.get("/api/v1/archives", params={"state": "weird"}).status_code == 400
+    assert bad.status_code == 400 and "limit" in documented("/api/v1/runs", bad)["error"]
+    weird = client.get("/api/v1/archives", params={"state": "weird"})
+    assert weird.status_code == 400 and "state" in documented("/api/v1/archives", weird)["error"]
     assert client.post("/api/v1/archives").status_code == 405
 
 
@@ -115,7 +157,7 @@ def test_bearer_token_guards_the_api_only(app_factory, tmp_path: Path) -> None: 
     host, port = server.start()
     try:
         with httpx.Client(base_url=f"http://{host}:{port}") as c:
-            assert c.get("/api/v1/archives").status_code == 401
+            assert "bearer token" in documented("/api/v1/archives", c.get("/api/v1/archives"))["error"]
             assert c.get("/api/v1/archives", headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert c.get("/api/v1/archives", headers={"Authorization": "Bearer s3cr3t-api-token"}).status_code == 200
             for open_path in ("/healthz", "/metrics", "/openapi.json"):
@@ -131,6 +173,17 @@ def test_openapi_document_validates() -> None:
     doc = openapi_document()
     validate(doc)
     assert set(doc["paths"]) == {"/api/v1/policies", "/api/v1/archives", "/api/v1/runs", "/api/v1/report"}
+    schemas = doc["components"]["schemas"]
+    # generated from the models the API writes: every field of an Archive and a Run, and no other
+    assert set(schemas["Archive"]["properties"]) == set(Archive.__dataclass_fields__)
+    assert set(schemas["Run"]["properties"]) == set(Run.__dataclass_fields__)
+    assert schemas["Archive"]["properties"]["checkpoint_time"] == {"type": "string", "format": "date-time",
+                                                                   "title": "Checkpoint Time"}
+    assert {"$ref": "#/components/schemas/PolicyDocument"} in schemas["Policy"]["anyOf"]
+    assert schemas["Error"]["required"] == ["error"]
+    # every object of every schema lists all its fields as required: the API writes them all
+    for name in ("Archive", "Run", "Report", "WorkloadJson", "PolicyJson", "RunJson", "ArchivePointJson"):
+        assert set(schemas[name]["required"]) == set(schemas[name]["properties"]), name
 
 
 _paths = st.sampled_from(["/api/v1/policies", "/api/v1/archives", "/api/v1/runs", "/api/v1/report", "/api/v1/nope",
@@ -151,3 +204,5 @@ def test_no_request_gets_a_server_error(served, path: str, query: list[tuple[str
     assert response.status_code < 500 or (path == "/api/v1/report" and response.status_code == 503), response.text
     if path.startswith("/api/") and response.headers["content-type"] == "application/json":
         json.loads(response.text)
+        if path in DOCUMENT["paths"]:
+            documented(path, response)

@@ -5,14 +5,19 @@ is refused naming the field, never half-read, never an overflow further down."""
 from __future__ import annotations
 
 import json
+import types
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
+from pydantic import AwareDatetime, ValidationError
 
 from backupd.backends.memory import MemoryBackend
 from backupd.errors import ManifestInvalid, ManifestKeyMismatch, StorageNotFound
+from backupd.model import COMMITTED, Archive
 from backupd.storage import layout
+from backupd.storage.rebuild import archive_from_manifest
 
 KEY = "shop/statefulset-db/postgres/20260102T030405Z-0123456789abcdef.tar.zst"
 MKEY = layout.manifest_key(KEY)
@@ -190,3 +195,38 @@ def test_encryption_must_agree_with_the_object_suffix() -> None:
             layout.Manifest.read(manifest_bytes(key=key, encryption=encryption), MKEY, where="m")
         assert exc.value.disagreements == [wrong]
     assert layout.Manifest.read(manifest_bytes(key=age_key, encryption="age"), MKEY, where="m").encryption == "age"
+
+
+# -- the manifest and the archive: one set of facts -----------------------------------------------
+
+
+def _narrows(manifest_type: Any, archive_type: Any) -> bool:
+    """True when a manifest field of ``manifest_type`` holds values of ``archive_type``: the
+    same type, a Literal of its values, or an aware datetime for a datetime."""
+    if get_origin(archive_type) in (Union, types.UnionType):  # Optional in the catalog, never in a manifest
+        archive_type, = (t for t in get_args(archive_type) if t is not type(None))
+    if get_origin(manifest_type) is Literal:
+        return all(isinstance(value, archive_type) for value in get_args(manifest_type))
+    return manifest_type is archive_type or (manifest_type is AwareDatetime and archive_type is datetime)
+
+
+def test_the_manifest_records_the_archives_facts_under_their_names_and_types() -> None:
+    archive_types = get_type_hints(Archive)
+    for name in layout.ARCHIVE_FACTS:
+        assert name in archive_types, f"{name} is no Archive field"
+        assert _narrows(layout.Manifest.model_fields[name].annotation, archive_types[name]), name
+    assert _narrows(layout.Manifest.model_fields["archive_id"].annotation, archive_types["id"])
+    # every other manifest field is the manifest's own, not a fact of the archive's under another name
+    own = set(layout.Manifest.model_fields) - set(layout.ARCHIVE_FACTS) - {"archive_id"}
+    assert own == {"backupd_version", "format_version", "labels"}
+
+
+def test_a_manifest_is_made_of_its_archive_and_gives_it_back() -> None:
+    written = layout.Manifest.read(WRITTEN_WITH_REPLICA, MKEY, where="test")
+    archive = archive_from_manifest(written, "b")
+    assert (archive.id, archive.state, archive.backend, archive.replica) == ("0123456789abcdef", COMMITTED, "b", "db-0")
+    again = layout.Manifest.of(archive, labels=written.labels, backupd_version=written.backupd_version)
+    assert again.to_json() == WRITTEN_WITH_REPLICA
+    # an archive not yet shipped has no sizes or digests: it has no manifest yet
+    with pytest.raises(ValidationError, match="tar_size"):
+        layout.Manifest.of(replace(archive, tar_size=None), labels={}, backupd_version="0.1.0")

@@ -4,6 +4,8 @@ shared/reference/retention-semantics.md section 4.5 (restic's side of each)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -495,7 +497,7 @@ def test_all_archives_pinned():
 
 def test_the_newest_archive_is_kept_even_if_the_walk_dropped_it(monkeypatch):
     # restic's rules always keep the newest archive; the guard is there for the day they don't.
-    monkeypatch.setattr(retention, "_rule_masks", lambda times, *_: ([0] * len(times), True))
+    monkeypatch.setattr(retention, "_apply_policy", lambda walk, *_: ([()] * len(walk), True))
     result = plan(items_at(utc(2024, 1, 2), utc(2024, 1, 1)), Rules(daily=1))
     assert [(d.keep, d.reasons) for d in result.decisions] == [(True, ("newest",)), (False, ())]
 
@@ -672,3 +674,14 @@ def test_parse_rfc3339_is_strict_and_names_the_value(text):
 def test_parse_rfc3339_refuses_non_strings():
     with pytest.raises(PolicyError):
         parse_rfc3339(1714528800)  # type: ignore[arg-type]
+
+
+def test_the_module_loads_no_database_s3_or_http_client():
+    # Besides the import-linter contract (which sees only static imports): what importing the
+    # engine really loads, in a fresh interpreter.
+    code = ("import json, sys, backupd.policy.retention; "
+            "print(json.dumps(sorted(m.partition('.')[0] for m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(done.stdout))
+    assert "backupd" in loaded
+    assert loaded.isdisjoint({"sqlalchemy", "boto3", "botocore", "s3transfer", "httpx", "httpcore", "psycopg"})

@@ -1,10 +1,15 @@
-"""One set of member rules (issue 13): the push-mode scanner (restore, verify, drills) and
-inspect's tarfile pass refuse exactly the same members, with the same words."""
+"""One tar reader (issue 14): restore, verify, drills and inspect all read through the push-mode
+scanner, so they refuse exactly the same members, with the same words; inspect lists the inner
+rootfs-diff.tar with the same scanner under the content rules (sparse files, long link names)."""
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +78,51 @@ def test_what_the_rules_accept_both_accept() -> None:
     scanner.close()
     assert scanner.members == 9 and set(scanner.files) == {"config.dump"}
     assert inspect_stream(io.BytesIO(data), source="archive t").members == 9
+
+
+def test_header_only_members_carry_no_data_whatever_their_size_says() -> None:
+    """A directory (or link, device, FIFO) declaring a size: tarfile and Go's archive/tar read no
+    data after it, and so does the scanner -- else it would see other members than the runtime."""
+    data = crafted_tar([Crafted("checkpoint", type=tarfile.DIRTYPE, size=1024), *minimal_members()[1:]])
+    scanner = TarScanner("archive t", lambda name: name == "config.dump")
+    scanner.feed(data)
+    scanner.close()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert scanner.members == len(tar.getmembers()) == len(minimal_members())
+    assert inspect_stream(io.BytesIO(data), source="t").members == len(minimal_members())
+
+
+def _with_rootfs_diff(inner: bytes) -> bytes:
+    return crafted_tar([*minimal_members(), Crafted("rootfs-diff.tar", inner)])
+
+
+def test_long_link_names_are_listed_in_the_rootfs_diff() -> None:
+    target = "/usr/share/" + "z" * 150 + "/UTC"
+    inner = crafted_tar([Crafted("etc/localtime", type=tarfile.SYMTYPE, linkname=target)], fmt=tarfile.GNU_FORMAT)
+    r = inspect_stream(io.BytesIO(_with_rootfs_diff(inner)), source="t")
+    assert r.rootfs_diff is not None and [(f.path, f.type, f.link) for f in r.rootfs_diff.files] == [
+        ("etc/localtime", "symlink", target)]  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar makes the sparse archives")
+@pytest.mark.parametrize("options", [["--format=gnu"], ["--format=posix", "--sparse-version=0.1"],
+                                     ["--format=posix", "--sparse-version=1.0"]], ids=["gnu", "pax-0.1", "pax-1.0"])
+def test_sparse_files_are_content_in_the_rootfs_diff_and_refused_in_the_archive(tmp_path: Path,
+                                                                                options: list[str]) -> None:
+    """GNU tar's three sparse encodings, 12 holes (the old format needs extension blocks): the
+    rootfs diff lists the file at its apparent size and reads on past it; the archive refuses it."""
+    with open(tmp_path / "holes", "wb") as fh:
+        for i in range(12):
+            fh.seek(i << 20)
+            fh.write(b"x" * 100)
+    (tmp_path / "after").write_bytes(b"1")
+    subprocess.run(["tar", *options, "-cSf", "inner.tar", "holes", "after"], cwd=tmp_path, check=True,
+                   env={**os.environ, "LC_ALL": "C"})  # fmt: skip
+    inner = (tmp_path / "inner.tar").read_bytes()
+    with tarfile.open(tmp_path / "inner.tar") as tar:
+        expected = [(m.name, m.size) for m in tar.getmembers()]
+    r = inspect_stream(io.BytesIO(_with_rootfs_diff(inner)), source="t")
+    assert r.rootfs_diff is not None
+    assert [(f.path, f.size) for f in r.rootfs_diff.files] == expected == [("holes", (11 << 20) + 100), ("after", 1)]
+    outer = crafted_tar(minimal_members(), end=False) + inner
+    assert "'holes' is a sparse file" in scanner_verdict(outer) == inspect_verdict(outer)

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from backupd.archive import criu as criu_images
+from backupd.archive import criu
 from backupd.archive.tar import TarScanner
 from backupd.model import Archive
 
@@ -156,7 +156,8 @@ def checkpoint_info(files: Mapping[str, bytes], archive: Archive) -> CheckpointI
         if not isinstance(m, dict):
             continue
         dest, source = _str(m.get("destination")), _str(m.get("source"))
-        options = m.get("options") if isinstance(m.get("options"), list) else []
+        raw_options = m.get("options")
+        options = raw_options if isinstance(raw_options, list) else []
         is_bind = m.get("type") == "bind" or "bind" in options or "rbind" in options
         if is_bind and dest and dest.rstrip("/") not in _IMPLICIT_MOUNTS:
             mounts.append((dest, source))
@@ -165,10 +166,9 @@ def checkpoint_info(files: Mapping[str, bytes], archive: Archive) -> CheckpointI
     for name, data in files.items():
         if _CORE_IMAGE.match(name):
             try:
-                core = criu_images.decode_image(data, expect="CORE").entries[0]
-                machine = {v: k for k, v in criu_images.CoreEntry.MTYPES.items()}.get(core.mtype)
-                arch = _GOARCH.get(machine or "")
-            except (criu_images.CriuImageError, IndexError) as exc:
+                core = criu.decode_image(data, expect="CORE").entries[0]
+                arch = _GOARCH.get(criu.machine_name(core.mtype) or "")
+            except (criu.CriuImageError, IndexError) as exc:
                 log.warning("checkpoint_metadata_unreadable", archive=what, file=name, error=str(exc)[:200])
 
     if config == {} or spec == {}:

@@ -1,10 +1,11 @@
-"""Which tar members backupd accepts, and a push-mode reader that applies the rules as bytes pass.
+"""The one tar reader of backupd: a push-mode scanner that applies the member rules as bytes pass.
 
-Every reader of a checkpoint archive applies the same rules, through :class:`MemberRules`:
-``restore`` (to a file, an OCI layout or a registry), ``verify`` and restore drills (all through
-:class:`TarScanner`) and ``inspect`` (its tarfile pass). So an archive one of them refuses,
-every one refuses, with the same message. An archive is refused with
-:class:`~backupd.errors.UnsafeArchive` (exit code 7), naming the member, when
+Every reader of a checkpoint archive goes through :class:`TarScanner`: ``restore`` (to a file,
+an OCI layout or a registry), ``verify`` and restore drills (through :class:`ScanningReader`,
+which scans the bytes it passes on) and ``inspect`` (which feeds it what it reads, and lists the
+inner ``rootfs-diff.tar`` with a second scanner). So there is one header parser, one set of
+limits (:class:`~backupd.archive.members.Limits`) and one set of messages. An archive is refused
+with :class:`~backupd.errors.UnsafeArchive` (exit code 7), naming the member, when
 
 * a name is absolute, has a ``..`` or empty segment or a NUL, or is longer than
   ``Limits.max_name_length``;
@@ -13,191 +14,173 @@ every one refuses, with the same message. An archive is refused with
   reader that met one could be led outside its target);
 * a member declares a negative size or more than ``Limits.max_member_size``;
 * a name appears twice (tools would disagree on which one counts);
-* there are more than ``Limits.max_members`` members, or one member's extended (PAX, GNU)
-  headers run past ``Limits.max_header_bytes``.
+* there are more than ``Limits.max_members`` members, one member's extended headers (PAX, GNU
+  long names, a GNU sparse map) run past ``Limits.max_header_bytes``, or more than
+  ``Limits.max_extended_headers`` of them are chained before one member;
+* the stream is not a tar, is cut short (it must end with the end-of-archive block) or, unless
+  the reader asks to judge them itself (``after_end="count"``), has anything but zeros after it.
 
-``rootfs-diff.tar`` inside an archive is the container's changed files, where links and device
-nodes are legitimate content: inspect lists it with the name rules only (:func:`member_name`).
+Those are :class:`~backupd.archive.members.MemberRules`; ``rootfs-diff.tar`` is read with
+:class:`~backupd.archive.members.ContentRules` (links and devices are its legitimate content).
 
-Two parsers remain: inspect walks the tar with tarfile (it reads members as streams -- the inner
-``rootfs-diff.tar`` is listed while it passes -- and decompresses gzip/xz/bzip2 local files),
-the others with :class:`TarScanner`. They share the rules, not the header parsing; moving
-inspect onto the scanner needs a pull-mode member API and is left to the module reorganisation.
+The scanner understands ustar, PAX (``x``; a global ``g`` header is skipped, as Go's
+``archive/tar`` does), GNU long names and link names, and GNU sparse members (``S`` headers with
+extension blocks, PAX 0.x and 1.0 maps), which only content may hold. Header-only types (links,
+devices, directories, FIFOs) carry no data whatever their size field says, as tarfile and Go's
+``archive/tar`` read them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from backupd.archive.members import (
+    DEFAULT_LIMITS,
+    REGULAR,
+    ContentRules,
+    Limits,
+    Member,
+    MemberRules,
+    MemberSink,
+    Rules,
+    kept_size,
+    member_name,
+    member_size,
+    short,
+)
 from backupd.backends.base import Readable
 from backupd.errors import BackupdError, UnsafeArchive
 
+__all__ = [
+    "BLOCK",
+    "DEFAULT_LIMITS",
+    "ContentRules",
+    "Limits",
+    "Member",
+    "MemberRules",
+    "MemberSink",
+    "ScanningReader",
+    "TarScanner",
+    "member_name",
+    "member_size",
+    "short",
+]
+
 BLOCK = tarfile.BLOCKSIZE
-_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
-_LINKS = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink"}
-_SPECIAL = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO",
-            tarfile.GNUTYPE_SPARSE: "a sparse file"}  # fmt: skip
+_HEADER_ONLY = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE)
 _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
              tarfile.GNUTYPE_LONGLINK)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds that make a hostile archive cost little; anything beyond them is refused."""
+class _Kept:
+    """A regular file held in memory, handed on when its data is complete."""
 
-    max_metadata_bytes: int = 16 << 20  # per metadata file held in memory
-    max_header_bytes: int = 1 << 20  # one member's headers, PAX and GNU extensions included
-    max_member_size: int = 1 << 44  # 16 TiB declared for one member is not a checkpoint
-    max_members: int = 500_000
-    max_name_length: int = 4096
-    max_listed_files: int = 10_000  # inspect: rootfs-diff.tar entries listed (then ``truncated``)
-    max_process_depth: int = 128  # inspect: process tree depth
+    def __init__(self, name: str, on_kept: Callable[[str, bytes], None]) -> None:
+        self.name, self.on_kept, self.data = name, on_kept, bytearray()
 
+    def write(self, data: memoryview) -> None:
+        self.data += data
 
-DEFAULT_LIMITS = Limits()
-
-
-def short(name: str, limit: int = 160) -> str:
-    """A member name for a message: quoted, and cut when absurdly long."""
-    return repr(name if len(name) <= limit else name[:limit] + "…")
-
-
-def member_name(name: str, what: str, limits: Limits = DEFAULT_LIMITS) -> str:
-    """The normalised member name (no ``./`` prefix, no trailing ``/``; ``.`` for the root).
-
-    Refuses what could escape a directory it were extracted to: absolute names, ``..``
-    segments, empty segments or a NUL, and names longer than ``limits.max_name_length``.
-    """
-    if len(name) > limits.max_name_length:
-        raise UnsafeArchive(f"{what}: member name {short(name)} is longer than {limits.max_name_length} characters; "
-                            "refused as hostile")  # fmt: skip
-    n = name
-    while n.startswith("./"):
-        n = n[2:]
-    if n.startswith("/"):
-        raise UnsafeArchive(f"{what}: member {short(name)} has an absolute name; the archive is refused (nothing "
-                            "was extracted); do not restore it with a tool that would write it")  # fmt: skip
-    n = n.rstrip("/")
-    if n in ("", "."):
-        return "."
-    parts = n.split("/")
-    if ".." in parts:
-        raise UnsafeArchive(f"{what}: member {short(name)} climbs out of the archive with '..' (path traversal); "
-                            "the archive is refused (nothing was extracted)")  # fmt: skip
-    if "" in parts or "\x00" in n:
-        raise UnsafeArchive(f"{what}: member {short(name)} has an empty path segment or a NUL; the archive is "
-                            "refused")  # fmt: skip
-    return n
-
-
-def member_size(name: str, size: int, what: str, limits: Limits = DEFAULT_LIMITS) -> int:
-    """``size`` as a member declares it, refused when negative or over ``limits.max_member_size``
-    (judged before any data is read)."""
-    if size < 0 or size > limits.max_member_size:
-        raise UnsafeArchive(f"{what}: member {short(name)} declares {size} bytes (limit "
-                            f"{limits.max_member_size}); refused as hostile")  # fmt: skip
-    return size
-
-
-class MemberRules:
-    """The rules of the module docstring, applied member by member to one archive."""
-
-    def __init__(self, what: str, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.what = what
-        self.limits = limits
-        self.members = 0
-        self._files: set[bytes] = set()  # digests of the names: bounded memory per member
-
-    def check(self, name: str, kind: bytes, size: int, linkname: str = "") -> str:
-        """The normalised name of an acceptable member, or :class:`UnsafeArchive`."""
-        what, limits = self.what, self.limits
-        self.members += 1
-        if self.members > limits.max_members:
-            raise UnsafeArchive(f"{what} has more than {limits.max_members} members; refused as hostile")
-        normal = member_name(name, what, limits)
-        if kind in _LINKS:
-            raise UnsafeArchive(f"{what}: member {short(name)} is a link ({_LINKS[kind]} to {short(linkname)}), not a "
-                                "regular file or directory; links are never followed, and the archive is "
-                                "refused")  # fmt: skip
-        if kind not in _REGULAR and kind != tarfile.DIRTYPE:
-            label = _SPECIAL.get(kind, f"of type {kind!r}")
-            raise UnsafeArchive(f"{what}: member {short(name)} is {label}, not a regular file or directory; device "
-                                "files are never created, and the archive is refused")  # fmt: skip
-        member_size(name, size, what, limits)
-        if kind == tarfile.DIRTYPE:
-            return normal
-        if normal == ".":
-            raise UnsafeArchive(f"{what}: member {short(name)} is a file without a name; the archive is refused")
-        digest = hashlib.blake2b(normal.encode("utf-8", "surrogateescape"), digest_size=16).digest()
-        if digest in self._files:
-            raise UnsafeArchive(f"{what}: member {short(normal)} appears twice (tools would disagree on which one "
-                                "counts); the archive is refused")  # fmt: skip
-        self._files.add(digest)
-        return normal
+    def close(self) -> None:
+        self.on_kept(self.name, bytes(self.data))
 
 
 class TarScanner:
     """A push-mode reader of a tar stream: ``feed`` it bytes in any chunking, then ``close``.
 
-    Every member is checked by :class:`MemberRules` as its header passes; the data of regular
-    files for which ``keep(name)`` is true is kept in :attr:`files` (each at most ``max_kept``
-    bytes). Memory use is bounded by the kept files, one header and the rules' name digests,
-    whatever the archive's size. Understands ustar, PAX (``x``, ``g``) and GNU long names; the
-    stream must end with the end-of-archive block, with nothing but zeros after it.
+    Every member is checked by ``rules`` (:class:`MemberRules` unless given) as its header
+    passes. Regular files for which ``keep(name)`` is true are held (each at most ``max_kept``
+    bytes) and handed to ``on_kept(name, data)`` -- by default stored in :attr:`files`.
+    ``on_member(member)`` is told of every member as its header passes, and for one not kept
+    may return a :class:`MemberSink` its data streams to.
+    Memory use is bounded by the kept files, one member's headers and the rules' name digests,
+    whatever the archive's size.
+
+    After the end-of-archive block, ``after_end="refuse"`` refuses anything but zeros;
+    ``"count"`` counts the bytes (:attr:`trailing_bytes`) and the non-zero ones
+    (:attr:`trailing_nonzero`) for the caller to judge.
     """
 
-    def __init__(self, what: str, keep: Callable[[str], bool], *, max_kept: int | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, what: str, keep: Callable[[str], bool] = lambda name: False, *, max_kept: int | None = None,
+                 limits: Limits = DEFAULT_LIMITS, rules: Rules | None = None,
+                 on_kept: Callable[[str, bytes], None] | None = None,
+                 on_member: Callable[[Member], MemberSink | None] | None = None,
+                 after_end: str = "refuse") -> None:  # fmt: skip
+        if after_end not in ("refuse", "count"):
+            raise ValueError(f"after_end must be 'refuse' or 'count', not {after_end!r}")
         self.what = what
         self.keep = keep
         self.limits = limits
         self.max_kept = limits.max_metadata_bytes if max_kept is None else max_kept
-        self.rules = MemberRules(what, limits)
+        self.rules: Rules = rules if rules is not None else MemberRules(what, limits)
+        self.on_kept = on_kept if on_kept is not None else self._store
+        self.on_member = on_member
+        self.after_end = after_end
         self.files: dict[str, bytes] = {}
         self.top_level: set[str] = set()
         self.offset = 0  # bytes fed so far
-        self._header = bytearray()
-        self._state = "header"  # header | data | end
+        self.trailing_bytes = 0  # after the end-of-archive block
+        self.trailing_nonzero = 0
+        self._block = bytearray()  # a header (or sparse map/extension) block being filled
+        self._state = "header"  # header | sparse-extension | sparse-map | data | end
         self._data_left = 0
         self._pad_left = 0
-        self._capture: bytearray | None = None
-        self._capture_kind = ""
-        self._member = ""
+        self._sink: MemberSink | None = None
+        self._capture: bytearray | None = None  # an extended header's data
+        self._capture_kind = b""
+        self._member = ""  # the member being read, for messages
+        self._previous = ""  # the last complete member, for messages
         self._pax: dict[str, str] = {}
         self._long_name: str | None = None
+        self._long_link: str | None = None
         self._extended = 0  # bytes of extended headers before the current member
+        self._chained = 0  # extended headers before the current member
+        self._pending: Member | None = None  # a sparse member whose map or extension blocks are read
+        self._sparse_map = bytearray()
+        self._sparse_lines: int | None = None  # newlines the sparse map needs, once its count is read
         self._closed = False
 
     @property
     def members(self) -> int:
         return self.rules.members
 
-    def feed(self, data: bytes | memoryview) -> None:
+    @property
+    def ended(self) -> bool:
+        """Whether the end-of-archive block has passed."""
+        return self._state == "end"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
-            if self._state == "end":
-                if any(view[pos:]):
-                    raise UnsafeArchive(f"{self.what}: data after the end-of-archive marker")
+            state = self._state
+            if state == "end":
+                self._after_end(view[pos:])
                 self.offset += end - pos
                 return
-            if self._state == "header":
-                take = min(BLOCK - len(self._header), end - pos)
-                self._header += view[pos : pos + take]
+            if state != "data":  # header, sparse-extension or sparse-map: whole blocks
+                take = min(BLOCK - len(self._block), end - pos)
+                self._block += view[pos : pos + take]
                 pos += take
                 self.offset += take
-                if len(self._header) == BLOCK:
-                    block = bytes(self._header)
-                    self._header.clear()
-                    self._on_header(block)
+                if len(self._block) == BLOCK:
+                    block = bytes(self._block)
+                    self._block.clear()
+                    if state == "header":
+                        self._on_header(block)
+                    elif state == "sparse-extension":
+                        self._on_sparse_extension(block)
+                    else:
+                        self._on_sparse_map(block)
                 continue
             if self._data_left:
                 take = min(self._data_left, end - pos)
+                chunk = view[pos : pos + take]
                 if self._capture is not None:
-                    self._capture += view[pos : pos + take]
+                    self._capture += chunk
+                elif self._sink is not None:
+                    self._sink.write(chunk)
                 self._data_left -= take
             else:
                 take = min(self._pad_left, end - pos)
@@ -205,83 +188,202 @@ class TarScanner:
             pos += take
             self.offset += take
             if not self._data_left and not self._pad_left:
-                self._end_member()
+                self._end_data()
 
     def close(self) -> None:
         """The stream ended: it must have ended at the end-of-archive marker."""
         if self._closed:
             return
         self._closed = True
-        if self._state == "data" or self._header:
-            raise UnsafeArchive(f"{self.what}: the tar stream ends inside member {short(self._member)}")
+        if self._state in ("data", "sparse-map", "sparse-extension"):
+            raise UnsafeArchive(f"{self.what} is truncated: the tar stream ends inside member {short(self._member)}")
+        if self._state == "header" and self._block:
+            raise UnsafeArchive(f"{self.what} is truncated: the tar stream ends inside a header{self._after()}")
         if self._state != "end":
-            raise UnsafeArchive(f"{self.what}: the tar stream ends without an end-of-archive marker")
+            raise UnsafeArchive(f"{self.what} is truncated: the tar stream ends{self._after()} without an "
+                                "end-of-archive marker")  # fmt: skip
+
+    # -- headers -------------------------------------------------------------------------------
+
+    def _after(self) -> str:
+        return f" after member {short(self._previous)}" if self._previous else ""
 
     def _on_header(self, block: bytes) -> None:
+        what = self.what
+        at = self.offset - BLOCK
         if not any(block):
-            if self._pax or self._long_name is not None:
-                raise UnsafeArchive(f"{self.what}: an extended header is followed by the end of the archive")
+            if self._pax or self._long_name is not None or self._long_link is not None:
+                raise UnsafeArchive(f"{what}: an extended header is followed by the end of the archive")
             self._state = "end"
             return
         try:
             info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except tarfile.HeaderError as exc:
-            raise UnsafeArchive(f"{self.what}: invalid tar header at byte {self.offset - BLOCK} ({exc})") from None
-        size = info.size
-        kind = info.type
+            if at == 0:
+                raise UnsafeArchive(f"{what} is not a tar archive (invalid tar header at byte 0: {exc})") from None
+            raise UnsafeArchive(f"{what}: invalid tar header at offset {at}{self._after()} (corrupt, or garbage "
+                                "where a header should be); the rest cannot be read") from None  # fmt: skip
+        size, kind = info.size, info.type
         if kind in _EXTENDED:
-            self._extended += BLOCK + max(size, 0)
-            if size < 0 or self._extended > self.limits.max_header_bytes:
-                raise UnsafeArchive(f"{self.what}: a member header near byte {self.offset - BLOCK} runs past the "
-                                    f"{self.limits.max_header_bytes}-byte limit (an enormous PAX or GNU long-name "
-                                    "header); the archive is refused")  # fmt: skip
-            self._start_data(size, capture=True, kind=kind.decode("latin-1"), member=info.name)
+            self._chained += 1
+            if self._chained > self.limits.max_extended_headers:
+                raise UnsafeArchive(f"{what}: more than {self.limits.max_extended_headers} extended headers are "
+                                    f"chained before one member near offset {at}; refused")  # fmt: skip
+            self._count_header_bytes(BLOCK + max(size, 0), at)
+            if size < 0:
+                raise UnsafeArchive(f"{what}: an extended header at offset {at} declares {size} bytes; refused")
+            self._member = info.name
+            self._capture, self._capture_kind = bytearray(), kind
+            self._start_data(size)
             return
-        self._extended = 0
-        name = self._pax.pop("path", None) or self._long_name or info.name
-        if "size" in self._pax:
+        pax = self._pax
+        name = pax.pop("GNU.sparse.name", None) or pax.pop("path", None) or self._long_name or info.name
+        linkname = pax.pop("linkpath", None) or self._long_link or info.linkname
+        if "size" in pax:
             try:
-                size = int(self._pax.pop("size"))
+                size = int(pax.pop("size"))
             except ValueError:
-                raise UnsafeArchive(f"{self.what}: member {short(name)} has an invalid PAX size") from None
-        if any(k.startswith("GNU.sparse.") for k in self._pax):
+                raise UnsafeArchive(f"{what}: member {short(name)} has an invalid PAX size") from None
+        apparent = size
+        sparse_map = False
+        if kind == tarfile.GNUTYPE_SPARSE:
+            apparent = _number(block[483:495], size)
+        elif any(k.startswith("GNU.sparse.") for k in pax):
             kind = tarfile.GNUTYPE_SPARSE
+            sparse_map = pax.get("GNU.sparse.major") == "1" and pax.get("GNU.sparse.minor") == "0"
+            try:
+                apparent = int(pax.get("GNU.sparse.realsize") or pax.get("GNU.sparse.size") or size)
+            except ValueError:
+                raise UnsafeArchive(f"{what}: member {short(name)} has an invalid GNU sparse size") from None
         elif kind == tarfile.AREGTYPE and name.endswith("/"):
             kind = tarfile.DIRTYPE  # a V7 directory, as tarfile reads it
-        self._pax.clear()
-        self._long_name = None
-        normal = self.rules.check(name, kind, size, info.linkname)
+        pax.clear()
+        self._long_name = self._long_link = None
+        member = Member(name, kind, 0 if kind in _HEADER_ONLY else size, apparent, linkname)
+        self._member = name
+        if kind == tarfile.GNUTYPE_SPARSE and info.type == tarfile.GNUTYPE_SPARSE and block[482]:
+            self._pending, self._state = member, "sparse-extension"
+        elif sparse_map:
+            member_size(name, size, what, self.limits)
+            self._pending, self._state = member, "sparse-map"
+            self._sparse_map.clear()
+            self._sparse_lines = None
+        else:
+            self._begin(member)
+
+    def _count_header_bytes(self, n: int, at: int) -> None:
+        self._extended += n
+        if self._extended > self.limits.max_header_bytes:
+            raise UnsafeArchive(f"{self.what}: a member header near offset {at} runs past the "
+                                f"{self.limits.max_header_bytes}-byte limit (an enormous PAX or GNU long-name "
+                                "header, or GNU sparse map); the archive is refused")  # fmt: skip
+
+    def _on_sparse_extension(self, block: bytes) -> None:
+        """Old GNU sparse: 512-byte blocks of more sparse entries, while byte 504 says so."""
+        self._count_header_bytes(BLOCK, self.offset - BLOCK)
+        if not block[504]:
+            self._begin_pending(self._pending_member().size)
+
+    def _on_sparse_map(self, block: bytes) -> None:
+        """GNU sparse 1.0: the data starts with ``count\\n`` and 2 x count ``number\\n`` lines,
+        padded to a block; it is header, counted against the header budget."""
+        member = self._pending_member()
+        at = self.offset - BLOCK
+        self._count_header_bytes(BLOCK, at)
+        self._sparse_map += block
+        if len(self._sparse_map) > member.size:
+            raise UnsafeArchive(f"{self.what}: member {short(member.name)} has a GNU sparse map longer than its "
+                                "data; refused")  # fmt: skip
+        if self._sparse_lines is None:
+            first, newline, _ = bytes(self._sparse_map).partition(b"\n")
+            if not newline:
+                return
+            if not first.isdigit():
+                raise UnsafeArchive(f"{self.what}: member {short(member.name)} has a malformed GNU sparse map")
+            self._sparse_lines = 1 + 2 * int(first)
+        if self._sparse_map.count(b"\n") < self._sparse_lines:
+            return
+        lines = bytes(self._sparse_map).split(b"\n", self._sparse_lines)[: self._sparse_lines]
+        if not all(line.isdigit() for line in lines):
+            raise UnsafeArchive(f"{self.what}: member {short(member.name)} has a malformed GNU sparse map")
+        self._begin_pending(member.size - len(self._sparse_map))
+
+    def _pending_member(self) -> Member:
+        assert self._pending is not None
+        return self._pending
+
+    def _begin_pending(self, data_size: int) -> None:
+        member = self._pending_member()
+        self._pending = None
+        self._sparse_map.clear()
+        self._begin(Member(member.name, member.kind, data_size, member.apparent_size, member.linkname),
+                    pad=-member.size % BLOCK)  # fmt: skip
+
+    def _begin(self, member: Member, pad: int | None = None) -> None:
+        """A member's headers are complete: judge it, then read its data to where it goes."""
+        self._chained = self._extended = 0
+        normal = self.rules.check(member.name, member.kind, member.apparent_size, member.linkname)
+        self._member = normal
         if len(self.top_level) < 10_000:
             self.top_level.add(normal.split("/")[0])
-        keep = kind in _REGULAR and self.keep(normal)
-        if keep and size > self.max_kept:
-            raise UnsafeArchive(f"{self.what}: {normal} is {size} bytes, over the {self.max_kept}-byte limit for "
-                                "metadata; refusing the archive")
-        self._start_data(size, capture=keep, kind="file", member=normal)
+        member = Member(normal, member.kind, member.size, member.apparent_size, member.linkname)
+        if self.on_member is not None:
+            self._sink = self.on_member(member)
+        if member.kind in REGULAR and self.keep(normal):
+            kept_size(normal, member.size, self.max_kept, self.what)
+            self._sink = _Kept(normal, self.on_kept)
+        self._start_data(member.size, pad)
 
-    def _start_data(self, size: int, *, capture: bool, kind: str, member: str) -> None:
-        self._member = member
-        self._capture_kind = kind
-        self._capture = bytearray() if capture else None
+    # -- data ----------------------------------------------------------------------------------
+
+    def _start_data(self, size: int, pad: int | None = None) -> None:
         self._data_left = size
-        self._pad_left = -size % BLOCK
+        self._pad_left = -size % BLOCK if pad is None else pad
         self._state = "data"
-        if not size:
-            self._end_member()
+        if not size and not self._pad_left:
+            self._end_data()
 
-    def _end_member(self) -> None:
+    def _end_data(self) -> None:
         self._state = "header"
         captured, self._capture = self._capture, None
-        if captured is None:
+        if captured is not None:
+            self._on_extended(self._capture_kind, bytes(captured))
             return
-        kind = self._capture_kind
-        if kind == "file":
-            self.files[self._member] = bytes(captured)
-        elif kind in ("x", "X"):
-            self._pax.update(_pax_records(bytes(captured), self.what))
-        elif kind == "L":
-            self._long_name = bytes(captured).split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-        # "g" (global PAX) and "K" (long link name) carry nothing a checkpoint archive needs.
+        sink, self._sink = self._sink, None
+        self._previous = self._member
+        if sink is not None:
+            sink.close()
+
+    def _on_extended(self, kind: bytes, data: bytes) -> None:
+        if kind in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            self._pax.update(_pax_records(data, self.what))
+        elif kind == tarfile.GNUTYPE_LONGNAME:
+            self._long_name = data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == tarfile.GNUTYPE_LONGLINK:
+            self._long_link = data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+        # "g" (global PAX) carries nothing a checkpoint archive needs; Go's archive/tar skips it too.
+
+    def _store(self, name: str, data: bytes) -> None:
+        self.files[name] = data
+
+    def _after_end(self, data: memoryview) -> None:
+        nonzero = len(data) - bytes(data).count(0)
+        if nonzero and self.after_end == "refuse":
+            raise UnsafeArchive(f"{self.what}: data after the end-of-archive marker")
+        self.trailing_bytes += len(data)
+        self.trailing_nonzero += nonzero
+
+
+def _number(field: bytes, default: int) -> int:
+    """A numeric header field (octal, or base-256 with the high bit set); ``default`` if unreadable."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[0] == 0xFF else value
+    text = field.split(b"\x00", 1)[0].strip()
+    try:
+        return int(text, 8) if text else default
+    except ValueError:
+        return default
 
 
 def _pax_records(data: bytes, what: str) -> dict[str, str]:

@@ -1,16 +1,15 @@
 """Filesystem backend: one file per object under a root directory.
 
-Atomicity and create-only come from writing a hidden temp file in the target directory,
-fsyncing it, then ``link()``-ing it to its final name (``link`` fails if the name exists, which
-``rename`` would silently overwrite), then fsyncing the directory. Files are 0600 and directories
-0700: archives hold process memory.
+Atomicity and create-only come from :func:`backupd.durable.atomic_write`: a hidden temp file
+(``.tmp.<name>.<random>``) in the target directory, fsynced, then ``link()``-ed to its final name
+(``link`` fails if the name exists, which ``rename`` would silently overwrite), then the directory
+fsynced. Files are 0600 and directories 0700: archives hold process memory.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat as statmod
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backupd.backends.base import Backend, ObjectInfo, Readable, check_key
+from backupd.durable import atomic_write, fsync_dir
 from backupd.errors import NoSpace, ObjectExists, StorageAuthError, StorageError, StorageNotFound
 
 TEMP_PREFIX = ".tmp."
@@ -40,20 +40,16 @@ class _SourceError(Exception):
     """Carries an error raised by the source so it is not mistaken for a storage error."""
 
 
+def _source_error(exc: _SourceError) -> BaseException:
+    assert exc.__cause__ is not None  # _read_source always chains it
+    return exc.__cause__
+
+
 def _read_source(source: Readable) -> bytes:
     try:
         return source.read(CHUNK)
     except OSError as exc:
         raise _SourceError() from exc
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FilesystemBackend(Backend):
@@ -85,38 +81,21 @@ class FilesystemBackend(Backend):
     def put(self, key: str, source: Readable) -> ObjectInfo:
         path = self._path(key)
         what = f"writing {key!r} to backend {self.name!r}"
-        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+        size = 0
         try:
             self._makedirs(path.parent)
             if path.exists():
                 raise ObjectExists(f"{what}: the object already exists")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                size = 0
-                with os.fdopen(fd, "wb", closefd=False) as out:
-                    while chunk := _read_source(source):
-                        out.write(chunk)
-                        size += len(chunk)
-                    out.flush()
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise ObjectExists(f"{what}: the object already exists") from None
-            fsync_dir(path.parent)
+            with atomic_write(path, prefix=TEMP_PREFIX, suffix="") as out:
+                while chunk := _read_source(source):
+                    out.write(chunk)
+                    size += len(chunk)
+        except FileExistsError:
+            raise ObjectExists(f"{what}: the object already exists") from None
         except _SourceError as exc:
-            raise exc.__cause__ from None  # the source's own error, not the backend's
+            raise _source_error(exc) from None  # the source's own error, not the backend's
         except OSError as exc:
             raise translate_os_error(exc, what) from exc
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                pass  # reported by abort_incomplete later; the put's own outcome matters more
         return ObjectInfo(key=key, size=size, modified=datetime.now(UTC))
 
     def open(self, key: str) -> BinaryIO:

@@ -23,9 +23,10 @@ How the contract maps onto S3:
 
 Part size (see :func:`part_size_for`): S3 allows at most 10,000 parts of at most 5 GiB. Parts
 1-1000 are ``part_size`` (default 8 MiB), and the size doubles every 1,000 parts (16 MiB from part
-1001, 32 MiB from 2001, ...; growth starts from 8 MiB if ``part_size`` is smaller). With the default that is ~7.8 GiB at 8 MiB parts, ~23 GiB before
-parts reach 32 MiB, and ~7.8 TiB in 10,000 parts -- beyond S3's 5 TiB object limit, so the part
-ceiling is never what stops a put, and memory stays small for the sizes checkpoints really have.
+1001, 32 MiB from 2001, ...; growth starts from 8 MiB if ``part_size`` is smaller). With the
+default that is ~7.8 GiB at 8 MiB parts, ~23 GiB before parts reach 32 MiB, and ~7.8 TiB in
+10,000 parts -- beyond S3's 5 TiB object limit, so the part ceiling is never what stops a put,
+and memory stays small for the sizes checkpoints really have.
 
 Retries happen in three layers, each bounded, none hidden:
 
@@ -45,12 +46,11 @@ edge of this module. Credentials are never stored on the backend, never in ``des
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import itertools
 import os
-import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -58,7 +58,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 import botocore.exceptions as bex
@@ -77,7 +76,9 @@ from backupd.errors import (
     StorageError,
     StorageNotFound,
     StorageUnavailable,
+    scrub,
 )
+from backupd.retry import Backoff
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -131,18 +132,6 @@ def _same_checksum(reported: str, expected: str) -> bool:
     r_sum, _, r_parts = reported.partition("-")
     e_sum, _, e_parts = expected.partition("-")
     return r_sum == e_sum and (not r_parts or not e_parts or r_parts == e_parts)
-
-
-def _redact_url(url: str | None) -> str | None:
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 # -- the edge: foreign exceptions become backupd errors here and only here ----------------
@@ -254,7 +243,8 @@ def translate_s3_error(exc: BaseException, *, what: str, bucket: str, redact: It
         )
     elif isinstance(exc, (bex.FlexibleChecksumError, bex.ChecksumError)):
         err = IntegrityError(f"{what}: the data read does not match the checksum S3 stored for it")
-    elif isinstance(exc, (bex.ConnectTimeoutError, bex.ReadTimeoutError, urllib3.exceptions.TimeoutError, TimeoutError)):
+    elif isinstance(exc, (bex.ConnectTimeoutError, bex.ReadTimeoutError, urllib3.exceptions.TimeoutError,
+                          TimeoutError)):
         err = StorageUnavailable(f"{what}: the S3 request timed out ({type(exc).__name__})")
     elif isinstance(
         exc,
@@ -280,7 +270,7 @@ def translate_s3_error(exc: BaseException, *, what: str, bucket: str, redact: It
         # Very short "secrets" (test setups) would mangle every message; real ones are long.
         if len(secret) >= 8:
             message = message.replace(secret, "***")
-    message = re.sub(r"(//)[^/@\s]+@", r"\1***@", message)  # userinfo in URLs
+    message = scrub(message)
     if message != err.message:
         err.message = message
         err.args = (message,)
@@ -401,11 +391,13 @@ class S3Backend(Backend):
 
         self.bucket = bucket
         self.prefix = prefix
-        self.endpoint_url = _redact_url(endpoint_url)
+        self.endpoint_url = scrub(endpoint_url) if endpoint_url else endpoint_url  # for describe() and repr()
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.part_attempts = part_attempts
         self.retry_base_delay = retry_base_delay
+        self._part_backoff = Backoff(attempts=part_attempts, base_delay=retry_base_delay,
+                                     max_delay=MAX_PART_RETRY_DELAY)
         self._key_prefix = f"{prefix}/" if prefix else ""
         # Held in a closure, not an attribute, so that dumping the object's vars shows no secret.
         secrets = tuple(s for s in (access_key_id, secret_access_key, session_token) if s)
@@ -506,7 +498,7 @@ class S3Backend(Backend):
             except BackupdError as err:
                 if not err.retryable or attempt == attempts:
                     raise
-                delay = random.uniform(0, min(MAX_PART_RETRY_DELAY, self.retry_base_delay * 2 ** (attempt - 1)))
+                delay = self._part_backoff.delay(attempt)
                 if cancelled is not None:
                     if cancelled.wait(delay):
                         raise _Cancelled() from err
@@ -638,7 +630,8 @@ class S3Backend(Backend):
             reported = resp.get("ChecksumSHA256") or head.get("ChecksumSHA256")
             if reported is not None and not _same_checksum(reported, expected):
                 raise self._remove_bad_object(
-                    full, what, IntegrityError(f"{what}: S3 reports checksum {reported}, the parts sent give {expected}")
+                    full, what,
+                    IntegrityError(f"{what}: S3 reports checksum {reported}, the parts sent give {expected}"),
                 )
             if head.get("ContentLength") != size:
                 raise self._remove_bad_object(
@@ -701,7 +694,7 @@ class S3Backend(Backend):
         resp = self._call(
             what, lambda: self._client.get_object(Bucket=self.bucket, Key=full, ChecksumMode="ENABLED")
         )
-        return io.BufferedReader(_S3Body(resp["Body"], lambda: self._edge(what)), READ_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_S3Body(resp["Body"], lambda: self._edge(what)), READ_CHUNK)
 
     def stat(self, key: str) -> ObjectInfo | None:
         full = self._full(key)
@@ -800,9 +793,8 @@ class S3Backend(Backend):
                 try:
                     self._call(
                         what,
-                        lambda u=upload: self._client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]
-                        ),
+                        functools.partial(self._client.abort_multipart_upload, Bucket=self.bucket,
+                                          Key=upload["Key"], UploadId=upload["UploadId"]),
                         retry=True,
                     )
                 except StorageNotFound:

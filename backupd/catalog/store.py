@@ -8,7 +8,9 @@ rebuilt from manifests (``catalog rebuild``).
 The schema belongs to Alembic (``backupd/migrations``). The daemon never creates tables; it
 checks the schema is at head and otherwise refuses to start, naming ``backupd db upgrade``.
 SQLAlchemy exceptions are translated here, at the edge, into :class:`CatalogUnavailable`
-(connection problems, retryable) or :class:`CatalogError`.
+(connection problems, retryable) or :class:`CatalogError`. What leaves this module are plain
+values -- the domain types of :mod:`backupd.model` and :class:`~backupd.catalog.cursor.Cursor`
+-- never an ORM row (``.importlinter`` forbids importing ``schema`` or SQLAlchemy elsewhere).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
@@ -37,10 +39,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import CursorResult, Engine, Result, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from backupd import retry
+from backupd.catalog.cursor import Cursor
 from backupd.catalog.schema import (
     MIGRATIONS_DIR,
     ArchivePackRow,
@@ -69,58 +72,12 @@ from backupd.model import (
     SUCCEEDED,
     Archive,
     ArchiveSummary,
+    CatalogTotals,
     GroupStats,
     Run,
     StoredPolicy,
     now_utc,
-    rfc3339,
 )
-
-# ---------------------------------------------------------------------------------------
-# Plain values handed to the rest of backupd (no ORM objects escape this module).
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """Where a page of a listing ended: the sort key of its last row.
-
-    Written ``<time>/<id>``: the row's own ``checkpoint_time`` (archives) or ``started_at``
-    (runs) and ``id`` exactly as the JSON output shows them, so a client can also build it from
-    the last item it holds. The next page starts strictly after it in the listing's order
-    (archives oldest first, runs newest first), which stays right while rows are added or
-    removed between two pages.
-    """
-
-    time: datetime
-    id: str
-
-    def __str__(self) -> str:
-        return f"{rfc3339(self.time)}/{self.id}"
-
-    @classmethod
-    def of_archive(cls, archive: Archive) -> Cursor:
-        return cls(archive.checkpoint_time, archive.id)
-
-    @classmethod
-    def of_run(cls, run: Run) -> Cursor:
-        return cls(run.started_at, str(run.id))
-
-    @classmethod
-    def parse(cls, text: str, field: str, *, numeric_id: bool = False) -> Cursor:
-        """Read a cursor given as ``field`` (an option or query parameter, named in the error)."""
-        time_text, sep, ident = text.rpartition("/")
-        moment: datetime | None = None
-        try:
-            parsed = datetime.fromisoformat(time_text) if sep else None
-            if parsed is not None and parsed.tzinfo is not None:
-                moment = parsed.astimezone(UTC)
-        except (ValueError, OverflowError):  # OverflowError: an offset that moves year 1 into year 0
-            pass
-        if moment is None or not ident or len(ident) > 32 or (numeric_id and not ident.isdigit()):
-            raise InvalidInput(f"{field}: {text[:100]!r} is not a page cursor: give the one the previous page "
-                               "ended with (<time>/<id> of its last item)")
-        return cls(moment, ident)
-
 
 #: pack states (``packs.state``): offered to writers; found unused by garbage collection (no
 #: longer offered, taken back by a commit that counted on it); certain to be deleted; found
@@ -152,6 +109,11 @@ def _pack(row: PackRow, archives: int = 0) -> PackRecord:
 _ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
 _SUMMARY_COLUMNS = [getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__]
 _GROUP_KEY = ("policy", "namespace", "workload", "replica", "container")
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (its result is a CursorResult; the typing says Result)."""
+    return cast("CursorResult[Any]", result).rowcount or 0
 
 
 def _utc(moment: datetime) -> datetime:
@@ -186,12 +148,11 @@ H = TypeVar("H", bound=Hashable)
 _nested = contextvars.ContextVar("backupd_catalog_call", default=False)
 
 
-def _translated(fn: Callable[P, T]) -> Callable[P, T]:
-    """Map SQLAlchemy errors to backupd's catalog errors (the one edge for SQLAlchemy), and
-    retry the whole call while the database is unreachable (a PostgreSQL restart or failover
-    must cost a few seconds, not a lost run record). Nested calls leave retrying to the
-    outermost one."""
+def _untried(fn: Callable[P, T]) -> Callable[P, T]:
+    """Map SQLAlchemy errors to backupd's catalog errors: the one edge for SQLAlchemy. Not
+    retried: for callers that must answer at once (a metrics scrape); see :func:`_translated`."""
 
+    @functools.wraps(fn)
     def attempt(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
@@ -199,6 +160,15 @@ def _translated(fn: Callable[P, T]) -> Callable[P, T]:
             raise CatalogUnavailable(f"catalog unavailable: {_describe(exc)}") from exc
         except sa_exc.DBAPIError as exc:
             raise CatalogError(f"catalog error: {_describe(exc)}") from exc
+
+    return attempt
+
+
+def _translated(fn: Callable[P, T]) -> Callable[P, T]:
+    """:func:`_untried`, and retry the whole call while the database is unreachable (a
+    PostgreSQL restart or failover must cost a few seconds, not a lost run record). Nested
+    calls leave retrying to the outermost one."""
+    attempt = _untried(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -240,7 +210,12 @@ class Catalog:
 
     @classmethod
     def open(cls, url: str, *, retry_backoff: retry.Backoff | None = None) -> Catalog:
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except (ValueError, sa_exc.ArgumentError):
+            # the URL may hold a password: never repeat it
+            raise InvalidInput("database.url: not a database URL (e.g. sqlite:////var/lib/backupd/catalog.db or "
+                               "postgresql+psycopg://user@host/db)") from None
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
@@ -256,7 +231,8 @@ class Catalog:
             kwargs["pool_pre_ping"] = True
             kwargs["connect_args"] = {"connect_timeout": 10}
         else:
-            raise InvalidInput(f"database.url: unsupported database {parsed.get_backend_name()!r} (use sqlite or postgresql)")
+            raise InvalidInput(
+                f"database.url: unsupported database {parsed.get_backend_name()!r} (use sqlite or postgresql)")
         engine = create_engine(parsed, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
@@ -395,9 +371,9 @@ class Catalog:
         with self.session() as s:
             moved = 0
             for chunk in _chunks(archive_ids):
-                moved += s.execute(
+                moved += _rowcount(s.execute(
                     update(ArchiveRow).where(ArchiveRow.id.in_(chunk), ArchiveRow.state == expect).values(state=state)
-                ).rowcount or 0
+                ))
             if moved != len(set(archive_ids)):
                 raise CatalogError(
                     f"{len(set(archive_ids)) - moved} archive(s) were no longer {expect}; nothing was changed"
@@ -418,7 +394,8 @@ class Catalog:
             if row is not None:
                 return _archive(row)
             if len(ref) >= 4:
-                rows = s.scalars(select(ArchiveRow).where(ArchiveRow.id.startswith(ref, autoescape=True)).limit(2)).all()
+                prefixed = ArchiveRow.id.startswith(ref, autoescape=True)
+                rows = s.scalars(select(ArchiveRow).where(prefixed).limit(2)).all()
                 if len(rows) == 1:
                     return _archive(rows[0])
                 if len(rows) > 1:
@@ -519,8 +496,8 @@ class Catalog:
                     func.max(ArchiveRow.checkpoint_time), func.sum(pinned), func.sum(pinned * size))
              .where(ArchiveRow.state == COMMITTED).group_by(*columns).order_by(*columns))
         with self.session() as s:
-            return [GroupStats(*row[:5], int(row[5]), int(row[6]), _utc(row[7]), _utc(row[8]), int(row[9]),
-                               int(row[10])) for row in s.execute(q)]
+            return [GroupStats(row[0], row[1], row[2], row[3], row[4], int(row[5]), int(row[6]), _utc(row[7]),
+                               _utc(row[8]), int(row[9]), int(row[10])) for row in s.execute(q)]
 
     @_translated
     def group_logical_bytes(self) -> dict[tuple[str, str, str, str, str], int]:
@@ -589,7 +566,9 @@ class Catalog:
             with self.session() as s:
                 for i, complete, archive_id, moment, stored_size, pinned in s.execute(statement, params).all():
                     rows = found.setdefault(i, ([], bool(complete)))[0]
-                    rows.append(ArchiveSummary(archive_id, COMMITTED, *part[i], _utc(moment), stored_size, pinned))
+                    policy, namespace, workload, replica, container = part[i]
+                    rows.append(ArchiveSummary(archive_id, COMMITTED, policy, namespace, workload, replica, container,
+                                               _utc(moment), stored_size, pinned))
             for n, group in enumerate(part):
                 out[group] = found.get(n, ([], True))
         return out
@@ -622,7 +601,7 @@ class Catalog:
                                .where(*committed).group_by(ArchiveRow.policy, span))
             for q in queries:
                 for name, moment, total in s.execute(q).all():
-                    out[name].append((_utc(moment), int(total)))
+                    out[name].append((_utc(moment), int(total or 0)))
         for series in out.values():
             series.sort()
         return out
@@ -655,6 +634,26 @@ class Catalog:
                     if latest.get(key) == run.started_at and (known is None or run.id > known.id):
                         chosen[key] = run
         return list(chosen.values())
+
+    @_untried
+    def totals(self) -> CatalogTotals:
+        """Committed archives and bytes per policy, and when each container's newest successful
+        checkpoint run finished: the state metrics. Not retried: a scrape answers now."""
+        with self.session() as s:
+            per_policy = s.execute(
+                select(ArchiveRow.policy, func.count(), func.coalesce(func.sum(ArchiveRow.stored_size), 0))
+                .where(ArchiveRow.state == COMMITTED).group_by(ArchiveRow.policy)
+            ).all()
+            per_container = s.execute(
+                select(RunRow.namespace, RunRow.workload, RunRow.container, func.max(RunRow.finished_at))
+                .where(RunRow.kind == "checkpoint", RunRow.outcome == SUCCEEDED)
+                .group_by(RunRow.namespace, RunRow.workload, RunRow.container)
+            ).all()
+        return CatalogTotals(
+            retained={policy: (int(count), int(total or 0)) for policy, count, total in per_policy},
+            last_success={(namespace or "", workload or "", container or ""): _utc(finished)
+                          for namespace, workload, container, finished in per_container if finished is not None},
+        )
 
     @_translated
     def get_archives(self, archive_ids: Sequence[str]) -> list[Archive]:
@@ -905,7 +904,7 @@ class Catalog:
         """Forget finished runs that started before ``older_than`` (run history retention)."""
         with self.session() as s:
             result = s.execute(delete(RunRow).where(RunRow.started_at < older_than, RunRow.outcome != RUNNING))
-            return result.rowcount or 0
+            return _rowcount(result)
 
     @_translated
     def fail_interrupted_runs(self, *, node: str | None = None, kind: str | None = None,
@@ -948,11 +947,11 @@ class Catalog:
         except sa_exc.IntegrityError:
             pass  # it exists: ours to renew, expired, or someone else's
         with self.session() as s:
-            taken = s.execute(
+            taken = _rowcount(s.execute(
                 update(LeaseRow)
                 .where(LeaseRow.name == name, (LeaseRow.holder == holder) | (LeaseRow.expires_at <= now))
                 .values(holder=holder, expires_at=now + ttl)
-            ).rowcount
+            ))
         return bool(taken)
 
     @_translated

@@ -22,6 +22,7 @@ import click
 
 from backupd import logs
 from backupd.config import Config, DaemonConfig, DatabaseConfig, FilesystemBackendConfig, KubeletConfig
+from backupd.sizes import human_bytes
 
 if TYPE_CHECKING:  # the app (catalog, backends) is imported by the command, not by `backupd --help`
     from backupd.app import App
@@ -86,14 +87,15 @@ class Progress:
                 self.failed += 1
             if not self.tty:
                 target = f"{run.namespace}/{run.pod}/{run.container}" if run.container else "(discovery)"
-                detail = (f"{run.bytes_in >> 20} MiB -> {run.bytes_out >> 20} MiB" if run.outcome == SUCCEEDED
-                          else run.error)
+                ok = run.outcome == SUCCEEDED
+                detail = f"{human_bytes(run.bytes_in)} -> {human_bytes(run.bytes_out)}" if ok else run.error
                 click.echo(f"[{elapsed:5.1f}s] {run.policy:8} {target:40} {run.outcome:9} {detail}")
         if self.tty:
             ratio = f"{self.bytes_in / self.bytes_out:.1f}x" if self.bytes_out else "-"
             kept = len(self.app.catalog.list_archives())
             line = (f"\r[{elapsed:5.1f}/{self.duration:.0f}s] checkpoints ok {self.ok}, failed {self.failed}; "
-                    f"shipped {self.bytes_in >> 20} MiB as {self.bytes_out >> 20} MiB ({ratio}); archives kept {kept}")
+                    f"shipped {human_bytes(self.bytes_in)} as {human_bytes(self.bytes_out)} ({ratio}); "
+                    f"archives kept {kept}")
             click.echo(line.ljust(110), nl=False)
 
 
@@ -165,7 +167,7 @@ def _run_demo(app: App, base: Path, duration: float, sim: object) -> None:
 
 
 def _summary(app: App, base: Path) -> None:
-    from backupd.cli.base import human_bytes, print_table
+    from backupd.cli.base import print_table
     from backupd.model import RUN_FAILED, SUCCEEDED
 
     archives = app.catalog.list_archives()

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
 from backupd.cli.base import Context, cli, output_option, pass_ctx, render
 from backupd.config import DEFAULT_STALE_INTERVALS
+from backupd.durable import atomic_write
 from backupd.errors import InvalidInput
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600 (temp file in the same directory,
-    fsync, rename): a reader never sees half a report, and workload names stay private."""
-    directory = path.parent if str(path.parent) else Path(".")
+    """Write ``text`` to ``path`` atomically with mode 0600 (see :mod:`backupd.durable`): a
+    reader never sees half a report, and workload names stay private."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # mode 0600
+        with atomic_write(path, replace=True) as fh:
+            fh.write(text.encode())
     except OSError as exc:
-        raise InvalidInput(f"--out {str(path)!r}: cannot write in {str(directory)!r}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with_tmp = Path(tmp)
-        if with_tmp.exists():
-            with_tmp.unlink()
-        raise InvalidInput(f"--out {str(path)!r}: cannot write: {exc.strerror}") from None
+        raise InvalidInput(f"--out {str(path)!r}: cannot write: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -52,7 +40,10 @@ def report(ctx: Context, output: str, out_path: Path | None, stale_intervals: in
     if stale_intervals is None:
         alerts = getattr(ctx.config, "alerts", None)
         stale_intervals = getattr(alerts, "stale_intervals", DEFAULT_STALE_INTERVALS)
-    from backupd.report.build import load_report, render_html, render_table  # the report's weight only when asked
+    # the report's weight (Jinja2 among it) only when asked
+    from backupd.report.html import render_html
+    from backupd.report.load import load_report
+    from backupd.report.render import render_table
 
     catalog = ctx.app.catalog
     catalog.check_schema()

@@ -13,6 +13,7 @@ import click
 
 from backupd.cli.base import OUTPUT, Context, cli, human_bytes, output_option, pass_ctx, print_data, print_table
 from backupd.errors import InvalidInput, NotFound, PolicyError, RunsFailed
+from backupd.model import rfc3339
 from backupd.policy import retention
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def _prune_json(result: PruneResult) -> dict[str, Any]:
                 "replica": p.replica,
                 "container": p.container,
                 "decisions": [
-                    {"id": d.archive.id, "time": d.archive.checkpoint_time.isoformat().replace("+00:00", "Z"),
+                    {"id": d.archive.id, "time": rfc3339(d.archive.checkpoint_time),
                      "keep": d.keep, "reasons": list(d.reasons), "stored_size": d.archive.stored_size,
                      "pinned": d.archive.pinned}
                     for d in p.decisions

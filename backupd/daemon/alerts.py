@@ -2,7 +2,7 @@
 
 The daemon owns one :class:`Notifier` (built by :func:`notifier_from_config`, ``None`` when no
 webhook is configured) and, after each cycle, calls :func:`check_and_alert` with a fresh
-:func:`backupd.report.build.load_report`; it may also hand every finished run to
+:func:`backupd.report.load.load_report`; it may also hand every finished run to
 :meth:`Notifier.notify_run` as it happens. Nothing here raises into the daemon: a delivery that
 fails is logged (with the webhook's host only) and retried on a later call.
 
@@ -53,7 +53,6 @@ daemon's own runs needs no such care.
 from __future__ import annotations
 
 import contextlib
-import re
 import ssl
 import threading
 import time
@@ -67,11 +66,11 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
-from backupd import __version__
+from backupd import __version__, tls
 from backupd.config import AlertsConfig, check_webhook_url
-from backupd.errors import ConfigError
-from backupd.model import RUN_FAILED, SUCCEEDED
-from backupd.report.build import MISSING, UNMANAGED, Report, WorkloadStatus
+from backupd.errors import ConfigError, scrub
+from backupd.model import RUN_FAILED, SUCCEEDED, rfc3339
+from backupd.report.model import MISSING, UNMANAGED, RetentionReport, WorkloadStatus
 
 log = structlog.get_logger("backupd.alerts")
 
@@ -89,20 +88,44 @@ def _host(url: str) -> str:
 
 
 class RunLike(Protocol):
-    """A :class:`backupd.model.Run` or a :class:`backupd.report.build.RunSummary`."""
+    """A :class:`backupd.model.Run` or a :class:`backupd.report.model.RunSummary` (frozen: the
+    fields are read-only properties here, so both match)."""
 
-    id: int
-    kind: str
-    outcome: str
-    policy: str | None
-    namespace: str | None
-    pod: str | None
-    workload: str | None
-    container: str | None
-    node: str
-    started_at: datetime
-    error_kind: str | None
-    error: str | None
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def policy(self) -> str | None: ...
+
+    @property
+    def namespace(self) -> str | None: ...
+
+    @property
+    def pod(self) -> str | None: ...
+
+    @property
+    def workload(self) -> str | None: ...
+
+    @property
+    def container(self) -> str | None: ...
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def started_at(self) -> datetime: ...
+
+    @property
+    def error_kind(self) -> str | None: ...
+
+    @property
+    def error(self) -> str | None: ...
 
 
 Key = tuple[str, str, str | None, str | None, str | None, str | None, str | None]
@@ -121,15 +144,12 @@ class Alert:
         return {"kind": self.kind, "severity": self.severity, "summary": self.summary, **self.fields}
 
 
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-
-
 def _scrub(text: str | None) -> str | None:
     """Run errors are written secret-free; this is the belt to those braces: no userinfo in any
     URL, and bounded length."""
     if text is None:
         return None
-    text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    text = scrub(text)
     return text if len(text) <= _ERROR_CHARS else text[:_ERROR_CHARS] + "…"
 
 
@@ -137,10 +157,6 @@ def _target(run: RunLike) -> str:
     if run.workload:
         return f"{run.namespace}/{run.workload}/{run.container}"
     return f"policy {run.policy}"
-
-
-def _ts(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z") if moment is not None else None
 
 
 def run_key(run: RunLike) -> Key:
@@ -190,8 +206,8 @@ class Notifier:
         verify: ssl.SSLContext | bool = True
         if ca_file is not None:
             try:
-                verify = ssl.create_default_context(cafile=str(ca_file))
-            except (OSError, ssl.SSLError) as exc:
+                verify = tls.client_context(ca_file)
+            except OSError as exc:  # ssl.SSLError is an OSError
                 raise ConfigError(f"alerts.ca_file: cannot load {str(ca_file)!r}: {exc}") from None
         self._client = httpx.Client(
             transport=transport, timeout=timeout, verify=verify, follow_redirects=False,
@@ -243,7 +259,7 @@ class Notifier:
         return self._raise(Alert(run_key(run), FAILED_RUN, "error", summary, pods={run.pod or ""}, fields={
             "policy": run.policy, "namespace": run.namespace, "workload": run.workload,
             "container": run.container, "run_kind": run.kind, "run_id": run.id, "pod": run.pod,
-            "node": run.node, "started_at": _ts(run.started_at), "error_kind": run.error_kind,
+            "node": run.node, "started_at": rfc3339(run.started_at), "error_kind": run.error_kind,
             "error": _scrub(run.error),
         }))
 
@@ -262,7 +278,7 @@ class Notifier:
             "policy": status.policy, "namespace": status.namespace, "workload": status.workload,
             "replica": status.replica, "container": status.container, "run_kind": "checkpoint",
             "status": status.status,
-            "newest": _ts(status.newest), "recovery_point_age_seconds": age.total_seconds() if age else None,
+            "newest": rfc3339(status.newest), "recovery_point_age_seconds": age.total_seconds() if age else None,
             "error_kind": status.last_failure.error_kind if status.last_failure else None,
             "error": _scrub(status.last_failure.error) if status.last_failure else None,
         }))
@@ -372,7 +388,7 @@ class Notifier:
             return {"text": "\n".join(lines)}
         return {
             "source": "backupd", "version": __version__, "node": self.source,
-            "sent_at": _ts(datetime.now(UTC)), "dropped": dropped, "alerts": [a.to_json() for a in alerts],
+            "sent_at": rfc3339(datetime.now(UTC)), "dropped": dropped, "alerts": [a.to_json() for a in alerts],
         }
 
     def _deliver(self, alerts: list[Alert], dropped: int) -> bool:
@@ -407,7 +423,7 @@ def _newer(a: RunLike, b: RunLike | None) -> bool:
     return b is None or (a.started_at, a.id) > (b.started_at, b.id)
 
 
-def check_and_alert(notifier: Notifier, report: Report) -> None:
+def check_and_alert(notifier: Notifier, report: RetentionReport) -> None:
     """Raise and resolve alerts from a report (its runs and workload statuses), then deliver.
 
     Only the latest run of each target counts: an old failure followed by a success resolves,

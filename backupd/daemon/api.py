@@ -6,7 +6,7 @@
                    answers; 503 with the failing check otherwise (results cached a few seconds
                    so probes do not hammer the kubelet)
 ``/metrics``       Prometheus text exposition
-``/openapi.json``  the OpenAPI 3.0 document of the JSON API
+``/openapi.json``  the OpenAPI 3.1 document of the JSON API
 ``/api/v1/...``    ``policies``, ``archives``, ``runs``, ``report`` (read-only JSON)
 =================  ========================================================================
 
@@ -42,14 +42,26 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import structlog
+from pydantic import BaseModel, Field, TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode
 
 from backupd import __version__
 from backupd.catalog.store import Catalog, Cursor
 from backupd.config import DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_TIMEOUT_SECONDS
 from backupd.errors import BackupdError, ConfigError, InvalidInput
 from backupd.metrics import Metrics
-from backupd.model import ARCHIVE_STATES, COMMITTED
-from backupd.policy.document import stored_document
+from backupd.model import (
+    ARCHIVE_STATES,
+    COMMITTED,
+    RUN_FAILED,
+    RUNNING,
+    SKIPPED,
+    SUCCEEDED,
+    Archive,
+    Run,
+)
+from backupd.policy.document import PolicyDocument, RefusedPolicy, stored_document
+from backupd.report.model import RetentionReportJson
 
 log = structlog.get_logger("backupd.api")
 
@@ -60,7 +72,8 @@ class BadRequest(Exception):
     pass
 
 
-def _limit(query: dict[str, list[str]], default: int = 100) -> int:
+def limit_param(query: dict[str, list[str]], default: int = 100) -> int:
+    """The ``limit`` query parameter: 1 to 1000, ``default`` when absent."""
     raw = query.get("limit", [str(default)])[-1]
     try:
         value = int(raw)
@@ -71,12 +84,15 @@ def _limit(query: dict[str, list[str]], default: int = 100) -> int:
     return value
 
 
-def _cursor(query: dict[str, list[str]], *, numeric_id: bool = False) -> Cursor | None:
-    text = _one(query, "after")
+def cursor_param(query: dict[str, list[str]], *, numeric_id: bool = False) -> Cursor | None:
+    """The ``after`` query parameter: a listing's page cursor, None when absent."""
+    text = single_param(query, "after")
     return Cursor.parse(text, "after", numeric_id=numeric_id) if text is not None else None
 
 
-def _one(query: dict[str, list[str]], name: str, choices: tuple[str, ...] | None = None) -> str | None:
+def single_param(query: dict[str, list[str]], name: str, choices: tuple[str, ...] | None = None) -> str | None:
+    """The query parameter ``name`` (its last value when repeated), None when absent; one of
+    ``choices`` when they are given."""
     values = query.get(name)
     if not values:
         return None
@@ -86,94 +102,118 @@ def _one(query: dict[str, list[str]], name: str, choices: tuple[str, ...] | None
     return value
 
 
-_STRING = {"type": "string"}
-_NULLABLE_STRING = {"type": "string", "nullable": True}
 RUN_KINDS = ("checkpoint", "prune", "verify", "delete")
+RUN_OUTCOMES = (RUNNING, SUCCEEDED, RUN_FAILED, SKIPPED)
+
+
+class ApiError(BaseModel):
+    """The body of every error answer."""
+
+    error: str = Field(description="What is wrong, naming the offending value")
+
+
+#: What each answer of the API is, by component name: the OpenAPI schemas are generated from
+#: these types (the JSON the API writes comes from them too: ``Archive.to_json``,
+#: ``Run.to_json``, :func:`~backupd.policy.document.stored_document`, and
+#: ``RetentionReport.to_json``, which mypy holds to its TypedDict).
+COMPONENTS: dict[str, tuple[Any, JsonSchemaMode]] = {
+    "Archive": (Archive, "serialization"),
+    "Run": (Run, "serialization"),
+    # validation: PolicySpec's serializer (it leaves the default groupBy out) hides its fields
+    "Policy": (PolicyDocument | RefusedPolicy, "validation"),
+    "Report": (RetentionReportJson, "serialization"),
+    "Error": (ApiError, "serialization"),
+}
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
+class _EveryFieldWritten(GenerateJsonSchema):
+    """Serialization schemas that require every field: ``to_json`` writes them all, defaults too."""
+
+    def field_is_required(self, field: Any, total: bool) -> bool:
+        return self.mode == "serialization" or super().field_is_required(field, total)
+
+
+def component_schemas() -> dict[str, Any]:
+    """The JSON Schemas of :data:`COMPONENTS`, and of the models they refer to, by name."""
+    schemas: dict[str, Any] = {}
+    for name, (shape, mode) in COMPONENTS.items():
+        schema = TypeAdapter(shape).json_schema(mode=mode, ref_template=SCHEMA_REF, schema_generator=_EveryFieldWritten)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = {**schema, "title": name}
+    return schemas
 
 
 def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the JSON API (its schemas are JSON Schema 2020-12)."""
+    text = {"type": "string"}
+
     def param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
-    limit = param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Most rows to return.")
-    error = {"description": "Invalid query", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    unauthorized = {"description": "Missing or wrong bearer token",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    def json_of(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
 
-    after = param("after", _STRING, "Start after this page cursor: the X-Next-Cursor of the previous page, "
+    def array_of(component: str) -> dict[str, Any]:
+        return {"type": "array", "items": {"$ref": SCHEMA_REF.format(model=component)}}
+
+    limit = param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Most rows to return.")
+    error = json_of({"$ref": SCHEMA_REF.format(model="Error")}, "Invalid query")
+    unauthorized = json_of({"$ref": SCHEMA_REF.format(model="Error")}, "Missing or wrong bearer token")
+    unavailable = json_of({"$ref": SCHEMA_REF.format(model="Error")}, "The catalog cannot answer")
+
+    after = param("after", text, "Start after this page cursor: the X-Next-Cursor of the previous page, "
                   "which is also `<time>/<id>` of its last item (checkpoint_time of archives, started_at of runs).")
     next_page = {
         "X-Next-Cursor": {"description": "Present when more items follow: pass it as `after` for the next page.",
-                          "schema": _STRING},
+                          "schema": text},
         "Link": {"description": 'Present when more items follow: `<URL of the next page>; rel="next"` (RFC 8288).',
-                 "schema": _STRING},
+                 "schema": text},
     }
 
-    def listing(ref: str, description: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    def listing(component: str, description: str, params: list[dict[str, Any]]) -> dict[str, Any]:
         return {"get": {"summary": description, "parameters": params, "security": [{"bearer": []}, {}],
                         "description": "One page (`limit` items at most) of a keyset-paginated listing: the "
                                        "X-Next-Cursor and Link headers lead to the next page; their absence means "
                                        "this is the last one. Pages stay consistent while items are added.",
-                        "responses": {"200": {"description": description, "headers": next_page,
-                                              "content": {"application/json": {"schema": {
-                                                  "type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}}}},
-                                      "400": error, "401": unauthorized}}}
+                        "responses": {"200": json_of(array_of(component), description, headers=next_page),
+                                      "400": error, "401": unauthorized, "503": unavailable}}}
 
-    archive_props = {name: _STRING for name in ("id", "state", "policy", "backend", "key", "node", "namespace", "pod",
-                                                "workload", "replica", "container", "image", "compression",
-                                                "encryption")}
-    archive_props.update({name: {"type": "string", "format": "date-time", "nullable": True}
-                          for name in ("checkpoint_time", "created_at", "committed_at")})
-    archive_props.update({name: {"type": "integer", "nullable": True} for name in ("tar_size", "stored_size")})
-    archive_props.update({"tar_sha256": _NULLABLE_STRING, "stored_sha256": _NULLABLE_STRING, "pinned": {"type": "boolean"},
-                          "node_path": _NULLABLE_STRING, "node_tar_deleted": {"type": "boolean"},
-                          "error": _NULLABLE_STRING})
-    run_props: dict[str, Any] = {"id": {"type": "integer"}, "kind": _STRING, "outcome": _STRING, "node": _STRING}
-    run_props.update({name: _NULLABLE_STRING for name in ("policy", "namespace", "pod", "workload", "container",
-                                                          "archive_id", "error_kind", "error")})
-    run_props.update({"started_at": {"type": "string", "format": "date-time"},
-                      "finished_at": {"type": "string", "format": "date-time", "nullable": True},
-                      "bytes_in": {"type": "integer"}, "bytes_out": {"type": "integer"},
-                      "duration_seconds": {"type": "number", "nullable": True}})
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "backupd", "version": __version__,
                  "description": "Read-only API of the backupd daemon: policies, archives, runs, report."},
         "paths": {
             "/api/v1/policies": {"get": {
                 "summary": "Checkpoint policies", "security": [{"bearer": []}, {}],
-                "responses": {"200": {"description": "Policies as applied (CheckpointPolicy documents)", "content": {
-                    "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Policy"}}}}},
-                              "401": unauthorized}}},
+                "responses": {"200": json_of(array_of("Policy"), "Policies as applied (CheckpointPolicy documents)"),
+                              "401": unauthorized, "503": unavailable}}},
             "/api/v1/archives": listing("Archive", "Archives in the catalog, oldest first", [
-                param("policy", _STRING, "Only this policy."), param("namespace", _STRING, "Only this namespace."),
-                param("pod", _STRING, "Only this pod name or replica (as `backupd list --pod`)."),
-                param("replica", _STRING, "Only this replica: a StatefulSet pod, a DaemonSet pod's node."),
-                param("workload", _STRING, "e.g. deployment/web"),
-                param("container", _STRING, "Only this container."),
+                param("policy", text, "Only this policy."), param("namespace", text, "Only this namespace."),
+                param("pod", text, "Only this pod name or replica (as `backupd list --pod`)."),
+                param("replica", text, "Only this replica: a StatefulSet pod, a DaemonSet pod's node."),
+                param("workload", text, "e.g. deployment/web"),
+                param("container", text, "Only this container."),
                 param("state", {"type": "string", "enum": list(ARCHIVE_STATES)}, "Archive state (default committed)."),
                 limit, after]),
             "/api/v1/runs": listing("Run", "Runs, newest first", [
-                param("policy", _STRING, "Only this policy."),
+                param("policy", text, "Only this policy."),
                 param("kind", {"type": "string", "enum": list(RUN_KINDS)}, "Run kind."),
-                param("outcome", {"type": "string", "enum": ["running", "succeeded", "failed", "skipped"]}, "Outcome."),
+                param("outcome", {"type": "string", "enum": list(RUN_OUTCOMES)}, "Outcome."),
                 limit, after]),
             "/api/v1/report": {"get": {
                 "summary": "The retention report (as `backupd report --output json`)", "security": [{"bearer": []}, {}],
-                "responses": {"200": {"description": "Report", "content": {"application/json": {"schema": {
-                    "type": "object"}}}}, "401": unauthorized, "503": error}}},
+                "description": "The daemon's last report, refreshed every minute (`generated_at` says when it was "
+                               "computed). Without `timeline=1` its workloads' `timeline` and `prune.remove` are "
+                               "empty: the archive points are most of a big report's bytes.",
+                "parameters": [param("timeline", {"type": "string", "enum": ["0", "1"]},
+                                     "1: list each workload's newest archives with the next prune's decision.")],
+                "responses": {"200": json_of({"$ref": SCHEMA_REF.format(model="Report")}, "Report"),
+                              "401": unauthorized, "503": unavailable}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "properties": {"error": _STRING}, "required": ["error"]},
-                "Policy": {"type": "object", "properties": {
-                    "apiVersion": _STRING, "kind": _STRING, "metadata": {"type": "object"}, "spec": {"type": "object"},
-                    "error": {"type": "string", "description": "Only on a stored policy this backupd refuses (it "
-                              "is not scheduled), e.g. a schedule that never fires"}}},
-                "Archive": {"type": "object", "properties": archive_props},
-                "Run": {"type": "object", "properties": run_props},
-            },
+            "schemas": component_schemas(),
         },
     }
 
@@ -188,7 +228,7 @@ class Api:
         *,
         token: str | None = None,
         kubelet_probe: Callable[[], None] | None = None,
-        report: Callable[[], dict[str, Any]] | None = None,
+        report: Callable[[bool], bytes] | None = None,
     ) -> None:
         self.catalog = catalog
         self.metrics = metrics
@@ -248,27 +288,29 @@ class Api:
             if path == "/api/v1/policies":
                 return _json(200, [stored_document(p.name, p.spec_json) for p in self.catalog.list_policies()])
             if path == "/api/v1/archives":
-                state = _one(query, "state", ARCHIVE_STATES) or COMMITTED
+                state = single_param(query, "state", ARCHIVE_STATES) or COMMITTED
                 archives, following = self.catalog.archive_page(
-                    policy=_one(query, "policy"), namespace=_one(query, "namespace"),
-                    pod_or_replica=_one(query, "pod"), replica=_one(query, "replica"),
-                    workload=_one(query, "workload"), container=_one(query, "container"), states=(state,),
-                    limit=_limit(query), after=_cursor(query),
+                    policy=single_param(query, "policy"), namespace=single_param(query, "namespace"),
+                    pod_or_replica=single_param(query, "pod"), replica=single_param(query, "replica"),
+                    workload=single_param(query, "workload"), container=single_param(query, "container"),
+                    states=(state,),
+                    limit=limit_param(query), after=cursor_param(query),
                 )
                 return _page(path, query, [a.to_json() for a in archives], following)
             if path == "/api/v1/runs":
-                limit = _limit(query)
+                limit = limit_param(query)
                 runs = self.catalog.list_runs(
-                    policy=_one(query, "policy"), kind=_one(query, "kind", RUN_KINDS),
-                    outcome=_one(query, "outcome", ("running", "succeeded", "failed", "skipped")), limit=limit + 1,
-                    after=_cursor(query, numeric_id=True),
+                    policy=single_param(query, "policy"), kind=single_param(query, "kind", RUN_KINDS),
+                    outcome=single_param(query, "outcome", RUN_OUTCOMES), limit=limit + 1,
+                    after=cursor_param(query, numeric_id=True),
                 )
                 following = Cursor.of_run(runs[limit - 1]) if len(runs) > limit else None
                 return _page(path, query, [r.to_json() for r in runs[:limit]], following)
             if path == "/api/v1/report":
                 if self.report is None:
                     return _json(503, {"error": "the report is not available in this build"})
-                return _json(200, self.report())
+                timelines = single_param(query, "timeline", ("0", "1")) == "1"
+                return Answer(200, "application/json", self.report(timelines))
         except (BadRequest, InvalidInput) as exc:
             return _json(400, {"error": str(exc)})
         except BackupdError as exc:

@@ -32,11 +32,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from backupd import retry
 from backupd.catalog.store import Catalog
 from backupd.errors import BackupdError, LeaseHeld, NotFound, PolicyError
-from backupd.model import RUN_FAILED, SKIPPED, Container, Pod, now_utc
+from backupd.model import RUN_FAILED, Container, Pod, now_utc
 from backupd.node.kubelet import KubeletClient
 from backupd.policy.document import Policy
 from backupd.policy.schedule import Schedule
 from backupd.storage.commit import Outcome, Pipeline
+from backupd.storage.runs import record_skipped, recorded_run
 
 log = structlog.get_logger("backupd.scheduler")
 
@@ -142,13 +143,10 @@ class Runner:
         checkpoint run in the metrics: no per-container run exists to count it.
         """
         try:
-            result = self._cycle(policy)
+            return self._cycle(policy)
         except Exception as exc:
             self.pipeline.metrics.run_failed("checkpoint", exc)
             raise
-        if result.error is not None:
-            self.pipeline.metrics.run_failed("checkpoint", result.error)
-        return result
 
     def _cycle(self, policy: Policy) -> CycleResult:
         result = CycleResult(policy.name)
@@ -160,9 +158,10 @@ class Runner:
             )
         except BackupdError as exc:
             result.error = exc
-            run_id = self.catalog.start_run("checkpoint", policy=policy.name, node=self.pipeline.node)
-            self.catalog.finish_run(run_id, RUN_FAILED, error=exc)
-            bound.error("run_finished", outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind, stage="discovery")
+            with recorded_run(self.catalog, self.pipeline.metrics, "checkpoint", policy=policy.name,
+                              node=self.pipeline.node, log=bound) as run:
+                run.error = exc
+                run.fields["stage"] = "discovery"
             return result
         targets = policy.targets(pods)
         bound.info("cycle_started", targets=len(targets))
@@ -178,11 +177,9 @@ class Runner:
             if outcome is None:
                 name = f"{pod.namespace}/{pod.name}/{container.name}"
                 result.skipped.append(name)
-                run_id = self.catalog.start_run(
-                    "checkpoint", policy=policy.name, node=self.pipeline.node, namespace=pod.namespace,
-                    pod=pod.name, workload=str(pod.workload), container=container.name,
-                )
-                self.catalog.finish_run(run_id, SKIPPED, error=BackupdError("another run of this container is in progress"))
+                record_skipped(self.catalog, "checkpoint", "another run of this container is in progress",
+                               policy=policy.name, node=self.pipeline.node, namespace=pod.namespace, pod=pod.name,
+                               workload=str(pod.workload), container=container.name)
             else:
                 result.outcomes.append(outcome)
         return result

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from backupd import tls
 from backupd.config import KubeletConfig
 from backupd.errors import (
     CheckpointApiDisabled,
@@ -62,12 +63,10 @@ class Target:
 
 def _ssl_context(cfg: KubeletConfig) -> ssl.SSLContext:
     try:
-        ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-        if cfg.cert_file:
-            ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise KubeletTLSError(f"cannot load the kubelet TLS files (kubelet.ca_file/cert_file/key_file): {exc}") from None
-    return ctx
+        return tls.client_context(cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise KubeletTLSError(
+            f"cannot load the kubelet TLS files (kubelet.ca_file/cert_file/key_file): {exc}") from None
 
 
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -114,7 +113,8 @@ class KubeletClient:
         try:
             token = self.cfg.token_file.read_text().strip()
         except OSError as exc:
-            raise KubeletUnauthorized(f"cannot read kubelet.token_file {str(self.cfg.token_file)!r}: {exc.strerror}") from None
+            raise KubeletUnauthorized(
+                f"cannot read kubelet.token_file {str(self.cfg.token_file)!r}: {exc.strerror}") from None
         return {"Authorization": f"Bearer {token}"}
 
     def _request(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
@@ -149,7 +149,8 @@ class KubeletClient:
                 "or webhook token authentication enabled)"
             )
         if status == 403:
-            raise KubeletForbidden(f"{what}: the kubelet answered 403 {body!r}: grant {permission} to backupd's identity")
+            raise KubeletForbidden(
+                f"{what}: the kubelet answered 403 {body!r}: grant {permission} to backupd's identity")
         if status == 404:
             if body == "404 page not found":
                 raise CheckpointApiDisabled(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -42,8 +42,8 @@ from backupd.policy import retention
 from backupd.policy.schedule import Schedule
 from backupd.sizes import parse_size
 
-API_VERSION = "backupd.io/v1"
-KIND = "CheckpointPolicy"
+API_VERSION: Final = "backupd.io/v1"
+KIND: Final = "CheckpointPolicy"
 
 
 class _Strict(BaseModel):
@@ -229,12 +229,9 @@ class Policy:
         return ZoneInfo(self.spec.timezone)
 
     def to_document(self) -> dict[str, Any]:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": self.name},
-            "spec": self.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
-        }
+        """The policy as a :class:`PolicyDocument`'s JSON (rules left unset are left out)."""
+        document = PolicyDocument(api_version=API_VERSION, kind=KIND, metadata=Metadata(name=self.name), spec=self.spec)
+        return document.model_dump(by_alias=True, exclude_none=True, mode="json")
 
     def canonical_json(self) -> str:
         """Stable serialisation: equal policies give equal strings (idempotent apply)."""
@@ -268,10 +265,21 @@ class Policy:
         return selected
 
 
+class RefusedPolicy(BaseModel):
+    """A stored policy this backupd refuses (:meth:`Policy.from_spec_json`), so does not schedule."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    api_version: Literal["backupd.io/v1"]
+    kind: Literal["CheckpointPolicy"]
+    metadata: Metadata
+    spec: Any = Field(description="The spec as stored (null when it is not JSON)")
+    error: str = Field(description="Why it is not scheduled, e.g. a schedule that never fires")
+
+
 def stored_document(name: str, spec_json: str) -> dict[str, Any]:
-    """A stored policy's document, for listing every policy whatever its state: as applied, or,
-    when this backupd refuses it (see :meth:`Policy.from_spec_json`), its spec as stored with
-    ``error`` saying why it is not scheduled."""
+    """A stored policy's document, for listing every policy whatever its state: as applied
+    (:class:`PolicyDocument`), or, when this backupd refuses it, a :class:`RefusedPolicy`."""
     try:
         return Policy.from_spec_json(name, spec_json).to_document()
     except PolicyError as exc:
@@ -279,7 +287,10 @@ def stored_document(name: str, spec_json: str) -> dict[str, Any]:
             spec = json.loads(spec_json)
         except ValueError:
             spec = None
-        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec, "error": str(exc)}
+        # not validated: a row stored by an older backupd is listed whatever it holds
+        refused = RefusedPolicy.model_construct(api_version=API_VERSION, kind=KIND,
+                                                metadata=Metadata.model_construct(name=name), spec=spec, error=str(exc))
+        return refused.model_dump(by_alias=True)
 
 
 def parse_policies(text: str, source: str = "<input>", backends: list[str] | None = None) -> list[Policy]:

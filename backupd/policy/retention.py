@@ -34,18 +34,13 @@ backupd adds three things on top, in this order:
 
 from __future__ import annotations
 
-import bisect
-import gc
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from functools import cached_property
-from itertools import chain, compress, islice, repeat, tee
-from itertools import count as counter
-from operator import add, attrgetter, floordiv, methodcaller, mul, ne, not_
+from operator import attrgetter
+from typing import NamedTuple
 
 from backupd.errors import PolicyError
 
@@ -148,13 +143,18 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
 
 
 def _offset_us_at(instant_us: int, zone: tzinfo) -> int | None:
+    """``zone``'s UTC offset at an instant, in microseconds; None outside datetime's range."""
+    offset: timedelta | None
     if isinstance(zone, timezone):
-        return zone.utcoffset(None) // timedelta(microseconds=1)
-    try:
-        local = (_EPOCH + timedelta(microseconds=instant_us)).astimezone(zone)
-    except OverflowError:
-        return None
-    return local.utcoffset() // timedelta(microseconds=1)
+        offset = zone.utcoffset(None)
+    else:
+        try:
+            offset = (_EPOCH + timedelta(microseconds=instant_us)).astimezone(zone).utcoffset()
+        except OverflowError:
+            return None
+    if offset is None:
+        raise ValueError(f"time zone {zone!r} has no UTC offset")
+    return offset // timedelta(microseconds=1)
 
 
 def _cutoff_us(anchor: datetime, duration: Duration) -> int | None:
@@ -173,6 +173,8 @@ def _cutoff_us(anchor: datetime, duration: Duration) -> int | None:
     # Python's fold picks differently in gaps or repeats depending on the zone's sign, so
     # mirror Go step by step.
     zone = anchor.tzinfo
+    if zone is None:
+        raise ValueError(f"anchor must be timezone-aware, got {anchor!r}")
     offset = _offset_us_at(wall_us, zone)
     if offset is None:
         return None
@@ -255,8 +257,7 @@ class Rules:
 # -- items, decisions, plans ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
     """One archive as retention sees it. ``time`` must be timezone-aware."""
 
     id: str
@@ -265,8 +266,7 @@ class Item:
     pinned: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What happens to one archive, and why.
 
     Reasons of a kept archive, in this order: ``within``, ``last``, ``hourly``, ``daily``,
@@ -288,223 +288,104 @@ class Plan:
 
     @cached_property
     def keep(self) -> tuple[Decision, ...]:
-        return tuple(compress(self.decisions, map(_KEEP, self.decisions)))
+        return tuple(d for d in self.decisions if d.keep)
 
     @cached_property
     def remove(self) -> tuple[Decision, ...]:
-        return tuple(compress(self.decisions, map(not_, map(_KEEP, self.decisions))))
-
-
-_TIME = attrgetter("time")
-_TZINFO = attrgetter("tzinfo")
-_PINNED = attrgetter("pinned")
-_SIZE = attrgetter("size")
-_KEEP = attrgetter("keep")
-_ORDINAL = datetime.toordinal
-_YEAR = attrgetter("year")
-_MONTH = attrgetter("month")
-_HOUR = attrgetter("hour")
-
-# One bit per reason, in the order reasons are listed (restic's order: within, count rules,
-# window rules). A kept archive's reasons are an int until the very end: a million archives
-# kept by the same rules then share one reasons tuple.
-_REASONS = (
-    "within",
-    "last",
-    "hourly", "oldest hourly",
-    "daily", "oldest daily",
-    "weekly", "oldest weekly",
-    "monthly", "oldest monthly",
-    "yearly", "oldest yearly",
-    "within-hourly", "oldest within-hourly",
-    "within-daily", "oldest within-daily",
-    "within-weekly", "oldest within-weekly",
-    "within-monthly", "oldest within-monthly",
-    "within-yearly", "oldest within-yearly",
-    "pinned",
-    "newest",
-)  # fmt: skip
-_BIT = {reason: 1 << i for i, reason in enumerate(_REASONS)}
-_SIZE_CAPPED = -1  # mask of a kept archive that max_total_bytes removes
-
-
-# Bucket keys. Only equality between neighbours matters, so any injective number will do
-# (restic builds YYYYMMDDHH and friends). Built from C-level maps: with an unlimited rule over
-# a million archives, a Python-level loop per archive would cost most of the time budget.
-
-
-def _hourly_keys(walls: Iterable[datetime]) -> Iterator[int]:
-    days, clock = tee(walls)
-    return map(add, map(mul, map(_ORDINAL, days), repeat(24)), map(_HOUR, clock))
-
-
-def _daily_keys(walls: Iterable[datetime]) -> Iterator[int]:
-    return map(_ORDINAL, walls)
-
-
-def _weekly_keys(walls: Iterable[datetime]) -> Iterator[int]:
-    # ISO weeks run Monday to Sunday and ordinal 1 (0001-01-01) is a Monday, so
-    # ceil(ordinal / 7) numbers exactly the ISO weeks.
-    return map(floordiv, map(add, map(_ORDINAL, walls), repeat(6)), repeat(7))
-
-
-def _monthly_keys(walls: Iterable[datetime]) -> Iterator[int]:
-    years, months = tee(walls)
-    return map(add, map(mul, map(_YEAR, years), repeat(12)), map(_MONTH, months))
-
-
-def _yearly_keys(walls: Iterable[datetime]) -> Iterator[int]:
-    return map(_YEAR, walls)
-
-
-_KEYS: dict[str, Callable[[Iterable[datetime]], Iterator[int]]] = {
-    "hourly": _hourly_keys,
-    "daily": _daily_keys,
-    "weekly": _weekly_keys,
-    "monthly": _monthly_keys,
-    "yearly": _yearly_keys,
-}
-
-
-class _WallClocks:
-    """The rule walk's archive times in the bucketing zone, converted at most once each and
-    only as far as some rule actually looks (a keepDaily 7 walk stops after a few archives)."""
-
-    def __init__(self, times: list[datetime], zone: tzinfo | None) -> None:
-        self._times = times
-        self._convert = None if zone is None else methodcaller("astimezone", zone)
-        self._done: list[datetime] = times if zone is None else []
-
-    def __getitem__(self, index: int) -> datetime:
-        if self._convert is None or index < len(self._done):
-            return self._done[index]
-        return self._convert(self._times[index])
-
-    def upto(self, stop: int) -> Iterator[datetime]:
-        if self._convert is not None and len(self._done) < stop:
-            self._done.extend(map(self._convert, islice(self._times, len(self._done), stop)))
-        return islice(self._done, stop)
-
-    def lazily(self) -> Iterator[datetime]:
-        if self._convert is None:
-            return iter(self._done)
-        return chain(self._done, map(self._convert, islice(self._times, len(self._done), None)))
-
-
-def _walk_bucket(keys: Iterable[int], count: int, stop: int, mask: list[int], bit: int, oldest_bit: int) -> bool:
-    """One bucket rule over ``mask[:stop]`` (``keys`` are those archives' bucket keys).
-
-    Keeps each archive whose key differs from the previous archive's, until ``count`` archives
-    are kept (-1: never stops); if the walk reaches the group's oldest archive with slots left
-    and did not keep it already, keeps it as ``oldest``. True when the rule used up its slots.
-    """
-    if not stop:
-        return False
-    ahead, behind = tee(keys)
-    next(ahead, None)
-    # Index 0 opens the first bucket, then every index whose key differs from its predecessor's.
-    opened = chain((0,), compress(counter(1), map(ne, ahead, behind)))
-    kept = 0
-    index = -1
-    for index in opened if count == -1 else islice(opened, count):
-        mask[index] |= bit
-        kept += 1
-    slots_left = count == -1 or kept < count
-    if slots_left and stop == len(mask) and index != stop - 1:
-        mask[stop - 1] |= oldest_bit
-    return not slots_left
-
-
-def _first_index(times: list[datetime], predicate: Callable[[datetime], bool]) -> int:
-    """First index of newest-first ``times`` where a monotone ``predicate`` turns true."""
-    return bisect.bisect_left(times, True, key=predicate)
-
-
-def _rule_masks(times: list[datetime], rules: Rules, zone: tzinfo | None,
-                now: datetime | None) -> tuple[list[int], bool]:
-    """restic's ApplyPolicy over newest-first ``times``: one reason bitmask per archive, and
-    whether every rule stopped before the oldest of them (so archives older still would change
-    nothing here and would all be removed: see :func:`plan_head`)."""
-    total = len(times)
-    decided = True
-    walls = _WallClocks(times, zone)
-    if now is None:
-        latest = 0
-    else:
-        now_utc = now.astimezone(UTC)  # instants, not one zone's wall clock
-        latest = _first_index(times, lambda t: t < now_utc)
-
-    def window_end(duration: Duration) -> int:
-        if latest == total:
-            return total  # nothing before now: restic's anchor is Go's zero time, year 1
-        us = _cutoff_us(walls[latest], duration)
-        if us is None:
-            return total
-        cutoff = _EPOCH + timedelta(microseconds=us)
-        return _first_index(times, lambda t: t <= cutoff)
-
-    # within and last keep a prefix of the walk: build those bits in bulk.
-    prefixes = []
-    if _active(rules.within):
-        end = window_end(rules.within)
-        prefixes.append((end, _BIT["within"]))
-        decided &= end < total
-    if rules.last:
-        prefixes.append((total if rules.last == -1 else min(rules.last, total), _BIT["last"]))
-        decided &= rules.last != -1 and rules.last <= total
-    mask: list[int] = []
-    for end in sorted({e for e, _ in prefixes}):
-        mask.extend(repeat(sum(b for e, b in prefixes if e >= end), end - len(mask)))
-    mask.extend(repeat(0, total - len(mask)))
-
-    for name in _COUNT_RULES[1:]:
-        count = getattr(rules, name)
-        if count:
-            walk = walls.upto(total) if count == -1 else walls.lazily()
-            decided &= _walk_bucket(_KEYS[name](walk), count, total, mask, _BIT[name], _BIT["oldest " + name])
-    for name in _WINDOW_RULES:
-        duration = getattr(rules, name)
-        if _active(duration):
-            end = window_end(duration)
-            bucket = name.removeprefix("within_")
-            reason = "within-" + bucket
-            _walk_bucket(_KEYS[bucket](walls.upto(end)), -1, end, mask, _BIT[reason], _BIT["oldest " + reason])
-            decided &= end < total
-    return mask, decided
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    # A plan allocates one Decision per archive and no reference cycles. With a million
-    # archives the cyclic collector's full passes, set off by nothing but the allocation count,
-    # cost more than the planning itself.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _build(cls: type, n: int, **columns: Iterable[object]) -> list:
-    # cls(...) on a frozen dataclass sets each field through object.__setattr__; a million of
-    # those take longer than the rest of the plan. Filling the slots through their descriptors
-    # does the same from C. Only for slotted classes without __post_init__ (Item, Decision).
-    made = list(map(object.__new__, repeat(cls, n)))
-    for name, values in columns.items():
-        deque(map(getattr(cls, name).__set__, made, values), maxlen=0)
-    return made
+        return tuple(d for d in self.decisions if not d.keep)
 
 
 def items(ids: Iterable[str], times: Iterable[datetime], sizes: Iterable[int], pinned: Iterable[bool],
-          n: int) -> list[Item]:
-    """``n`` Items from parallel columns: what ``[Item(...) for ...]`` makes, at C speed."""
-    return _build(Item, n, id=ids, time=times, size=sizes, pinned=pinned)
+          n: int | None = None) -> list[Item]:
+    """Items from parallel columns (``n``, their length, is not needed and is ignored)."""
+    return [Item(*row) for row in zip(ids, times, sizes, pinned, strict=True)]
 
 
-def _decisions(items: list[Item], keeps: Iterable[bool], reasons: Iterable[tuple[str, ...]]) -> tuple[Decision, ...]:
-    return tuple(_build(Decision, len(items), item=items, keep=keeps, reasons=reasons))
+# Bucket keys: restic's YYYYMMDDHH and friends, from the wall clock of the bucketing zone. Only
+# whether two neighbours share a key matters.
+_BUCKET_KEYS: dict[str, Callable[[datetime], object]] = {
+    "hourly": lambda t: (t.year, t.month, t.day, t.hour),
+    "daily": lambda t: (t.year, t.month, t.day),
+    "weekly": lambda t: t.isocalendar()[:2],  # ISO year and week, Monday to Sunday
+    "monthly": lambda t: (t.year, t.month),
+    "yearly": lambda t: t.year,
+}
+_NO_KEY = object()  # the key before the first archive: equal to no bucket key
+_OFF = datetime.max.replace(tzinfo=UTC)  # the start of a window that is off: no archive is after it
+
+
+def _apply_policy(walk: list[Item], rules: Rules, zone: tzinfo | None,
+                  now: datetime | None) -> tuple[list[tuple[str, ...]], bool]:
+    """restic's ApplyPolicy over ``walk`` (one group's unpinned archives, newest first).
+
+    Returns each archive's reasons (empty: no rule keeps it) and whether every rule stopped
+    before the oldest archive: then archives older still would change nothing here and would
+    all be removed (see :func:`plan_head`).
+    """
+    oldest = len(walk) - 1
+
+    def wall(moment: datetime) -> datetime:
+        return moment if zone is None else moment.astimezone(zone)
+
+    # The windows hang off the newest archive strictly before now, in the bucketing zone.
+    latest = next((i.time for i in walk if now is None or i.time < now), None)
+
+    def window_start(duration: Duration) -> datetime | None:
+        """Archives strictly after this are inside the window; None: every archive is."""
+        if latest is None:
+            return None  # nothing before now: restic's anchor is Go's zero time, year 1
+        try:
+            return duration.cutoff(wall(latest))
+        except OverflowError:  # before year 1
+            return None
+
+    within = window_start(rules.within) if rules.within is not None and _active(rules.within) else _OFF
+    counts = {name: getattr(rules, name) for name in _COUNT_RULES if getattr(rules, name)}
+    windows = {name.removeprefix("within_"): window_start(getattr(rules, name))
+               for name in _WINDOW_RULES if _active(getattr(rules, name))}
+    last_key = dict.fromkeys(counts, _NO_KEY)
+    window_key = dict.fromkeys(windows, _NO_KEY)
+
+    def inside(moment: datetime, start: datetime | None) -> bool:
+        return start is None or moment > start
+
+    reasons_of: list[tuple[str, ...]] = []
+    for nr, item in enumerate(walk):
+        if not any(counts.values()) and not any(inside(item.time, s) for s in (within, *windows.values())):
+            break  # every count used up, every window passed: no rule keeps this or anything older
+        reasons = []
+        clock = wall(item.time)
+        if inside(item.time, within):
+            reasons.append("within")
+        for name, left in counts.items():
+            if left:
+                key = nr if name == "last" else _BUCKET_KEYS[name](clock)
+                if key != last_key[name]:
+                    reasons.append(name)
+                elif nr == oldest:
+                    reasons.append("oldest " + name)
+                else:
+                    continue
+                last_key[name] = key
+                if left > 0:
+                    counts[name] = left - 1
+        for bucket, start in windows.items():
+            if inside(item.time, start):
+                key = _BUCKET_KEYS[bucket](clock)
+                if key != window_key[bucket]:
+                    reasons.append("within-" + bucket)
+                elif nr == oldest:
+                    reasons.append("oldest within-" + bucket)
+                window_key[bucket] = key
+        reasons_of.append(tuple(reasons))
+    reasons_of += [()] * (len(walk) - len(reasons_of))
+
+    stopped = (
+        not any(counts.values())
+        and not any(r.startswith("oldest ") for r in reasons_of[-1])  # a rule had slots left at the oldest
+        and not any(inside(walk[-1].time, s) for s in (within, *windows.values()))
+    )
+    return reasons_of, stopped
 
 
 def plan(
@@ -550,61 +431,50 @@ def plan_head(
     return result if decided else None
 
 
+def _newest_first(items: list[Item]) -> list[Item]:
+    """``items`` sorted newest first by instant; stable, so equal times keep their input order."""
+    if all(isinstance(i.time.tzinfo, timezone) for i in items):
+        return sorted(items, key=attrgetter("time"), reverse=True)
+    # Python compares two datetimes of one ZoneInfo by wall clock, which misorders the hour a
+    # DST change repeats; compare instants instead.
+    return sorted(items, key=lambda i: i.time.astimezone(UTC), reverse=True)
+
+
 def _plan(items: Iterable[Item], rules: Rules, tz: tzinfo | None, now: datetime | None) -> tuple[Plan, bool]:
     rules.validate()
     if now is not None and now.utcoffset() is None:
         raise ValueError(f"now must be timezone-aware, got {now!r}")
-    listed = items if isinstance(items, list) else list(items)
+    listed = list(items)
+    naive = next((i for i in listed if i.time.tzinfo is None), None)
+    if naive is not None:
+        raise ValueError(f"archive {naive.id!r} has a naive time {naive.time!r}")
     if not listed:
         return Plan(()), False
+    ordered = _newest_first(listed)
 
-    with gc_paused():
-        # Python's sort is stable with reverse=True too: equal times keep their input order.
-        try:
-            ordered = sorted(listed, key=_TIME, reverse=True)
-        except TypeError:  # naive and aware times mixed: reported just below
-            ordered = listed
-        times = list(map(_TIME, ordered))
-        # Checked after sorting: the sorted list is in memory order far more often than the
-        # input is, and a pass over a million scattered objects costs half a second.
-        zones = set(map(_TZINFO, times))
-        if None in zones:
-            naive = next(i for i in listed if i.time.tzinfo is None)
-            raise ValueError(f"archive {naive.id!r} has a naive time {naive.time!r}")
-        if not all(isinstance(z, timezone) for z in zones):
-            # Python compares datetimes of one ZoneInfo by wall clock, which misorders the hour
-            # a DST change repeats; compare instants instead.
-            ordered = sorted(listed, key=lambda i: i.time.astimezone(UTC), reverse=True)
-            times = list(map(_TIME, ordered))
+    # 1. pinned archives are kept and invisible to the rules
+    walk = [i for i in ordered if not i.pinned]
+    by_rules, decided = _apply_policy(walk, rules, tz, now) if walk else ([], False)
+    unpinned_reasons = iter(by_rules)
+    reasons_of = [("pinned",) if i.pinned else next(unpinned_reasons) for i in ordered]
+    keep = [bool(reasons) for reasons in reasons_of]
 
-        pinned = list(map(_PINNED, ordered))
-        if any(pinned):
-            unpinned = list(map(not_, pinned))
-            rule_mask, decided = _rule_masks(list(compress(times, unpinned)), rules, tz, now)
-            mask = [_BIT["pinned"]] * len(ordered)
-            deque(map(mask.__setitem__, compress(counter(), unpinned), rule_mask), maxlen=0)
-        else:
-            mask, decided = _rule_masks(times, rules, tz, now)
+    # 2. the newest archive is never removed
+    if not keep[0]:
+        keep[0], reasons_of[0] = True, ("newest",)
 
-        if not mask[0]:
-            mask[0] = _BIT["newest"]
+    # 3. max_total_bytes: remove kept unpinned archives, oldest first, until the total fits
+    cap = rules.max_total_bytes
+    if cap is not None:
+        total = sum(i.size for i, kept in zip(ordered, keep, strict=True) if kept)
+        for position in range(len(ordered) - 1, 0, -1):
+            if total <= cap:
+                break
+            if keep[position] and not ordered[position].pinned:
+                total -= ordered[position].size
+                keep[position], reasons_of[position] = False, ("size cap",)
 
-        cap = rules.max_total_bytes
-        if cap is not None:
-            total = sum(map(_SIZE, compress(ordered, mask)))
-            position = len(ordered) - 1
-            while total > cap and position > 0:
-                if mask[position] and not pinned[position]:
-                    total -= ordered[position].size
-                    mask[position] = _SIZE_CAPPED
-                position -= 1
-
-        reasons_of = {
-            bits: tuple(r for i, r in enumerate(_REASONS) if bits >> i & 1) for bits in set(mask) if bits >= 0
-        }
-        reasons_of[_SIZE_CAPPED] = ("size cap",)
-        keeps = map((0).__lt__, mask)
-        return Plan(_decisions(ordered, keeps, map(reasons_of.__getitem__, mask))), decided
+    return Plan(tuple(map(Decision, ordered, keep, reasons_of))), decided
 
 
 # -- simulate and timestamps -----------------------------------------------------------------

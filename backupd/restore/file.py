@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from backupd.backends.base import Readable
-from backupd.backends.filesystem import fsync_dir, translate_os_error
+from backupd.backends.filesystem import translate_os_error
+from backupd.durable import atomic_write
 from backupd.errors import InvalidInput
 from backupd.storage.read import CHUNK
 
@@ -29,33 +28,15 @@ def restore_to_file(source: Readable, dest: str | os.PathLike[str], *, overwrite
         raise InvalidInput(f"{str(path)!r} is a directory; give a file name")
     if path.exists() and not overwrite:
         raise InvalidInput(f"{str(path)!r} already exists; choose another path or pass --force to replace it")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
-    except OSError as exc:
-        raise translate_os_error(exc, f"creating a file in {str(parent)!r}") from None
     written = 0
     try:
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                while data := source.read(CHUNK):
-                    fh.write(data)
-                    written += len(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise InvalidInput(f"{str(path)!r} appeared while restoring; nothing was replaced") from None
-                os.unlink(tmp)
-            fsync_dir(parent)
-        except OSError as exc:
-            raise translate_os_error(exc, f"writing {str(path)!r}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        with atomic_write(path, replace=overwrite, suffix=".partial") as fh:
+            while data := source.read(CHUNK):
+                fh.write(data)
+                written += len(data)
+    except FileExistsError:
+        raise InvalidInput(f"{str(path)!r} appeared while restoring; nothing was replaced") from None
+    except OSError as exc:
+        raise translate_os_error(exc, f"writing {str(path)!r}") from None
     return written
 

@@ -43,6 +43,7 @@ from typing import Any
 from backupd.archive.metadata import CheckpointInfo
 from backupd.backends.base import Readable
 from backupd.backends.filesystem import translate_os_error
+from backupd.durable import new_file
 from backupd.errors import IntegrityError, InvalidInput
 from backupd.model import Archive
 
@@ -230,20 +231,14 @@ def write_layout(
 
 
 def _stream_to(path: Path, source: Readable) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     written = 0
-    with os.fdopen(fd, "wb") as fh:
+    with new_file(path) as fh:
         while data := source.read(CHUNK):
             fh.write(data)
             written += len(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     return written
 
 
 def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
+    with new_file(path) as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())

@@ -19,17 +19,10 @@ from typing import Any, TextIO
 import structlog
 
 from backupd.backends.base import Readable
+from backupd.sizes import human_bytes
 
 _BAR_WIDTH = 30
 _REDRAW_SECONDS = 0.2
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover - the loop always returns
 
 
 class Progress:
@@ -118,12 +111,12 @@ class Progress:
         pct = self.percent
         if pct is None:
             bar = " " * _BAR_WIDTH
-            amount = _size(self.done)
+            amount = human_bytes(self.done)
         else:
             filled = int(_BAR_WIDTH * pct / 100)
             bar = "#" * filled + "." * (_BAR_WIDTH - filled)
-            amount = f"{_size(self.done)} / {_size(self.total or 0)} {pct:5.1f}%"
-        line = f"\r{self.label} [{bar}] {amount} {_size(self._rate(now))}/s"
+            amount = f"{human_bytes(self.done)} / {human_bytes(self.total or 0)} {pct:5.1f}%"
+        line = f"\r{self.label} [{bar}] {amount} {human_bytes(self._rate(now))}/s"
         self.stream.write(line.ljust(79))
         self.stream.flush()
 

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import structlog
 
-from backupd import __version__, retry
+from backupd import __version__, retry, tls
 from backupd.backends.base import Readable
 from backupd.errors import (
     BackupdError,
@@ -201,8 +201,8 @@ class RegistryClient:
             verify = False
         elif ca_file is not None:
             try:
-                verify = ssl.create_default_context(cafile=str(ca_file))
-            except (OSError, ssl.SSLError) as exc:
+                verify = tls.client_context(ca_file)
+            except OSError as exc:  # ssl.SSLError is an OSError
                 raise ConfigError(f"--registry-ca-file {str(ca_file)!r}: not a usable CA bundle ({exc})") from None
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=20.0), verify=verify, transport=transport,

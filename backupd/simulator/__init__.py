@@ -5,6 +5,7 @@ Modules, one concept each:
 * :mod:`~backupd.simulator.pki` — CA, kubelet serving cert, client certs (``generate_pki``);
 * :mod:`~backupd.simulator.topology` — the pods a node runs (spec file, default demo node);
 * :mod:`~backupd.simulator.archive` — CRI-O-layout checkpoint archives, synthetic CRIU images;
+* :mod:`~backupd.simulator.metadata` — their ``config.dump`` and ``spec.dump``, Go time formats;
 * :mod:`~backupd.simulator.criu` — real CRIU mode: counting processes, dump, restore;
 * :mod:`~backupd.simulator.server` — the HTTPS kubelet API with faults and a request log;
 * :mod:`~backupd.simulator.cli` — the ``simulate-node`` click command.

@@ -4,7 +4,7 @@ An archive is an uncompressed POSIX tar with relative entry names, in CRI-O's or
 
     stats-dump  dump.log  checkpoint/  checkpoint/*.img  config.dump  spec.dump  rootfs-diff.tar
 
-The CRIU images are either synthetic (encoded with :mod:`backupd.criu_images`: inventory,
+The CRIU images are either synthetic (CRIU's protobuf messages through :mod:`backupd.archive.criu`: inventory,
 pstree, core, ids, mm, pagemap and pages per simulated process; ``checkpointctl`` reads them)
 or the real output of ``criu dump`` (see :mod:`backupd.simulator.criu`).
 
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from backupd.archive import criu as ci
+from backupd.archive import criu
 from backupd.node.checkpoints import node_tar_prefix
+from backupd.simulator.metadata import argv_env, config_dump, go_rfc3339, go_rfc3339nano, spec_dump
 from backupd.simulator.topology import Container, Pod
 
 __all__ = [
@@ -52,38 +53,12 @@ __all__ = [
     "write_tar",
 ]
 
-PAGE = ci.PAGE_SIZE
+PAGE = criu.PAGE_SIZE
 _ZERO_PAGE = bytes(PAGE)
 _NOISE_POOL_BYTES = 8 << 20
 _CHUNK_PAGES = 256  # 1 MiB per write
 # zero / heap-like / noise page shares: zstd -1 ≈ 4.2x, zstd -3 ≈ 5.3x (measured)
 _MEMORY_MIX = (0.45, 0.36, 0.19)
-
-
-# -- Go time formats -------------------------------------------------------------------------
-
-
-def _go_offset(t: dt.datetime) -> str:
-    offset = t.utcoffset()
-    if offset is None:
-        raise ValueError("Go time formats need an aware datetime")
-    if not offset:
-        return "Z"
-    minutes = int(offset.total_seconds() // 60)
-    sign = "+" if minutes >= 0 else "-"
-    minutes = abs(minutes)
-    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
-
-
-def go_rfc3339(t: dt.datetime) -> str:
-    """Go ``time.RFC3339``: second resolution, ``Z`` for UTC else ``±hh:mm``."""
-    return t.strftime("%Y-%m-%dT%H:%M:%S") + _go_offset(t)
-
-
-def go_rfc3339nano(t: dt.datetime) -> str:
-    """Go ``time.RFC3339Nano`` (how ``time.Time`` marshals to JSON): trailing zeros trimmed."""
-    frac = f"{t.microsecond:06d}".rstrip("0")
-    return t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + _go_offset(t)
 
 
 def checkpoint_file_name(pod: str, namespace: str, container: str, t: dt.datetime) -> str:
@@ -210,180 +185,6 @@ def memory_chunks(pages: int, seed: int, *, assets_seed: int = 0) -> Iterator[by
         yield b"".join(out)
 
 
-# -- metadata files --------------------------------------------------------------------------
-
-
-def _attempt(c: Container) -> int:
-    return c.restart_count
-
-
-def _crio_name(pod: Pod, c: Container) -> str:
-    return f"k8s_{c.name}_{pod.name}_{pod.namespace}_{pod.uid}_{_attempt(c)}"
-
-
-def config_dump(pod: Pod, c: Container, checkpointed_at: dt.datetime) -> dict:
-    """CRI-O's ``config.dump`` (checkpointctl ``ContainerConfig``)."""
-    tz = checkpointed_at.tzinfo
-    return {
-        "id": c.container_id,
-        "name": _crio_name(pod, c),
-        "rootfsImage": c.image_ref,
-        "rootfsImageRef": c.image_id,
-        "rootfsImageName": c.image_name,
-        "runtime": "runc",
-        "createdTime": go_rfc3339nano(c.created_at.astimezone(tz)),
-        "checkpointedTime": go_rfc3339nano(checkpointed_at),
-        "restoredTime": "0001-01-01T00:00:00Z",
-        "restored": False,
-    }
-
-
-def _argv_env(pod: Pod, c: Container, index: int) -> tuple[list[str], list[str]]:
-    comm = c.processes[index]
-    if index == 0:
-        argv = {"nginx": ["nginx", "-g", "daemon off;"], "postgres": ["postgres"]}.get(comm, [comm])
-    else:
-        argv = [f"{comm}: worker process"] if comm == "nginx" else [f"{comm}: worker {index}"]
-    env = [
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        f"HOSTNAME={pod.name}",
-        "KUBERNETES_SERVICE_HOST=10.96.0.1",
-        "KUBERNETES_SERVICE_PORT=443",
-        "KUBERNETES_PORT=tcp://10.96.0.1:443",
-    ]
-    return argv, env
-
-
-def spec_dump(pod: Pod, c: Container, *, tz: dt.tzinfo | None = None) -> dict:
-    """CRI-O's ``spec.dump``: the container's OCI runtime spec with the annotations
-    checkpointctl and CRI-O restore read (modelled on checkpoint-restore-operator's fixture)."""
-    tz = tz or dt.UTC
-    attempt = _attempt(c)
-    sandbox_id = hashlib.sha256(f"sandbox\x00{pod.uid}".encode()).hexdigest()
-    mount_id = hashlib.sha256(f"mount\x00{c.container_id}".encode()).hexdigest()
-    container_hash = hashlib.sha256(f"hash\x00{c.image}\x00{c.name}".encode()).hexdigest()[:8]
-    pod_dir = f"/var/lib/kubelet/pods/{pod.uid}"
-    volumes = [
-        {"container_path": "/etc/hosts", "host_path": f"{pod_dir}/etc-hosts", "readonly": False,
-         "propagation": 0, "selinux_relabel": False},
-        {"container_path": "/dev/termination-log", "host_path": f"{pod_dir}/containers/{c.name}/{container_hash}",
-         "readonly": False, "propagation": 0, "selinux_relabel": False},
-        {"container_path": "/var/run/secrets/kubernetes.io/serviceaccount",
-         "host_path": f"{pod_dir}/volumes/kubernetes.io~projected/kube-api-access",
-         "readonly": True, "propagation": 0, "selinux_relabel": False},
-    ]  # fmt: skip
-    kube_annotations = {
-        "io.kubernetes.container.hash": container_hash,
-        "io.kubernetes.container.restartCount": str(attempt),
-        "io.kubernetes.container.terminationMessagePath": "/dev/termination-log",
-        "io.kubernetes.container.terminationMessagePolicy": "File",
-        "io.kubernetes.pod.terminationGracePeriod": "30",
-    }
-    labels = {
-        "io.kubernetes.container.name": c.name,
-        "io.kubernetes.pod.name": pod.name,
-        "io.kubernetes.pod.namespace": pod.namespace,
-        "io.kubernetes.pod.uid": pod.uid,
-    }
-    metadata = {"name": c.name, **({"attempt": attempt} if attempt else {})}
-    compact = {"separators": (",", ":")}
-    annotations = {
-        "io.container.manager": "cri-o",
-        **kube_annotations,
-        "io.kubernetes.container.name": c.name,
-        "io.kubernetes.cri-o.Annotations": json.dumps(kube_annotations, **compact),
-        "io.kubernetes.cri-o.ContainerID": c.container_id,
-        "io.kubernetes.cri-o.ContainerType": "container",
-        "io.kubernetes.cri-o.Created": go_rfc3339nano(c.created_at.astimezone(tz)),
-        "io.kubernetes.cri-o.IP.0": pod.ip,
-        "io.kubernetes.cri-o.Image": c.image_ref,
-        "io.kubernetes.cri-o.ImageName": c.image_name,
-        "io.kubernetes.cri-o.ImageRef": c.image_id,
-        "io.kubernetes.cri-o.Labels": json.dumps(labels, **compact),
-        "io.kubernetes.cri-o.LogPath": f"/var/log/pods/{pod.namespace}_{pod.name}_{pod.uid}/{c.name}/{attempt}.log",
-        "io.kubernetes.cri-o.Metadata": json.dumps(metadata, **compact),
-        "io.kubernetes.cri-o.MountPoint": f"/var/lib/containers/storage/overlay/{mount_id}/merged",
-        "io.kubernetes.cri-o.Name": _crio_name(pod, c),
-        "io.kubernetes.cri-o.PlatformRuntimePath": "",
-        "io.kubernetes.cri-o.ResolvPath": f"/run/containers/storage/overlay-containers/{sandbox_id}/userdata/resolv.conf",
-        "io.kubernetes.cri-o.SandboxID": sandbox_id,
-        "io.kubernetes.cri-o.SandboxName": f"k8s_{pod.name}_{pod.namespace}_{pod.uid}_0",
-        "io.kubernetes.cri-o.SeccompProfilePath": "RuntimeDefault",
-        "io.kubernetes.cri-o.Stdin": "false",
-        "io.kubernetes.cri-o.StdinOnce": "false",
-        "io.kubernetes.cri-o.TTY": "false",
-        "io.kubernetes.cri-o.Volumes": json.dumps(volumes, **compact),
-        "io.kubernetes.pod.name": pod.name,
-        "io.kubernetes.pod.namespace": pod.namespace,
-        "io.kubernetes.pod.uid": pod.uid,
-        "kubernetes.io/config.seen": go_rfc3339nano(pod.created_at.astimezone(tz)),
-        "kubernetes.io/config.source": "api",
-        "org.systemd.property.After": "['crio.service']",
-        "org.systemd.property.CollectMode": "'inactive-or-failed'",
-        "org.systemd.property.DefaultDependencies": "true",
-        "org.systemd.property.TimeoutStopUSec": "uint64 30000000",
-    }
-    argv, env = _argv_env(pod, c, 0)
-    userdata = f"/run/containers/storage/overlay-containers/{c.container_id}/userdata"
-    mounts = [
-        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-        {"destination": "/dev/shm", "type": "bind",
-         "source": f"/run/containers/storage/overlay-containers/{sandbox_id}/userdata/shm",
-         "options": ["rw", "bind"]},
-        {"destination": "/etc/resolv.conf", "type": "bind",
-         "source": f"/run/containers/storage/overlay-containers/{sandbox_id}/userdata/resolv.conf",
-         "options": ["ro", "bind", "nodev", "nosuid", "noexec"]},
-        {"destination": "/etc/hostname", "type": "bind",
-         "source": f"/run/containers/storage/overlay-containers/{sandbox_id}/userdata/hostname",
-         "options": ["ro", "bind", "nodev", "nosuid", "noexec"]},
-        {"destination": "/run/.containerenv", "type": "bind", "source": f"{userdata}/.containerenv",
-         "options": ["ro", "bind", "nodev", "nosuid", "noexec"]},
-    ] + [
-        {"destination": v["container_path"], "type": "bind", "source": v["host_path"],
-         "options": ["ro" if v["readonly"] else "rw", "rbind", "rprivate", "bind"]}
-        for v in volumes
-    ]  # fmt: skip
-    caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_SETGID", "CAP_SETUID",
-            "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_KILL"]  # fmt: skip
-    slice_uid = pod.uid.replace("-", "_")
-    return {
-        "ociVersion": "1.0.2-dev",
-        "process": {
-            "user": {"uid": 0, "gid": 0, "additionalGids": [0]},
-            "args": argv,
-            "env": env,
-            "cwd": "/",
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "oomScoreAdj": 1000,
-        },
-        "root": {"path": f"/var/lib/containers/storage/overlay/{mount_id}/merged"},
-        "hostname": pod.name,
-        "mounts": mounts,
-        "annotations": annotations,
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}], "cpu": {"shares": 2, "quota": 0, "period": 100000}},
-            "cgroupsPath": f"kubepods-besteffort-pod{slice_uid}.slice:crio:{c.container_id}",
-            "namespaces": [
-                {"type": "pid"},
-                {"type": "network", "path": f"/var/run/netns/{uuid.UUID(sandbox_id[:32])}"},
-                {"type": "ipc", "path": f"/var/run/ipcns/{uuid.UUID(sandbox_id[:32])}"},
-                {"type": "uts", "path": f"/var/run/utsns/{uuid.UUID(sandbox_id[:32])}"},
-                {"type": "mount"},
-            ],
-            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-                            "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/dev/block"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-        },
-    }  # fmt: skip
-
-
 def rootfs_diff_tar(pod: Pod, c: Container, mtime: dt.datetime) -> bytes:
     """A small inner tar of files the container 'changed' (CRI-O's ``rootfs-diff.tar``)."""
     comm = c.processes[0]
@@ -410,9 +211,9 @@ def rootfs_diff_tar(pod: Pod, c: Container, mtime: dt.datetime) -> bytes:
 # -- synthetic CRIU images -------------------------------------------------------------------
 
 
-def _mtype() -> int:
+def _mtype() -> str:
     machine = platform.machine().lower()
-    return {"amd64": 1, "arm64": 3}.get(machine, ci.CoreEntry.MTYPES.get(machine, 1))
+    return criu.MACHINES.get({"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine), criu.MACHINES["x86_64"])
 
 
 @dataclass
@@ -445,7 +246,7 @@ def _plan_processes(pod: Pod, c: Container, memory_bytes: int, seed: int) -> lis
         code_start = 0x555555554000 + rng.randrange(1 << 24) * PAGE
         heap_start = code_start + 0x200000 + rng.randrange(1 << 12) * PAGE
         stack_top = 0x7FFC00000000 + rng.randrange(1 << 24) * PAGE
-        argv, env = _argv_env(pod, c, i)
+        argv, env = argv_env(pod, c, i)
         args = b"".join(a.encode() + b"\0" for a in argv)
         envs = b"".join(e.encode() + b"\0" for e in env)
         page = bytearray(PAGE)
@@ -465,31 +266,31 @@ def _plan_processes(pod: Pod, c: Container, memory_bytes: int, seed: int) -> lis
     return procs
 
 
-def _heap_entries(p: _Process) -> list[ci.PagemapEntry]:
+def _heap_entries(p: _Process) -> list[criu.PagemapEntry]:
     entries = []
     addr, left = p.heap_start, p.heap_pages
     while left:
         n = min(left, _HEAP_RUN)
-        entries.append(ci.PagemapEntry(vaddr=addr, compat_nr_pages=n, flags=ci.PE_PRESENT, nr_pages=n))
+        entries.append(criu.PagemapEntry(vaddr=addr, compat_nr_pages=n, flags=criu.PE_PRESENT, nr_pages=n))
         addr += (n + 1) * PAGE
         left -= n
     return entries
 
 
-def _mm(p: _Process, heap_end: int) -> ci.MmEntry:
+def _mm(p: _Process, heap_end: int) -> criu.MmEntry:
     code_end = p.code_start + 64 * PAGE
     data_end = code_end + 16 * PAGE
     stack_start = p.stack_top - 33 * PAGE
     private_anon = 0x22  # MAP_PRIVATE | MAP_ANONYMOUS
     vmas = [
-        ci.VmaEntry(start=p.code_start, end=code_end, pgoff=0, shmid=1, prot=5, flags=0x2, status=1 | 1 << 6),
-        ci.VmaEntry(start=code_end, end=data_end, pgoff=64, shmid=1, prot=3, flags=0x2, status=1 | 1 << 6),
-        ci.VmaEntry(start=p.heap_start, end=heap_end, pgoff=0, shmid=0, prot=3, flags=private_anon,
+        criu.VmaEntry(start=p.code_start, end=code_end, pgoff=0, shmid=1, prot=5, flags=0x2, status=1 | 1 << 6),
+        criu.VmaEntry(start=code_end, end=data_end, pgoff=64, shmid=1, prot=3, flags=0x2, status=1 | 1 << 6),
+        criu.VmaEntry(start=p.heap_start, end=heap_end, pgoff=0, shmid=0, prot=3, flags=private_anon,
                     status=1 | 1 << 5 | 1 << 9),
-        ci.VmaEntry(start=stack_start, end=p.stack_top, pgoff=0, shmid=0, prot=3, flags=private_anon | 0x100,
+        criu.VmaEntry(start=stack_start, end=p.stack_top, pgoff=0, shmid=0, prot=3, flags=private_anon | 0x100,
                     status=1 | 1 << 1 | 1 << 9),
     ]  # fmt: skip
-    return ci.MmEntry(
+    return criu.MmEntry(
         mm_start_code=p.code_start, mm_end_code=code_end, mm_start_data=code_end, mm_end_data=data_end,
         mm_start_stack=p.stack_top - PAGE + 0x100, mm_start_brk=p.heap_start, mm_brk=heap_end,
         mm_arg_start=p.arg_start, mm_arg_end=p.arg_end, mm_env_start=p.env_start, mm_env_end=p.env_end,
@@ -497,7 +298,7 @@ def _mm(p: _Process, heap_end: int) -> ci.MmEntry:
     )  # fmt: skip
 
 
-def _dump_log(pod: Pod, procs: list[_Process], stats: ci.DumpStatsEntry) -> bytes:
+def _dump_log(pod: Pod, procs: list[_Process], stats: criu.DumpStatsEntry) -> bytes:
     t = 0.0
     lines = []
 
@@ -545,7 +346,7 @@ def synthetic_checkpoint_members(
     rng = random.Random(f"stats-{seed}")
     memdump = 1500 + int(total_pages * 2.7)
     memwrite = 1000 + int(total_pages * 1.8)
-    stats = ci.DumpStatsEntry(
+    stats = criu.DumpStatsEntry(
         freezing_time=150 + rng.randrange(300), frozen_time=memdump + memwrite + 18000 + rng.randrange(9000),
         memdump_time=memdump, memwrite_time=memwrite, pages_scanned=total_pages + total_pages // 16 + 98,
         pages_skipped_parent=0, pages_written=total_pages, irmap_resolve=0, pages_lazy=0,
@@ -554,37 +355,38 @@ def synthetic_checkpoint_members(
     )  # fmt: skip
     run_id = uuid.UUID(hashlib.sha256(f"run\x00{seed}".encode()).hexdigest()[:32], version=4)
     images: list[tuple[str, bytes]] = [
-        ("inventory.img", ci.encode_image("INVENTORY", [ci.InventoryEntry(
+        ("inventory.img", criu.encode_image("INVENTORY", [criu.InventoryEntry(
             img_version=2, fdinfo_per_id=True,
-            root_ids=ci.TaskKobjIdsEntry(vm_id=1, files_id=1, fs_id=1, sighand_id=1, pid_ns_id=1, net_ns_id=2,
+            root_ids=criu.TaskKobjIdsEntry(vm_id=1, files_id=1, fs_id=1, sighand_id=1, pid_ns_id=1, net_ns_id=2,
                                          ipc_ns_id=3, uts_ns_id=4, mnt_ns_id=6, user_ns_id=7, cgroup_ns_id=8,
                                          time_ns_id=5),
             ns_per_id=True, root_cg_set=1, lsmtype=0, network_lock_method=0,
-            plugins_entry=ci.PluginsEntry(), dump_criu_run_id=str(run_id))])),
-        ("pstree.img", ci.encode_image("PSTREE", [
-            ci.PstreeEntry(pid=p.pid, ppid=p.ppid, pgid=1, sid=1, threads=[p.pid]) for p in procs])),
+            plugins_entry=criu.PluginsEntry(), dump_criu_run_id=str(run_id))])),
+        ("pstree.img", criu.encode_image("PSTREE", [
+            criu.PstreeEntry(pid=p.pid, ppid=p.ppid, pgid=1, sid=1, threads=[p.pid]) for p in procs])),
     ]  # fmt: skip
     pages_members: list[ArchiveMember] = []
     for index, p in enumerate(procs):
         pages_id = index + 1
         heap = _heap_entries(p)
-        heap_end = heap[-1].vaddr + heap[-1].pages * PAGE
-        arg_entry = ci.PagemapEntry(vaddr=p.stack_top - PAGE, compat_nr_pages=1, flags=ci.PE_PRESENT, nr_pages=1)
-        core = ci.CoreEntry(
+        heap_end = heap[-1].vaddr + criu.pagemap_pages(heap[-1]) * PAGE
+        arg_entry = criu.PagemapEntry(vaddr=p.stack_top - PAGE, compat_nr_pages=1, flags=criu.PE_PRESENT, nr_pages=1)
+        core = criu.CoreEntry(
             mtype=_mtype(),
-            tc=ci.TaskCoreEntry(task_state=1, exit_code=0, personality=0, flags=0x400000, blk_sigset=0,
+            tc=criu.TaskCoreEntry(task_state=1, exit_code=0, personality=0, flags=0x400000, blk_sigset=0,
                                 comm=p.comm, loginuid=0xFFFFFFFF, oom_score_adj=1000, child_subreaper=False),
-            thread_core=ci.ThreadCoreEntry(futex_rla=p.stack_top - 0x2000, futex_rla_len=24, sched_nice=0,
+            thread_core=criu.ThreadCoreEntry(futex_rla=p.stack_top - 0x2000, futex_rla_len=24, sched_nice=0,
                                            sched_policy=0, comm=p.comm, cg_set=1),
         )  # fmt: skip
-        ids = ci.TaskKobjIdsEntry(vm_id=2 * index + 1, files_id=2 * index + 1, fs_id=2 * index + 1,
+        ids = criu.TaskKobjIdsEntry(vm_id=2 * index + 1, files_id=2 * index + 1, fs_id=2 * index + 1,
                                   sighand_id=2 * index + 1, pid_ns_id=1, net_ns_id=2, ipc_ns_id=3, uts_ns_id=4,
                                   mnt_ns_id=6, user_ns_id=7, cgroup_ns_id=8, time_ns_id=5)  # fmt: skip
         images += [
-            (f"core-{p.pid}.img", ci.encode_image("CORE", [core])),
-            (f"ids-{p.pid}.img", ci.encode_image("IDS", [ids])),
-            (f"mm-{p.pid}.img", ci.encode_image("MM", [_mm(p, heap_end)])),
-            (f"pagemap-{p.pid}.img", ci.encode_image("PAGEMAP", [ci.PagemapHead(pages_id=pages_id), *heap, arg_entry])),
+            (f"core-{p.pid}.img", criu.encode_image("CORE", [core])),
+            (f"ids-{p.pid}.img", criu.encode_image("IDS", [ids])),
+            (f"mm-{p.pid}.img", criu.encode_image("MM", [_mm(p, heap_end)])),
+            (f"pagemap-{p.pid}.img",
+             criu.encode_image("PAGEMAP", [criu.PagemapHead(pages_id=pages_id), *heap, arg_entry])),
         ]
 
         def chunks(p: _Process = p, index: int = index) -> Iterator[bytes]:
@@ -596,7 +398,7 @@ def synthetic_checkpoint_members(
             ArchiveMember(f"checkpoint/pages-{pages_id}.img", size=(p.heap_pages + 1) * PAGE, chunks=chunks)
         )
     top = [
-        ArchiveMember("stats-dump", data=ci.encode_stats(ci.StatsEntry(dump=stats))),
+        ArchiveMember("stats-dump", data=criu.encode_stats(criu.StatsEntry(dump=stats))),
         ArchiveMember("dump.log", data=_dump_log(pod, procs, stats), mode=0o600),
     ]
     ckpt = [ArchiveMember("checkpoint", is_dir=True, mode=0o755)]

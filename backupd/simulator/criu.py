@@ -23,10 +23,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from backupd.archive.tar import Member, TarScanner
 
 __all__ = [
     "CriuError",
@@ -243,20 +245,27 @@ def criu_restore(images_dir: Path, work_dir: Path, *, timeout: float = 60.0, cri
 
 
 def extract_checkpoint_images(archive: Path, dest: Path) -> Path:
-    """Extract the regular files under ``checkpoint/`` of a checkpoint archive into
-    ``dest/checkpoint`` (nothing else, no links, no nested paths) and return that directory."""
+    """Extract the regular files directly under ``checkpoint/`` of a (plain tar) checkpoint
+    archive into ``dest/checkpoint`` and return that directory. The archive is read with
+    backupd's tar reader, so one with a hostile member is refused (``UnsafeArchive``)."""
     out = dest / "checkpoint"
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            name = member.name.removeprefix("./")
-            if not member.isfile() or not name.startswith("checkpoint/"):
-                continue
-            leaf = name[len("checkpoint/") :]
-            if not leaf or "/" in leaf or leaf in (".", ".."):
-                continue
-            source = tar.extractfile(member)
-            assert source is not None
-            with source, open(out / leaf, "wb") as fh:
-                shutil.copyfileobj(source, fh, 1 << 20)
+    opened: list[BinaryIO] = []
+
+    def image(member: Member) -> BinaryIO | None:
+        leaf = member.name.removeprefix("checkpoint/")
+        if not member.is_file or leaf == member.name or "/" in leaf:
+            return None
+        opened.append(open(out / leaf, "wb"))
+        return opened[-1]
+
+    scanner = TarScanner(str(archive), on_member=image)
+    try:
+        with open(archive, "rb") as source:
+            while chunk := source.read(1 << 20):
+                scanner.feed(chunk)
+        scanner.close()
+    finally:
+        for image_file in opened:
+            image_file.close()
     return out

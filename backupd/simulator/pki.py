@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from backupd.durable import atomic_write
+
 __all__ = ["ClientCert", "Pki", "generate_pki"]
 
 DEFAULT_CLIENT_CN = "backupd"
@@ -34,10 +36,8 @@ class ClientCert:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_write(path, replace=True) as fh:
         fh.write(data)
-    os.chmod(path, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:

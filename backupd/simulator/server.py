@@ -50,6 +50,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from backupd import tls
 from backupd.errors import InvalidInput
 from backupd.simulator import criu as real_criu
 from backupd.simulator.archive import checkpoint_file_name, write_checkpoint_archive
@@ -434,10 +435,8 @@ class NodeSimulator:
         """A client context trusting the simulator's CA, presenting ``cert`` (cert file, key
         file; default: the trusted client cert). Pass it as httpx ``verify=``: httpx 0.28
         silently drops ``cert=`` when ``verify`` is a path."""
-        ctx = ssl.create_default_context(cafile=str(self.pki.ca_file))
         cert_file, key_file = cert or (self.pki.client_cert, self.pki.client_key)
-        ctx.load_cert_chain(str(cert_file), str(key_file))
-        return ctx
+        return tls.client_context(self.pki.ca_file, cert_file=cert_file, key_file=key_file)
 
     def start(self) -> str:
         """Create the directories and PKI, bind, spawn CRIU processes; return the base URL."""

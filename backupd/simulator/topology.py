@@ -48,7 +48,9 @@ from typing import Any
 
 import yaml
 
+from backupd import sizes
 from backupd.errors import InvalidInput
+from backupd.model import rfc3339
 
 __all__ = [
     "ContainerSpec",
@@ -66,25 +68,12 @@ __all__ = [
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _OWNER_KINDS = ("Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "Job")
 _STATES = ("running", "waiting", "terminated")
-_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPE]i?|k)?\s*$")
-_UNITS = {
-    None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}  # fmt: skip
-
-
 def parse_quantity(value: int | str) -> int:
-    """Bytes from an int or a Kubernetes quantity string (``64Mi``, ``1G``, ``512``)."""
-    if isinstance(value, bool):
-        raise InvalidInput(f"not a byte quantity: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise InvalidInput(f"byte quantity must not be negative: {value}")
-        return value
-    m = _QUANTITY.match(str(value))
-    if not m:
-        raise InvalidInput(f"not a byte quantity: {value!r} (use e.g. 512, 64Mi, 1Gi)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    """Bytes from an int or a Kubernetes quantity string (``64Mi``, ``1.5Gi``, ``1G``, ``512``)."""
+    try:
+        return sizes.parse_quantity(value)
+    except ValueError as exc:
+        raise InvalidInput(f"not a byte quantity: {exc} (use e.g. 512, 64Mi, 1Gi)") from None
 
 
 # -- spec (what a topology file says) ------------------------------------------------------
@@ -539,7 +528,7 @@ def _pod_v1(pod: Pod, host_ip: str) -> dict[str, Any]:
         "creationTimestamp": _k8s_time(pod.created_at),
         "labels": dict(pod.labels),
         "annotations": {
-            "kubernetes.io/config.seen": pod.created_at.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
+            "kubernetes.io/config.seen": rfc3339(pod.created_at),
             "kubernetes.io/config.source": "api",
             **pod.annotations,
         },

@@ -17,9 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -32,8 +33,6 @@ from backupd.model import (
     COMMITTED,
     FAILED,
     PENDING,
-    RUN_FAILED,
-    SUCCEEDED,
     Archive,
     Container,
     Pod,
@@ -48,6 +47,7 @@ from backupd.storage import layout
 from backupd.storage.dedup import commit as dedup_commit
 from backupd.storage.dedup.ids import ChunkIds
 from backupd.storage.prune import release_dead_leases
+from backupd.storage.runs import RunRecord, recorded_run
 from backupd.storage.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader, parse_recipients
 
 log = structlog.get_logger("backupd.pipeline")
@@ -108,55 +108,44 @@ class Pipeline:
         target = Target(pod.namespace, pod.name, container.name)
         bound = log.bind(policy=policy.name, namespace=pod.namespace, pod=pod.name, workload=workload,
                          container=container.name)
-        run_id = self.catalog.start_run(
-            "checkpoint", policy=policy.name, node=self.node, namespace=pod.namespace, pod=pod.name,
-            workload=workload, container=container.name,
-        )
-        started = time.monotonic()
+        run: RunRecord | None = None
         try:
-            self.checkpoint_dir.ensure_free(self.min_free_space)
-            requested = self.clock()
+            with recorded_run(self.catalog, self.metrics, "checkpoint", policy=policy.name, node=self.node, log=bound,
+                              namespace=pod.namespace, pod=pod.name, workload=workload,
+                              container=container.name) as run:
+                self.checkpoint_dir.ensure_free(self.min_free_space)
+                requested = self.clock()
 
-            def on_retry(exc: BackupdError, attempt: int, pause: float) -> None:
-                bound.warning("kubelet_retry", error=str(exc), attempt=attempt, pause_seconds=round(pause, 2))
+                def on_retry(exc: BackupdError, attempt: int, pause: float) -> None:
+                    bound.warning("kubelet_retry", error=str(exc), attempt=attempt, pause_seconds=round(pause, 2))
 
-            checkpoint_seconds = 0.0
+                checkpoint_seconds = 0.0
 
-            def request() -> Path:
-                nonlocal checkpoint_seconds
-                with kubelet_slot:
-                    asked = time.monotonic()
-                    path = self.kubelet.checkpoint(target)
-                    checkpoint_seconds = time.monotonic() - asked
-                    return path
+                def request() -> Path:
+                    nonlocal checkpoint_seconds
+                    with kubelet_slot:
+                        asked = time.monotonic()
+                        path = self.kubelet.checkpoint(target)
+                        checkpoint_seconds = time.monotonic() - asked
+                        return path
 
-            node_path = retry.call(request, self.kubelet_backoff, sleep=self.sleep, on_retry=on_retry)
-            self.metrics.checkpoint_seconds.observe(checkpoint_seconds)
-            archive = self.commit(policy, pod, container, node_path, requested)
-            if policy.spec.keep_on_node:
-                self.clean_node(policy, pod.namespace, pod.name, container.name)
-        except Exception as exc:
-            if not isinstance(exc, BackupdError):
-                # A bug must cost one run, not the daemon: record it and keep the traceback.
-                bound.exception("unexpected_error")
-                exc = BackupdError(f"internal error: {type(exc).__name__}: {exc}")
-            self.metrics.run_failed("checkpoint", exc)
-            run = self.catalog.finish_run(run_id, RUN_FAILED, error=exc)
-            bound.error("run_finished", outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind,
-                        duration_seconds=round(time.monotonic() - started, 3))
-            return Outcome(run, None)
-        run = self.catalog.finish_run(
-            run_id, SUCCEEDED, bytes_in=archive.tar_size or 0, bytes_out=archive.stored_size or 0, archive_id=archive.id
-        )
-        self.metrics.runs.labels(kind="checkpoint", outcome=SUCCEEDED).inc()
-        self.metrics.bytes_read.inc(archive.tar_size or 0)
-        self.metrics.bytes_shipped.labels(backend=archive.backend).inc(archive.stored_size or 0)
-        bound.info(
-            "run_finished", outcome=SUCCEEDED, archive_id=archive.id, bytes_in=archive.tar_size,
-            bytes_out=archive.stored_size, checkpoint_seconds=round(checkpoint_seconds, 3),
-            duration_seconds=round(time.monotonic() - started, 3),
-        )
-        return Outcome(run, archive)
+                node_path = retry.call(request, self.kubelet_backoff, sleep=self.sleep, on_retry=on_retry)
+                self.metrics.checkpoint_seconds.observe(checkpoint_seconds)
+                archive = self.commit(policy, pod, container, node_path, requested)
+                if policy.spec.keep_on_node:
+                    self.clean_node(policy, pod.namespace, pod.name, container.name)
+                run.bytes_in, run.bytes_out = archive.tar_size or 0, archive.stored_size or 0
+                run.archive_id = archive.id
+                run.fields.update(archive_id=archive.id, bytes_in=archive.tar_size, bytes_out=archive.stored_size,
+                                  checkpoint_seconds=round(checkpoint_seconds, 3))
+                self.metrics.bytes_read.inc(archive.tar_size or 0)
+                self.metrics.bytes_shipped.labels(backend=archive.backend).inc(archive.stored_size or 0)
+        except Exception:
+            if run is None or run.run is None:
+                raise  # the catalog could not record the run at all
+            return Outcome(run.run, None)  # recorded and logged: the daemon keeps going
+        assert run.run is not None
+        return Outcome(run.run, archive)
 
     def commit(self, policy: Policy, pod: Pod, container: Container, node_path: Path, when: datetime) -> Archive:
         """Ship one node-local tar (already written by the kubelet) and commit it.
@@ -180,28 +169,21 @@ class Pipeline:
         self.catalog.add_archive(pending)
         upload_started = time.monotonic()
         try:
-            stored: dict[str, object]
+            extra: dict[str, Any] = {}
             with self.checkpoint_dir.open(node_path.name) as raw:
                 if ids is not None:
                     shipped = dedup_commit.ship(backend, self.catalog, raw, key, ids=ids, recipients=recipients,
                                                 what=f"archive {archive_id}", level=self.level)
-                    stored = {"tar_size": shipped.tar_size, "stored_size": shipped.new_bytes,
-                              "tar_sha256": shipped.tar_sha256, "stored_sha256": shipped.recipe_sha256,
-                              "encryption": "age" if recipients else "none", "format": "dedup",
-                              "recipe_size": shipped.recipe_size, "packs": shipped.packs}
+                    committed = replace(pending, tar_size=shipped.tar_size, stored_size=shipped.new_bytes,
+                                        tar_sha256=shipped.tar_sha256, stored_sha256=shipped.recipe_sha256)
+                    extra = {"format": "dedup", "recipe_size": shipped.recipe_size, "packs": shipped.packs}
                 else:
                     reader = PackingReader(raw, level=self.level, threads=self.threads, recipients=recipients)
                     backend.put(key, reader)
-                    stored = {"tar_size": reader.tar_size, "stored_size": reader.stored_size,
-                              "tar_sha256": reader.tar_sha256, "stored_sha256": reader.stored_sha256,
-                              "encryption": reader.encryption}
-            manifest = layout.Manifest(
-                archive_id=archive_id, key=key, node=self.node, namespace=pod.namespace, pod=pod.name,
-                workload=str(pod.workload), container=container.name, image=container.image,
-                checkpoint_time=when, compression="zstd", policy=policy.name, backupd_version=__version__,
-                format_version=layout.FORMAT_VERSION, labels=dict(pod.labels), replica=replica,
-                **stored,  # type: ignore[arg-type]
-            )
+                    committed = replace(pending, tar_size=reader.tar_size, stored_size=reader.stored_size,
+                                        tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256,
+                                        encryption=reader.encryption)
+            manifest = layout.Manifest.of(committed, labels=dict(pod.labels), backupd_version=__version__, **extra)
             try:
                 backend.put_bytes(layout.manifest_key(key), manifest.to_json())
             except BackupdError:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -35,10 +36,11 @@ from backupd.backends.base import Backend
 from backupd.catalog.store import Catalog
 from backupd.errors import BackupdError, InvalidInput, LeaseHeld, NotFound
 from backupd.metrics import Metrics
-from backupd.model import COMMITTED, DELETING, FAILED, PENDING, RUN_FAILED, SUCCEEDED, Archive, now_utc
+from backupd.model import COMMITTED, DELETING, FAILED, PENDING, Archive, now_utc
 from backupd.policy import retention
 from backupd.sizes import human_bytes
 from backupd.storage.prune import PruneResult, check_backends, delete_archives, lease_holder, take_policy_lease
+from backupd.storage.runs import recorded_run
 
 log = structlog.get_logger("backupd.delete")
 
@@ -75,7 +77,7 @@ class Selection:
     older_than: retention.Duration | None = None
 
     @property
-    def filters(self) -> dict[str, str]:
+    def filters(self) -> dict[str, Any]:
         """The equality filters given (``older_than`` aside)."""
         named = {"policy": self.policy, "namespace": self.namespace, "workload": self.workload, "pod": self.pod,
                  "container": self.container}
@@ -217,27 +219,19 @@ class Deleter:
     def _delete_policy(self, policy: str, archives: list[Archive],
                        deleted: list[Archive]) -> tuple[int, BackupdError | None]:
         """One ``delete`` run: the archives of one policy, the policy's lease held."""
-        run_id = self.catalog.start_run("delete", policy=policy, node=self.node)
-        done: list[Archive] = []
-        error: BackupdError | None = None
-        try:
-            delete_archives(self.catalog, self.backends, archives, done)
-        except BackupdError as exc:
-            error = exc
-        deleted.extend(done)
-        freed = stored_bytes(done)
-        outcome = SUCCEEDED if error is None else RUN_FAILED
-        run = self.catalog.finish_run(run_id, outcome, error=error, bytes_in=freed)
-        self.metrics.runs.labels(kind="delete", outcome=outcome).inc()
-        fields = {"policy": policy, "outcome": outcome, "deleted": len(done), "bytes_freed": freed,
-                  "duration_seconds": run.duration_seconds}
-        if error is None:
-            log.info("delete_finished", **fields)
-        else:
-            self.metrics.error(error)
-            log.error("delete_finished", **fields, left=len(archives) - len(done), error=str(error),
-                      error_kind=error.kind)
-        return run_id, error
+        with recorded_run(self.catalog, self.metrics, "delete", policy=policy, node=self.node, log=log,
+                          event="delete_finished") as run:
+            done: list[Archive] = []
+            try:
+                delete_archives(self.catalog, self.backends, archives, done)
+            except BackupdError as exc:
+                run.error = exc
+            deleted.extend(done)
+            run.bytes_in = stored_bytes(done)
+            run.fields.update(policy=policy, deleted=len(done), bytes_freed=run.bytes_in)
+            if run.error is not None:
+                run.fields["left"] = len(archives) - len(done)
+        return run.id, run.error
 
     def finish_leftovers(self, existing: Collection[str], *, dry_run: bool = False) -> list[PruneResult]:
         """Finish the ``deleting`` rows of policies not in ``existing`` (a crash during a delete

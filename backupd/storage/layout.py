@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from backupd.errors import ManifestInvalid, ManifestKeyMismatch, validation_problems
-from backupd.model import DNS_LABEL, DNS_SUBDOMAIN, KINDS, Workload, recorded_replica
+from backupd.model import DNS_LABEL, DNS_SUBDOMAIN, KINDS, Archive, Workload, recorded_replica, rfc3339
 
 if TYPE_CHECKING:
     from backupd.backends.base import Backend
@@ -148,6 +148,13 @@ def _format_version(value: int) -> int:
     return value
 
 
+#: What a manifest records of its archive: these :class:`~backupd.model.Archive` fields, under
+#: the same names and with the same types (never None in a manifest; tests/test_manifest.py
+#: checks that they agree), and the archive's ``id`` as ``archive_id``. The catalog's own
+#: bookkeeping (state, backend, times of the row, node copy, pin, error) is not the archive's.
+ARCHIVE_FACTS = ("key", "node", "namespace", "pod", "workload", "replica", "container", "image", "checkpoint_time",
+                 "tar_size", "stored_size", "tar_sha256", "stored_sha256", "compression", "encryption", "policy")
+
 _DnsLabel = Annotated[str, Field(max_length=63), _matching(DNS_LABEL, "a DNS label (a-z, 0-9, '-')")]
 _Size = Annotated[int, Field(ge=0, lt=1 << 63)]  # what a signed 64-bit catalog column holds
 _Sha256 = Annotated[str, _matching(re.compile(r"^[0-9a-f]{64}$"), "a SHA-256 hex digest (64 of 0-9a-f)")]
@@ -205,13 +212,27 @@ class Manifest(BaseModel):
                 return {**data, "replica": recorded_replica(workload, pod, node)}
         return data
 
+    @classmethod
+    def of(cls, archive: Archive, *, labels: dict[str, str], backupd_version: str, **stored: Any) -> Manifest:
+        """The manifest of ``archive`` as it is committed: every one of its :data:`ARCHIVE_FACTS`
+        known (sizes and digests included), else :class:`pydantic.ValidationError`. ``stored``:
+        the deduplicated format's ``format``, ``recipe_size`` and ``packs``."""
+        facts = {name: getattr(archive, name) for name in ARCHIVE_FACTS}
+        return cls(archive_id=archive.id, **facts, labels=labels, backupd_version=backupd_version,
+                   format_version=FORMAT_VERSION, **stored)
+
+    def archive_facts(self) -> dict[str, Any]:
+        """What this manifest says of its archive, as :class:`~backupd.model.Archive` fields
+        (``id`` and the :data:`ARCHIVE_FACTS`)."""
+        return {"id": self.archive_id, **{name: getattr(self, name) for name in ARCHIVE_FACTS}}
+
     def to_json(self) -> bytes:
         """Sorted keys, indent 2, times in UTC with ``Z``: byte for byte what backupd always wrote."""
         d = self.model_dump()
         if self.format == "full":  # the fields of the deduplicated format stay out of full manifests
             for name in ("format", "recipe_size", "packs"):
                 del d[name]
-        d["checkpoint_time"] = self.checkpoint_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        d["checkpoint_time"] = rfc3339(self.checkpoint_time)
         return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod

@@ -30,8 +30,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import compress, groupby, repeat
-from operator import attrgetter, eq
+from operator import attrgetter
 
 import structlog
 
@@ -39,10 +38,11 @@ from backupd.backends.base import Backend
 from backupd.catalog.store import Catalog
 from backupd.errors import BackupdError, ConfigError, LeaseHeld
 from backupd.metrics import Metrics
-from backupd.model import COMMITTED, DELETING, FAILED, RUN_FAILED, SUCCEEDED, Archive, ArchiveSummary, now_utc
+from backupd.model import COMMITTED, DELETING, FAILED, Archive, ArchiveSummary, now_utc
 from backupd.policy import retention
 from backupd.policy.document import Policy
 from backupd.storage import layout
+from backupd.storage.runs import RunRecord, recorded_run
 
 log = structlog.get_logger("backupd.prune")
 
@@ -85,27 +85,19 @@ class GroupPlan:
 
 
 _GROUP = attrgetter("namespace", "workload", "replica", "container")
-_SELECTOR = attrgetter("state", "policy")
-_ID, _CHECKPOINT_TIME, _STORED_SIZE, _PINNED = map(attrgetter, ("id", "checkpoint_time", "stored_size", "pinned"))
 
 
 def plan_policy(policy: Policy, archives: Iterable[Planned]) -> list[GroupPlan]:
-    """One retention plan per group of the policy's committed archives. Pure."""
-    listed = archives if isinstance(archives, list) else list(archives)
-    rules, tz = policy.rules, policy.tz
+    """One retention plan per group of the policy's committed archives, groups in order. Pure."""
+    groups: dict[tuple[str, str, str, str], list[Planned]] = {}
+    for archive in archives:
+        if archive.state == COMMITTED and archive.policy == policy.name:
+            groups.setdefault(_GROUP(archive), []).append(archive)
     plans = []
-    with retention.gc_paused():  # a million short-lived keys and Items: see retention.gc_paused
-        # Selecting, grouping and building Items with C iterators rather than a Python loop:
-        # over a million archives the loop cost more than the retention plan itself.
-        mine = list(compress(listed, map(eq, map(_SELECTOR, listed), repeat((COMMITTED, policy.name)))))
-        mine.sort(key=_GROUP)  # stable: each group keeps its input order
-        for (namespace, workload, replica, container), grouped in groupby(mine, _GROUP):
-            members = tuple(grouped)
-            sizes = [size or 0 for size in map(_STORED_SIZE, members)]
-            items = retention.items(map(_ID, members), map(_CHECKPOINT_TIME, members), sizes,
-                                    map(_PINNED, members), len(members))
-            plans.append(GroupPlan(namespace, workload, replica, container, members,
-                                   retention.plan(items, rules, tz=tz)))
+    for (namespace, workload, replica, container), members in sorted(groups.items()):
+        items = [retention.Item(a.id, a.checkpoint_time, a.stored_size or 0, a.pinned) for a in members]
+        plans.append(GroupPlan(namespace, workload, replica, container, tuple(members),
+                               retention.plan(items, policy.rules, tz=policy.tz)))
     return plans
 
 
@@ -265,34 +257,37 @@ class Pruner:
             result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
             return result
         lease = take_policy_lease(self.catalog, policy.name, self.holder, self.lease_ttl)
-        run_id = self.catalog.start_run("prune", policy=policy.name, node=self.node)
+        run: RunRecord | None = None
         try:
-            result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
-            if result.resumed:
-                log.info("prune_resumed", policy=policy.name, archives=len(result.resumed))
-                delete_archives(self.catalog, self.backends, result.resumed, result.deleted)
-            result.plans = self.plan(policy)
-            doomed = self.catalog.get_archives([a.id for a in result.removals])
-            if doomed:
-                self.catalog.acquire_lease(lease, self.holder, self.lease_ttl)  # renew before the slow part
-                delete_archives(self.catalog, self.backends, doomed, result.deleted)
-            result.failed_rows_removed = self._remove_failed_rows(policy)
+            with recorded_run(self.catalog, self.metrics, "prune", policy=policy.name, node=self.node, log=log,
+                              event="prune_finished") as run:
+                run.fields["policy"] = policy.name
+                try:
+                    self._prune(policy, lease, result)
+                finally:
+                    run.bytes_in = result.bytes_freed
+                    self.metrics.prune_deletions.labels(policy=policy.name).inc(len(result.deleted))
+                run.fields.update(deleted=len(result.deleted), bytes_freed=result.bytes_freed,
+                                  kept=sum(len(p.plan.keep) for p in result.plans))
         except BackupdError as exc:
-            result.error = exc
-            self.metrics.runs.labels(kind="prune", outcome=RUN_FAILED).inc()
-            self.metrics.error(exc)
-            self.metrics.prune_deletions.labels(policy=policy.name).inc(len(result.deleted))
-            self.catalog.finish_run(run_id, RUN_FAILED, error=exc, bytes_in=result.bytes_freed)
-            log.error("prune_finished", policy=policy.name, outcome=RUN_FAILED, error=str(exc), error_kind=exc.kind)
-            return result
+            if run is None or run.run is None:
+                raise  # the catalog could not record the run at all
+            result.error = exc  # recorded, counted and logged
         finally:
             self.catalog.release_lease(lease, self.holder)
-        self.catalog.finish_run(run_id, SUCCEEDED, bytes_in=result.bytes_freed)
-        self.metrics.runs.labels(kind="prune", outcome=SUCCEEDED).inc()
-        self.metrics.prune_deletions.labels(policy=policy.name).inc(len(result.deleted))
-        log.info("prune_finished", policy=policy.name, outcome=SUCCEEDED, deleted=len(result.deleted),
-                 bytes_freed=result.bytes_freed, kept=sum(len(p.plan.keep) for p in result.plans))
         return result
+
+    def _prune(self, policy: Policy, lease: str, result: PruneResult) -> None:
+        result.resumed = self.catalog.list_archives(policy=policy.name, states=(DELETING,))
+        if result.resumed:
+            log.info("prune_resumed", policy=policy.name, archives=len(result.resumed))
+            delete_archives(self.catalog, self.backends, result.resumed, result.deleted)
+        result.plans = self.plan(policy)
+        doomed = self.catalog.get_archives([a.id for a in result.removals])
+        if doomed:
+            self.catalog.acquire_lease(lease, self.holder, self.lease_ttl)  # renew before the slow part
+            delete_archives(self.catalog, self.backends, doomed, result.deleted)
+        result.failed_rows_removed = self._remove_failed_rows(policy)
 
     def _remove_failed_rows(self, policy: Policy) -> int:
         """Failed commits leave a row (and maybe an object the pipeline could not delete)."""

@@ -127,10 +127,16 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive,
 
 @contextlib.contextmanager
 def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
-                  identities: Sequence[Any] = ()) -> Iterator[VerifiedTar]:
+                  identities: Sequence[Any] = (), *, stored_only: bool = False) -> Iterator[VerifiedTar]:
     """The object of ``archive`` as a stream checked against ``manifest``, which
     :func:`verified_manifest` returned; :class:`StorageNotFound` when the object is gone.
-    A deduplicated archive's tar is rebuilt from its recipe and packs, verified alike."""
+
+    This is the one way a committed archive is opened for reading (verify, restore to every
+    destination, inspect). With ``stored_only`` (an encrypted archive verified without its
+    identity) the stream is the stored bytes, of which only the size and SHA-256 are checked.
+    A deduplicated archive's tar is rebuilt from its recipe and packs, verified alike (its
+    ``stored_only`` check is :func:`backupd.storage.dedup.read.verify_stored`'s).
+    """
     if manifest.format == "dedup":
         from backupd.storage.dedup.read import open_recipe
 
@@ -149,7 +155,7 @@ def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
             stream, what=f"archive {archive.id} ({backend.name}:{archive.key})",
             tar_sha256=manifest.tar_sha256, stored_sha256=manifest.stored_sha256,
             tar_size=manifest.tar_size, stored_size=manifest.stored_size,
-            encryption=manifest.encryption, identities=identities,
+            encryption=manifest.encryption, identities=identities, stored_only=stored_only,
         )
     finally:
         stream.close()

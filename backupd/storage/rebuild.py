@@ -68,13 +68,8 @@ class RebuildReport:
 
 
 def archive_from_manifest(m: layout.Manifest, backend: str) -> Archive:
-    return Archive(
-        id=m.archive_id, state=COMMITTED, policy=m.policy, backend=backend, key=m.key, node=m.node,
-        namespace=m.namespace, pod=m.pod, workload=m.workload, container=m.container, image=m.image,
-        checkpoint_time=m.checkpoint_time, created_at=m.checkpoint_time, committed_at=now_utc(),
-        tar_size=m.tar_size, stored_size=m.stored_size, tar_sha256=m.tar_sha256, stored_sha256=m.stored_sha256,
-        compression=m.compression, encryption=m.encryption, node_tar_deleted=True, replica=m.replica,
-    )
+    return Archive(**m.archive_facts(), state=COMMITTED, backend=backend, created_at=m.checkpoint_time,
+                   committed_at=now_utc(), node_tar_deleted=True)
 
 
 def _read(backend: Backend, mkey: str, report: RebuildReport) -> layout.Manifest | None:

@@ -4,7 +4,7 @@ Each archive's manifest must pass the schema, agree with its key and with the ca
 object is streamed back and decompressed; its size and SHA-256 (of the stored bytes and of the
 tar) are checked against the catalog -- sizes as the bytes come, so a decompression bomb stops
 at the declared size -- and every tar member must pass the rules restore and inspect apply
-(:mod:`backupd.tarscan`: no ``..``, absolute names, links, devices, FIFOs). A bit flip, a
+(:mod:`backupd.archive.tar`: no ``..``, absolute names, links, devices, FIFOs). A bit flip, a
 truncation or a hostile member anywhere is caught (status ``corrupt``). With ``structure=True``
 (the CLI's default, and restore drills) the tar must also be a checkpoint archive:
 ``config.dump`` and ``spec.dump`` present and valid JSON, ``checkpoint/inventory.img``.
@@ -13,7 +13,6 @@ Objects without a manifest in the same backends are reported as orphans.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -93,7 +92,7 @@ _JSON_FILES = ("config.dump", "spec.dump")
 
 def scan_archive(reader: VerifiedTar, what: str, *, structure: bool) -> None:
     """Read a verified stream to its end through the member rules every reader applies
-    (:mod:`backupd.tarscan`); with ``structure``, also require what every runtime's restore
+    (:mod:`backupd.archive.tar`); with ``structure``, also require what every runtime's restore
     needs: ``config.dump`` and ``spec.dump`` holding JSON, ``checkpoint/inventory.img``."""
     present: set[str] = set()
 
@@ -116,19 +115,6 @@ def scan_archive(reader: VerifiedTar, what: str, *, structure: bool) -> None:
             raise IntegrityError(f"{what}: {name} is not valid JSON") from None
 
 
-def _verify_stored_only(archive: Archive, stored: Any, what: str) -> tuple[Finding, int]:
-    """An encrypted archive without its identity: the stored bytes are all that can be checked."""
-    digest, size = hashlib.sha256(), 0
-    while chunk := stored.read(1 << 20):
-        digest.update(chunk)
-        size += len(chunk)
-    if size != archive.stored_size or digest.hexdigest() != archive.stored_sha256:
-        return Finding(archive.id, archive.backend, archive.key, CORRUPT,
-                       f"{what}: the stored bytes do not match the catalog (size {size} vs {archive.stored_size})"), 0
-    return Finding(archive.id, archive.backend, archive.key, OK,
-                   "encrypted: stored bytes verified; the tar needs --identity-file"), 0
-
-
 def verify_archive(archive: Archive, backend: Backend, *, structure: bool = False,
                    identities: Sequence[Any] = ()) -> tuple[Finding, int]:
     """Read one archive back: its manifest (schema, key, catalog), then every stored byte and,
@@ -149,9 +135,14 @@ def verify_archive(archive: Archive, backend: Backend, *, structure: bool = Fals
                 return Finding(archive.id, backend.name, archive.key, CORRUPT, str(exc)), 0
             return Finding(archive.id, backend.name, archive.key, OK,
                            "encrypted: recipe and packs verified by their digests; the tar needs --identity-file"), 0
-        if archive.encryption == "age" and not identities:
-            with backend.open(archive.key) as stored:
-                return _verify_stored_only(archive, stored, what)
+        if archive.encryption == "age" and not identities:  # the stored bytes are all that can be checked
+            with open_verified(backend, archive, manifest, stored_only=True) as stored:
+                try:
+                    drain(stored)
+                except IntegrityError as exc:
+                    return Finding(archive.id, backend.name, archive.key, CORRUPT, str(exc)), 0
+            return Finding(archive.id, backend.name, archive.key, OK,
+                           "encrypted: stored bytes verified; the tar needs --identity-file"), 0
         with open_verified(backend, archive, manifest, identities) as reader:
             try:
                 scan_archive(reader, what, structure=structure)

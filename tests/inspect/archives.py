@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupd.archive import criu as criu_images
+from backupd.archive import criu
 from backupd.simulator.archive import (
     ArchiveMember,
     rootfs_diff_tar,
@@ -150,12 +150,11 @@ def crafted_tar(members: Iterable[Crafted], *, fmt: int = tarfile.PAX_FORMAT, en
 def minimal_members(comm: str = "app") -> list[Crafted]:
     """The smallest archive inspect accepts: metadata, a pstree with one task, its core."""
     pod, container = web_pod()
-    core = criu_images.CoreEntry(tc=criu_images.TaskCoreEntry(comm=comm, task_state=1))
+    core = criu.CoreEntry(tc=criu.TaskCoreEntry(comm=comm, task_state=1))
     return [
         Crafted("checkpoint", type=tarfile.DIRTYPE),
-        Crafted("checkpoint/pstree.img",
-                criu_images.encode_image("PSTREE", [criu_images.PstreeEntry(pid=1, threads=[1])])),
-        Crafted("checkpoint/core-1.img", criu_images.encode_image("CORE", [core])),
+        Crafted("checkpoint/pstree.img", criu.encode_image("PSTREE", [criu.PstreeEntry(pid=1, threads=[1])])),
+        Crafted("checkpoint/core-1.img", criu.encode_image("CORE", [core])),
         Crafted("checkpoint/pages-1.img", bytes(8192)),
         Crafted("config.dump", json.dumps({"id": "c1", "rootfsImageName": "img:1"}).encode()),
         Crafted("spec.dump", json.dumps({"annotations": {"io.container.manager": "cri-o",

@@ -27,7 +27,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupd.archive import criu as criu_images
+from backupd.archive import criu
 from backupd.archive.inspect import Inspection, Limits, inspect_stream
 from backupd.errors import BackupdError, IntegrityError, UnsafeArchive
 
@@ -111,12 +111,11 @@ def inner_tar(members: list[Crafted]) -> bytes:
 def rich_members() -> list[Crafted]:
     """Small, but reaching every reader: stats, deleted files, an inner rootfs diff, a tree."""
     base = minimal_members()
-    pstree = criu_images.encode_image("PSTREE", [criu_images.PstreeEntry(pid=1, threads=[1]),
-                                                 criu_images.PstreeEntry(pid=7, ppid=1, threads=[7])])
-    worker = criu_images.TaskCoreEntry(comm="worker", task_state=6)
-    core7 = criu_images.encode_image("CORE", [criu_images.CoreEntry(tc=worker)])
-    dump = criu_images.DumpStatsEntry(freezing_time=5, pages_scanned=9, pages_written=2)
-    stats = criu_images.encode_stats(criu_images.StatsEntry(dump=dump))
+    pstree = criu.encode_image("PSTREE", [criu.PstreeEntry(pid=1, threads=[1]),
+                                          criu.PstreeEntry(pid=7, ppid=1, threads=[7])])  # fmt: skip
+    core7 = criu.encode_image("CORE", [criu.CoreEntry(tc=criu.TaskCoreEntry(comm="worker", task_state=6))])
+    dump = criu.DumpStatsEntry(freezing_time=5, pages_scanned=9, pages_written=2)
+    stats = criu.encode_stats(criu.StatsEntry(dump=dump))
     rootfs = inner_tar([Crafted("etc", type=tarfile.DIRTYPE), Crafted("etc/app.conf", b"x = 1\n"),
                         Crafted("etc/localtime", type=tarfile.SYMTYPE, linkname="/usr/share/zoneinfo/UTC"),
                         Crafted("dev/null", type=tarfile.CHRTYPE, devmajor=1, devminor=3)])  # fmt: skip
@@ -299,12 +298,10 @@ def test_garbage_where_a_header_should_be(sandbox: Path) -> None:
 
 @pytest.mark.parametrize("name, data, expected", [
     ("checkpoint/core-1.img", b"\x19\x43\x56\x54\x47\x38\x05\x55" + b"\xff" * 12, "core-1.img"),
-    ("checkpoint/core-1.img",
-     criu_images.encode_image("CORE", [criu_images.CoreEntry(tc=criu_images.TaskCoreEntry(comm="a"))])[:-3],
+    ("checkpoint/core-1.img", criu.encode_image("CORE", [criu.CoreEntry(tc=criu.TaskCoreEntry(comm="a"))])[:-3],
      "core-1.img"),
     ("checkpoint/pstree.img", b"\x19\x43\x56\x54\x30\x30\x27\x50\x05\x00\x00\x00\x08", "pstree.img"),
-    ("checkpoint/pstree.img", criu_images.encode_image("INVENTORY", [criu_images.InventoryEntry()]),
-     "expected a CRIU PSTREE"),
+    ("checkpoint/pstree.img", criu.encode_image("INVENTORY", [criu.InventoryEntry()]), "expected a CRIU PSTREE"),
     ("stats-dump", b"\x40\x59\x10\x55\x06\x33\x09\x57\xff\xff\xff\x7f", "stats-dump"),
 ], ids=["core-garbage", "core-truncated", "pstree-truncated", "pstree-wrong-magic", "stats-huge-entry"])  # fmt: skip
 def test_corrupt_criu_images(sandbox: Path, name: str, data: bytes, expected: str) -> None:
@@ -312,24 +309,22 @@ def test_corrupt_criu_images(sandbox: Path, name: str, data: bytes, expected: st
     assert expected in refused(crafted_tar(members), sandbox)
 
 
-def _tree_members(entries: list[criu_images.PstreeEntry]) -> bytes:
+def _tree_members(entries: list[criu.PstreeEntry]) -> bytes:
     members = [m for m in minimal_members() if not m.name.startswith(("checkpoint/pstree", "checkpoint/core"))]
-    members.append(Crafted("checkpoint/pstree.img", criu_images.encode_image("PSTREE", entries)))
+    members.append(Crafted("checkpoint/pstree.img", criu.encode_image("PSTREE", entries)))
     for e in entries:
-        core = criu_images.CoreEntry(tc=criu_images.TaskCoreEntry(comm=f"p{e.pid}"))
-        members.append(Crafted(f"checkpoint/core-{e.pid}.img", criu_images.encode_image("CORE", [core])))
+        core = criu.CoreEntry(tc=criu.TaskCoreEntry(comm=f"p{e.pid}"))
+        members.append(Crafted(f"checkpoint/core-{e.pid}.img", criu.encode_image("CORE", [core])))
     return crafted_tar(members)
 
 
 def test_process_trees_that_are_not_trees(sandbox: Path) -> None:
-    cycle = [criu_images.PstreeEntry(pid=1, ppid=0), criu_images.PstreeEntry(pid=2, ppid=3),
-             criu_images.PstreeEntry(pid=3, ppid=2)]
+    cycle = [criu.PstreeEntry(pid=1, ppid=0), criu.PstreeEntry(pid=2, ppid=3), criu.PstreeEntry(pid=3, ppid=2)]
     assert "not a tree" in refused(_tree_members(cycle), sandbox)
-    two_roots = [criu_images.PstreeEntry(pid=1), criu_images.PstreeEntry(pid=2)]
-    assert "2 root processes" in refused(_tree_members(two_roots), sandbox)
-    orphan = [criu_images.PstreeEntry(pid=1), criu_images.PstreeEntry(pid=2, ppid=9)]
+    assert "2 root processes" in refused(_tree_members([criu.PstreeEntry(pid=1), criu.PstreeEntry(pid=2)]), sandbox)
+    orphan = [criu.PstreeEntry(pid=1), criu.PstreeEntry(pid=2, ppid=9)]
     assert "parent 9 of pid 2 is not in the tree" in refused(_tree_members(orphan), sandbox)
-    deep = [criu_images.PstreeEntry(pid=1)] + [criu_images.PstreeEntry(pid=i, ppid=i - 1) for i in range(2, 300)]
+    deep = [criu.PstreeEntry(pid=1)] + [criu.PstreeEntry(pid=i, ppid=i - 1) for i in range(2, 300)]
     assert "deeper than 128" in refused(_tree_members(deep), sandbox)
     ok = inspect_bytes(_tree_members(deep[:100]), sandbox)
     assert isinstance(ok, Inspection) and ok.process_tree is not None

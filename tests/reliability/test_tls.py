@@ -115,8 +115,8 @@ def test_no_code_path_builds_an_unverified_client() -> None:
         for line in path.read_text().splitlines():
             if UNVERIFIED.search(line):
                 hits.append((path.relative_to(PACKAGE).as_posix(), line.strip()))
-    assert hits == [("registry.py", "verify = False")], hits
-    registry = (PACKAGE / "registry.py").read_text()
+    assert hits == [("restore/registry.py", "verify = False")], hits
+    registry = (PACKAGE / "restore" / "registry.py").read_text()
     assert re.search(r"if insecure:\n\s+verify = False\n", registry), "the unverified client must hang on `insecure`"
 
 

@@ -17,15 +17,11 @@ from backupd.catalog.schema import ArchiveRow, PolicyRow, RunRow
 from backupd.catalog.store import Catalog
 from backupd.model import FAILED, RUN_FAILED, SUCCEEDED, replica_identity
 from backupd.policy.document import parse_policies
-from backupd.report.build import (
-    STORAGE_POINTS,
-    TIMELINE_POINTS,
-    UNMANAGED,
-    build_report,
-    load_report,
-    render_html,
-    render_table,
-)
+from backupd.report.build import STORAGE_POINTS, TIMELINE_POINTS, build_report
+from backupd.report.html import render_html
+from backupd.report.load import load_report
+from backupd.report.model import UNMANAGED
+from backupd.report.render import render_table
 from tests.report.test_build import archive, policy
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)

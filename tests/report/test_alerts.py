@@ -17,7 +17,8 @@ from backupd.daemon.alerts import AlertsConfig, Notifier, check_and_alert, notif
 from backupd.errors import ConfigError
 from backupd.model import RUN_FAILED
 from backupd.policy.document import parse_policies
-from backupd.report.build import build_report, load_report
+from backupd.report.build import build_report
+from backupd.report.load import load_report
 from backupd.simulator.server import NodeSimulator
 from tests.policies import web_policy
 from tests.report.conftest import Receiver

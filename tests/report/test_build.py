@@ -14,7 +14,10 @@ import pytest
 from backupd.model import COMMITTED, DELETING, Archive, Run
 from backupd.policy.document import Policy, parse_policies
 from backupd.policy.schedule import Schedule
-from backupd.report.build import LATE, MISSING, OK, UNMANAGED, assess, build_report, render_html, render_table
+from backupd.report.build import assess, build_report
+from backupd.report.html import render_html
+from backupd.report.model import LATE, MISSING, OK, UNMANAGED
+from backupd.report.render import render_table
 from backupd.storage import layout
 from backupd.storage.prune import plan_policy
 

@@ -8,7 +8,8 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
-from backupd.report.build import build_report, render_html
+from backupd.report.build import build_report
+from backupd.report.html import render_html
 from tests.report.browser import Browser, decode_png
 from tests.report.test_build import T0, archive, policy, run
 

@@ -16,7 +16,8 @@ import structlog
 from backupd.app import App
 from backupd.cli import main
 from backupd.policy.document import Policy, parse_policies
-from backupd.report.build import OK, load_report
+from backupd.report.load import load_report
+from backupd.report.model import OK
 from backupd.simulator.server import NodeSimulator
 from backupd.storage.prune import plan_policy
 from tests.policies import web_policy

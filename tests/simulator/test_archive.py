@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import zstandard
 
-from backupd.archive import criu as criu_images
+from backupd.archive import criu
 from backupd.simulator.archive import (
     checkpoint_file_name,
     go_rfc3339,
@@ -115,26 +115,26 @@ def test_synthetic_images_are_consistent(nginx):
     pod, c = nginx
     with tarfile.open(fileobj=io.BytesIO(archive_bytes(pod, c, memory_bytes=3 << 20))) as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-    tree = criu_images.decode_image(files["checkpoint/pstree.img"], expect="PSTREE").entries
+    tree = criu.decode_image(files["checkpoint/pstree.img"], expect="PSTREE").entries
     assert [(p.pid, p.ppid) for p in tree] == [(1, 0)] + [(i, 1) for i in range(2, len(c.processes) + 1)]
-    inventory = criu_images.decode_image(files["checkpoint/inventory.img"], expect="INVENTORY").entries[0]
+    inventory = criu.decode_image(files["checkpoint/inventory.img"], expect="INVENTORY").entries[0]
     assert inventory.img_version == 2
     total = 0
     for p in tree:
-        core = criu_images.decode_image(files[f"checkpoint/core-{p.pid}.img"], expect="CORE").entries[0]
-        assert core.tc.comm == "nginx" and core.tc.state_name == "Alive"
-        head, *entries = criu_images.decode_image(files[f"checkpoint/pagemap-{p.pid}.img"], expect="PAGEMAP").entries
+        core = criu.decode_image(files[f"checkpoint/core-{p.pid}.img"], expect="CORE").entries[0]
+        assert core.tc.comm == "nginx" and criu.task_state_name(core.tc) == "Alive"
+        head, *entries = criu.decode_image(files[f"checkpoint/pagemap-{p.pid}.img"], expect="PAGEMAP").entries
         pages = files[f"checkpoint/pages-{head.pages_id}.img"]
-        assert sum(e.pages for e in entries) * criu_images.PAGE_SIZE == len(pages)
+        assert sum(criu.pagemap_pages(e) for e in entries) * criu.PAGE_SIZE == len(pages)
         total += len(pages)
-        mm = criu_images.decode_image(files[f"checkpoint/mm-{p.pid}.img"], expect="MM").entries[0]
+        mm = criu.decode_image(files[f"checkpoint/mm-{p.pid}.img"], expect="MM").entries[0]
         # argv lives in the last dumped page (the top of the stack), as checkpointctl reads it
         arg_page = entries[-1].vaddr
-        argv = pages[-criu_images.PAGE_SIZE:][mm.mm_arg_start - arg_page : mm.mm_arg_end - arg_page]
+        argv = pages[-criu.PAGE_SIZE:][mm.mm_arg_start - arg_page : mm.mm_arg_end - arg_page]
         assert argv.split(b"\0")[0].startswith(b"nginx")
-    assert total == (3 << 20) // criu_images.PAGE_SIZE * criu_images.PAGE_SIZE
-    stats = criu_images.decode_stats(files["stats-dump"]).dump
-    assert stats.pages_written == total // criu_images.PAGE_SIZE
+    assert total == (3 << 20) // criu.PAGE_SIZE * criu.PAGE_SIZE
+    stats = criu.decode_stats(files["stats-dump"]).dump
+    assert stats.pages_written == total // criu.PAGE_SIZE
 
 
 def test_deterministic_per_seed_and_sequence(nginx):

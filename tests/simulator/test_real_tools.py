@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backupd.archive import criu as criu_images
+from backupd.archive import criu
 from backupd.simulator import criu as real_criu
 from backupd.simulator.topology import parse_topology
 
@@ -81,11 +81,11 @@ def test_real_criu_dump_and_restore_continues_the_counter(make_sim, tmp_path: Pa
     assert {"checkpoint/inventory.img", f"checkpoint/mm-{proc.pid}.img", "checkpoint/pages-1.img",
             "config.dump", "spec.dump"} <= set(names)  # fmt: skip
     # the codec reads real CRIU output
-    [root] = criu_images.decode_image(files["checkpoint/pstree.img"], expect="PSTREE").entries
+    [root] = criu.decode_image(files["checkpoint/pstree.img"], expect="PSTREE").entries
     assert root.pid == proc.pid
-    core = criu_images.decode_image(files[f"checkpoint/core-{proc.pid}.img"], expect="CORE").entries[0]
-    assert core.tc.comm == "counter" and core.tc.state_name == "Alive"
-    assert criu_images.decode_stats(files["stats-dump"]).dump.pages_written > 256  # the 1 MiB ballast at least
+    core = criu.decode_image(files[f"checkpoint/core-{proc.pid}.img"], expect="CORE").entries[0]
+    assert core.tc.comm == "counter" and criu.task_state_name(core.tc) == "Alive"
+    assert criu.decode_stats(files["stats-dump"]).dump.pages_written > 256  # the 1 MiB ballast at least
 
     if CHECKPOINTCTL:
         tree = checkpointctl("inspect", "--ps-tree", "--stats", str(archive))

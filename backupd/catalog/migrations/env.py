@@ -17,7 +17,7 @@ from backupd.catalog.schema import Base
 target_metadata = Base.metadata
 
 
-def _configure(connection) -> None:  # type: ignore[no-untyped-def]
+def _configure(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

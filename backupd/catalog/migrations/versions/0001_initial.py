@@ -46,7 +46,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('archives', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_archives_backend_key'), ['backend', 'key'], unique=True)
-        batch_op.create_index(batch_op.f('ix_archives_policy_namespace_workload_container_checkpoint_time'), ['policy', 'namespace', 'workload', 'container', 'checkpoint_time'], unique=False)
+        batch_op.create_index(batch_op.f('ix_archives_policy_namespace_workload_container_checkpoint_time'),
+                              ['policy', 'namespace', 'workload', 'container', 'checkpoint_time'], unique=False)
         batch_op.create_index(batch_op.f('ix_archives_state'), ['state'], unique=False)
 
     op.create_table('leases',
@@ -84,8 +85,10 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_runs'))
     )
     with op.batch_alter_table('runs', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_runs_namespace_workload_container_started_at'), ['namespace', 'workload', 'container', 'started_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_runs_policy_kind_started_at'), ['policy', 'kind', 'started_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_runs_namespace_workload_container_started_at'),
+                              ['namespace', 'workload', 'container', 'started_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_runs_policy_kind_started_at'), ['policy', 'kind', 'started_at'],
+                              unique=False)
 
 
 
