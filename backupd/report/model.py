@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, NotRequired, overload
+from typing import Annotated, overload
 
 from pydantic import WithJsonSchema
-from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
+from typing_extensions import NotRequired, TypedDict  # noqa: UP035  pydantic reads typing's TypedDict only from Python 3.12
 
 from backupd.model import Run, rfc3339
 
