@@ -18,7 +18,7 @@ from backupd.config import Config
 from backupd.daemon.alerts import Notifier, check_and_alert, notifier_from_config
 from backupd.daemon.api import Api, HttpServer
 from backupd.daemon.scheduler import CycleResult, Daemon, Runner
-from backupd.errors import BackupdError, IntegrityError, LeaseHeld, NotFound
+from backupd.errors import BackupdError, ConfigError, IntegrityError, LeaseHeld, NotFound
 from backupd.metrics import Metrics
 from backupd.model import now_utc
 from backupd.node.checkpoints import CheckpointDir
@@ -28,6 +28,8 @@ from backupd.report.cache import ReportCache
 from backupd.report.load import load_report
 from backupd.report.model import RetentionReport
 from backupd.storage.commit import Pipeline
+from backupd.storage.dedup.gc import GcReport, collect
+from backupd.storage.dedup.ids import ChunkIds
 from backupd.storage.delete import Deleter
 from backupd.storage.prune import Pruner, lease_holder, remove_orphans
 from backupd.storage.runs import recorded_run
@@ -78,6 +80,8 @@ class App:
             min_free_space=self.config.daemon.min_free_space,
             metrics=self.metrics,
             recipients={b.name: b.encryption_recipients for b in self.config.backends},
+            dedup={b.name: ChunkIds.keyed(key) if (key := b.id_key()) else ChunkIds()
+                   for b in self.config.backends if b.format == "dedup"},
         )
 
     @functools.cached_property
@@ -138,6 +142,21 @@ class App:
             grace = timedelta(hours=daemon.orphan_grace_hours)
             remove_orphans(self.catalog, backend, grace=grace, now=now)
             backend.abort_incomplete(max(grace, timedelta(hours=24)))
+            if self.config.backend(name).format == "dedup":
+                try:
+                    self.collect_garbage(name)
+                except BackupdError as exc:
+                    log.error("gc_failed", backend=name, error=str(exc), error_kind=exc.kind)
+
+    def collect_garbage(self, name: str, *, dry_run: bool = False) -> GcReport:
+        """Remove the packs no archive of a ``format = "dedup"`` backend uses (two phases, each
+        ``daemon.orphan_grace_hours`` apart: :mod:`backupd.storage.dedup.gc`)."""
+        if self.config.backend(name).format != "dedup":
+            raise ConfigError(f"backend {name!r} has format {self.config.backend(name).format!r}: only "
+                              "format = \"dedup\" backends have packs to collect")
+        grace = timedelta(hours=self.config.daemon.orphan_grace_hours)
+        return collect(self.catalog, self.backends[name], grace=grace, now=now_utc(), holder=self.holder,
+                       dry_run=dry_run)
 
     def drill(self, policy: Policy) -> VerifyReport:
         """A restore drill: re-read a sample of the policy's archives (always its newest),

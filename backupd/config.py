@@ -205,6 +205,39 @@ class _BackendSection(_Section):
                 raise ValueError(f"entry {i} is not an age X25519 recipient (age1 followed by 58 characters)")
         return [r.strip() for r in v]
 
+    #: ``full``: every archive stored whole (zstd, age); ``dedup``: packs of distinct chunks plus a
+    #: recipe per archive (docs/dedup-format.md)
+    format: Literal["full", "dedup"] = "full"
+    #: ``format = "dedup"`` with ``encryption_recipients``: a file holding the repository's chunk id
+    #: key (64 hex digits, e.g. ``openssl rand -hex 32``), mode 0600 or stricter; a secret, never logged
+    id_key_file: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _dedup_key(self) -> _BackendSection:
+        if self.format == "dedup" and self.encryption_recipients and self.id_key_file is None:
+            raise ValueError(f"backends[{self.name}]: format = \"dedup\" with encryption_recipients needs "
+                             "id_key_file (chunk ids are keyed so that they reveal nothing of the content)")
+        if self.id_key_file is not None and self.format != "dedup":
+            raise ValueError(f"backends[{self.name}]: id_key_file is only used with format = \"dedup\"")
+        return self
+
+    def id_key(self) -> bytes | None:
+        """The chunk id key (32 bytes) from ``id_key_file``; a secret: never log it."""
+        if self.id_key_file is None:
+            return None
+        key = f"backends[{self.name}].id_key_file"
+        try:
+            mode = self.id_key_file.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {str(self.id_key_file)!r}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise ConfigError(f"{key}: {str(self.id_key_file)!r} is readable by others (mode {mode & 0o777:o}): "
+                              "make it 0600 or 0400 (a Kubernetes secret volume: defaultMode: 0400)")
+        text = _read_secret_file(self.id_key_file, key)
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+            raise ConfigError(f"{key}: the file must hold 64 hex digits (32 bytes; `openssl rand -hex 32`)")
+        return bytes.fromhex(text)
+
 
 class FilesystemBackendConfig(_BackendSection):
     type: Literal["filesystem"]

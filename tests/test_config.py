@@ -198,3 +198,44 @@ def test_no_config_file_and_no_catalog_in_the_environment(monkeypatch: pytest.Mo
         load_config()
     monkeypatch.setenv("BACKUPD_DATABASE__URL", "sqlite:////tmp/from-env.db")  # configured by environment alone
     assert load_config().database.url == "sqlite:////tmp/from-env.db"
+
+
+RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+
+
+def _dedup_config(tmp_path: Path, extra: str) -> Path:
+    path = tmp_path / "dedup.toml"
+    path.write_text(f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{tmp_path}/b"\n{extra}')
+    return path
+
+
+def test_format_defaults_to_full_and_dedup_is_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKUPD_DATABASE__URL", "sqlite:///x.db")
+    assert load_config(_dedup_config(tmp_path, "")).backends[0].format == "full"
+    assert load_config(_dedup_config(tmp_path, 'format = "dedup"\n')).backends[0].format == "dedup"
+    with pytest.raises(ConfigError, match=r"backends\.0\.filesystem\.format"):
+        load_config(_dedup_config(tmp_path, 'format = "zip"\n'))
+
+
+def test_encrypted_dedup_needs_an_id_key_file_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKUPD_DATABASE__URL", "sqlite:///x.db")
+    with pytest.raises(ConfigError, match="needs id_key_file"):
+        load_config(_dedup_config(tmp_path, f'format = "dedup"\nencryption_recipients = ["{RECIPIENT}"]\n'))
+    key = tmp_path / "id-key"
+    secret = "ab" * 32
+    key.write_text(secret + "\n")
+    key.chmod(0o644)
+    config = load_config(_dedup_config(
+        tmp_path, f'format = "dedup"\nencryption_recipients = ["{RECIPIENT}"]\nid_key_file = "{key}"\n'))
+    backend = config.backends[0]
+    with pytest.raises(ConfigError, match="readable by others") as exc:
+        backend.id_key()
+    assert secret not in str(exc.value)
+    key.chmod(0o600)
+    assert backend.id_key() == bytes.fromhex(secret)
+    key.write_text("not hex at all")
+    with pytest.raises(ConfigError, match="64 hex digits") as exc:
+        backend.id_key()
+    assert "not hex" not in str(exc.value)
+    with pytest.raises(ConfigError, match="only used with format"):
+        load_config(_dedup_config(tmp_path, f'id_key_file = "{key}"\n'))

@@ -218,7 +218,8 @@ def test_the_manifest_records_the_archives_facts_under_their_names_and_types() -
     assert _narrows(layout.Manifest.model_fields["archive_id"].annotation, archive_types["id"])
     # every other manifest field is the manifest's own, not a fact of the archive's under another name
     own = set(layout.Manifest.model_fields) - set(layout.ARCHIVE_FACTS) - {"archive_id"}
-    assert own == {"backupd_version", "format_version", "labels"}
+    # (the deduplicated format's: how its object, the recipe, is read back -- no catalog column)
+    assert own == {"backupd_version", "format_version", "labels", "format", "recipe_size", "packs"}
 
 
 def test_a_manifest_is_made_of_its_archive_and_gives_it_back() -> None:

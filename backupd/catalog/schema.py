@@ -12,8 +12,10 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Float,
+    ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -152,3 +154,53 @@ class LeaseRow(Base):
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
+
+
+
+class PackRow(Base):
+    """A pack of the deduplicated format (``format = "dedup"``) stored in a backend.
+
+    ``state``: ``stored`` (its chunks are offered to writers), ``unused`` (garbage collection
+    found no archive using it: no longer offered, but a commit that counted on it takes it
+    back), ``deleting`` (certain to go: the object is being deleted, then the row).
+    """
+
+    __tablename__ = "packs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    backend: Mapped[str] = mapped_column(String(63))
+    pack_id: Mapped[str] = mapped_column(String(64))  # SHA-256 (hex) of the stored bytes
+    key: Mapped[str] = mapped_column(String(1024))
+    stored_size: Mapped[int] = mapped_column(BigInteger)
+    raw_size: Mapped[int] = mapped_column(BigInteger)
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    marked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index(None, "backend", "pack_id", unique=True),
+        Index(None, "backend", "state"),
+    )
+
+
+class ChunkRow(Base):
+    """The chunk -> pack map: which packs hold a chunk (two writers may each store one)."""
+
+    __tablename__ = "chunks"
+
+    chunk_id: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    pack: Mapped[int] = mapped_column(ForeignKey("packs.id", ondelete="CASCADE"), primary_key=True)
+
+    __table_args__ = (Index(None, "pack"),)
+
+
+class ArchivePackRow(Base):
+    """The packs a deduplicated archive's recipe uses: what garbage collection marks from."""
+
+    __tablename__ = "archive_packs"
+
+    archive_id: Mapped[str] = mapped_column(ForeignKey("archives.id", ondelete="CASCADE"), primary_key=True)
+    pack: Mapped[int] = mapped_column(ForeignKey("packs.id", ondelete="RESTRICT"), primary_key=True)
+
+    __table_args__ = (Index(None, "pack"),)

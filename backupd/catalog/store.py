@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
@@ -30,6 +31,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     literal,
     select,
     text,
@@ -42,8 +44,26 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backupd import retry
 from backupd.catalog.cursor import Cursor
-from backupd.catalog.schema import MIGRATIONS_DIR, ArchiveRow, LeaseRow, PolicyRow, RunRow, UTCDateTime
-from backupd.errors import CatalogError, CatalogUnavailable, InvalidInput, NotFound, SchemaOutdated, scrub
+from backupd.catalog.schema import (
+    MIGRATIONS_DIR,
+    ArchivePackRow,
+    ArchiveRow,
+    ChunkRow,
+    LeaseRow,
+    PackRow,
+    PolicyRow,
+    RunRow,
+    UTCDateTime,
+)
+from backupd.errors import (
+    CatalogError,
+    CatalogUnavailable,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    SchemaOutdated,
+    scrub,
+)
 from backupd.model import (
     ARCHIVE_STATES,
     COMMITTED,
@@ -58,6 +78,33 @@ from backupd.model import (
     StoredPolicy,
     now_utc,
 )
+
+#: pack states (``packs.state``): offered to writers; found unused by garbage collection (no
+#: longer offered, taken back by a commit that counted on it); certain to be deleted; found
+#: gone from the backend by a writer (never offered again)
+PACK_STORED, PACK_UNUSED, PACK_DELETING, PACK_MISSING = "stored", "unused", "deleting", "missing"
+
+
+@dataclass(frozen=True)
+class PackRecord:
+    """A pack of the deduplicated format as the catalog holds it (see :class:`PackRow`)."""
+
+    backend: str
+    pack_id: str
+    key: str
+    stored_size: int
+    raw_size: int
+    chunk_count: int
+    state: str
+    created_at: datetime
+    marked_at: datetime | None = None
+    archives: int = 0  # archives whose recipes use it
+
+
+def _pack(row: PackRow, archives: int = 0) -> PackRecord:
+    return PackRecord(row.backend, row.pack_id, row.key, row.stored_size, row.raw_size, row.chunk_count, row.state,
+                      row.created_at, row.marked_at, archives)
+
 
 _ARCHIVE_COLUMNS = [getattr(ArchiveRow, f) for f in Archive.__dataclass_fields__]
 _SUMMARY_COLUMNS = [getattr(ArchiveRow, f) for f in ArchiveSummary.__dataclass_fields__]
@@ -453,6 +500,23 @@ class Catalog:
                                _utc(row[8]), int(row[9]), int(row[10])) for row in s.execute(q)]
 
     @_translated
+    def group_logical_bytes(self) -> dict[tuple[str, str, str, str, str], int]:
+        """The tar bytes (before compression and deduplication) of every retention group's
+        committed archives: beside :meth:`group_stats`'s stored bytes, the report's dedup ratio."""
+        columns = (ArchiveRow.policy, ArchiveRow.namespace, ArchiveRow.workload, ArchiveRow.replica,
+                   ArchiveRow.container)
+        q = (select(*columns, func.sum(func.coalesce(ArchiveRow.tar_size, 0)))
+             .where(ArchiveRow.state == COMMITTED).group_by(*columns))
+        with self.session() as s:
+            return {tuple(row[:5]): int(row[5]) for row in s.execute(q)}  # type: ignore[misc]
+
+    @_translated
+    def has_packs(self) -> bool:
+        """Whether any backend holds packs of the deduplicated format."""
+        with self.session() as s:
+            return s.scalar(select(PackRow.id).limit(1)) is not None
+
+    @_translated
     def group_head(self, group: tuple[str, str, str, str, str],
                    unpinned: int) -> tuple[list[ArchiveSummary], bool]:
         """The newest committed archives of one retention group (``group_stats().group``), oldest
@@ -607,6 +671,164 @@ class Catalog:
         with self.session() as s:
             rows = s.execute(select(ArchiveRow.key, ArchiveRow.state).where(ArchiveRow.backend == backend)).all()
             return {key: state for key, state in rows}
+
+    # -- packs of the deduplicated format -------------------------------------------------
+
+    @_translated
+    def record_pack(self, backend: str, pack_id: str, key: str, *, stored_size: int, raw_size: int,
+                    chunk_ids: Sequence[bytes], created_at: datetime | None = None) -> str:
+        """Record a pack whose put returned, with its chunks, so that :meth:`known_chunks`
+        offers them; returns its state. Idempotent: a pack already recorded (the same name is
+        the same bytes) keeps its row, and one found unused is offered again."""
+        with self.session() as s:
+            existing = s.scalar(select(PackRow).where(PackRow.backend == backend, PackRow.pack_id == pack_id))
+            if existing is not None:
+                if existing.state == PACK_UNUSED:
+                    existing.state, existing.marked_at = PACK_STORED, None
+                if not existing.chunk_count and chunk_ids:  # recorded by a rebuild that could not read it
+                    s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": existing.id}
+                                                 for c in dict.fromkeys(chunk_ids)])
+                    existing.chunk_count, existing.raw_size = len(chunk_ids), raw_size
+                return existing.state
+            row = PackRow(backend=backend, pack_id=pack_id, key=key, stored_size=stored_size, raw_size=raw_size,
+                          chunk_count=len(chunk_ids), state=PACK_STORED, created_at=created_at or now_utc())
+            s.add(row)
+            s.flush()
+            if chunk_ids:  # none: a pack whose index could not be read (encrypted, no identity)
+                s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": row.id} for c in dict.fromkeys(chunk_ids)])
+            return PACK_STORED
+
+    @_translated
+    def known_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
+        """chunk id -> pack id of those of ``chunk_ids`` that a ``stored`` pack of ``backend``
+        holds: what a writer need not store again. Packs still being uploaded are not recorded
+        yet and unused or deleting ones are not offered, so an answer never names a pack that a
+        writer cannot count on (a commit re-checks: :meth:`commit_dedup_archive`)."""
+        found: dict[bytes, str] = {}
+        with self.session() as s:
+            for chunk in _chunks(chunk_ids):
+                q = (select(ChunkRow.chunk_id, PackRow.pack_id).join(PackRow, PackRow.id == ChunkRow.pack)
+                     .where(ChunkRow.chunk_id.in_(chunk), PackRow.backend == backend, PackRow.state == PACK_STORED))
+                for chunk_id, pack_id in s.execute(q):
+                    found.setdefault(bytes(chunk_id), pack_id)
+        return found
+
+    @_translated
+    def locate_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
+        """chunk id -> key of a pack of ``backend`` that holds it (any state: a restore reads
+        whatever is still there)."""
+        found: dict[bytes, str] = {}
+        with self.session() as s:
+            for chunk in _chunks(chunk_ids):
+                q = (select(ChunkRow.chunk_id, PackRow.key, PackRow.state).join(PackRow, PackRow.id == ChunkRow.pack)
+                     .where(ChunkRow.chunk_id.in_(chunk), PackRow.backend == backend))
+                for chunk_id, key, state in s.execute(q):
+                    if state == PACK_STORED or bytes(chunk_id) not in found:
+                        found[bytes(chunk_id)] = key
+        return found
+
+    @_translated
+    def commit_dedup_archive(self, archive_id: str, backend: str, pack_ids: Sequence[str], *,
+                             expect_state: str | None = None, **fields: Any) -> Archive:
+        """Commit a deduplicated archive: in one transaction, check that every pack its recipe
+        uses is still recorded and not ``deleting`` (one garbage collection found unused is
+        taken back: this archive uses it), record which packs it uses, then update the row as
+        :meth:`update_archive` does. Raises :class:`IntegrityError` naming a pack that is gone
+        or going, and changes nothing."""
+        with self.session() as s:
+            rows: dict[str, PackRow] = {}
+            for chunk in _chunks(pack_ids):
+                for row in s.scalars(select(PackRow).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk))
+                                     .with_for_update()):
+                    rows[row.pack_id] = row
+            for pack_id in dict.fromkeys(pack_ids):
+                used = rows.get(pack_id)
+                if used is None or used.state in (PACK_DELETING, PACK_MISSING):
+                    why = {None: "not in the catalog", PACK_DELETING: "being deleted", PACK_MISSING: "gone from the "
+                           "backend"}[None if used is None else used.state]
+                    raise IntegrityError(f"archive {archive_id}: pack {pack_id} of backend {backend!r} it uses is "
+                                         f"{why}; the archive is not committed")
+                if used.state == PACK_UNUSED:
+                    used.state, used.marked_at = PACK_STORED, None
+            archive = s.get(ArchiveRow, archive_id, with_for_update=True)
+            if archive is None:
+                raise NotFound(f"no archive {archive_id!r} in the catalog")
+            if expect_state is not None and archive.state != expect_state:
+                raise CatalogError(f"archive {archive_id} is {archive.state}, expected {expect_state}")
+            have = set(s.scalars(select(ArchivePackRow.pack).where(ArchivePackRow.archive_id == archive_id)))
+            new = [{"archive_id": archive_id, "pack": r.id} for r in rows.values() if r.id not in have]
+            if new:
+                s.execute(insert(ArchivePackRow), new)
+            for k, v in fields.items():
+                setattr(archive, k, v)
+            return _archive(archive)
+
+    @_translated
+    def list_packs(self, backend: str, *, states: Sequence[str] = ()) -> list[PackRecord]:
+        """The packs of ``backend`` (of ``states``, or all), with how many archives use each."""
+        uses = (select(ArchivePackRow.pack, func.count().label("n")).group_by(ArchivePackRow.pack).subquery())
+        q = (select(PackRow, func.coalesce(uses.c.n, 0)).outerjoin(uses, uses.c.pack == PackRow.id)
+             .where(PackRow.backend == backend).order_by(PackRow.id))
+        if states:
+            q = q.where(PackRow.state.in_(states))
+        with self.session() as s:
+            return [_pack(row, n) for row, n in s.execute(q)]
+
+    @_translated
+    def pack_chunk_ids(self, backend: str, pack_id: str) -> list[bytes]:
+        with self.session() as s:
+            q = (select(ChunkRow.chunk_id).join(PackRow, PackRow.id == ChunkRow.pack)
+                 .where(PackRow.backend == backend, PackRow.pack_id == pack_id))
+            return [bytes(c) for c in s.scalars(q)]
+
+    @_translated
+    def mark_unused_packs(self, backend: str, *, created_before: datetime, now: datetime) -> list[PackRecord]:
+        """Garbage collection, phase one: ``stored`` packs created before ``created_before``
+        that no archive uses become ``unused`` (no longer offered to writers), marked ``now``."""
+        return self._move_unused_packs(backend, PACK_STORED, PackRow.created_at < created_before,
+                                       state=PACK_UNUSED, marked_at=now)
+
+    @_translated
+    def doom_unused_packs(self, backend: str, *, marked_before: datetime) -> list[PackRecord]:
+        """Garbage collection, phase two: ``unused`` packs marked before ``marked_before`` that
+        still no archive uses become ``deleting``, in one transaction with the check (a commit
+        that takes one back first wins: :meth:`commit_dedup_archive` locks the same rows)."""
+        return self._move_unused_packs(backend, PACK_UNUSED, PackRow.marked_at < marked_before, state=PACK_DELETING)
+
+    def _move_unused_packs(self, backend: str, current: str, condition: Any, *, state: str,
+                           **values: Any) -> list[PackRecord]:
+        """Packs of ``backend`` in state ``current`` meeting ``condition`` that no archive uses,
+        locked, moved to ``state`` (with ``values``) in one transaction."""
+        used = select(ArchivePackRow.pack).where(ArchivePackRow.pack == PackRow.id).exists()
+        with self.session() as s:
+            rows = list(s.scalars(select(PackRow).where(PackRow.backend == backend, PackRow.state == current,
+                                                        condition, ~used).with_for_update()))
+            for row in rows:
+                row.state = state
+                for name, value in values.items():
+                    setattr(row, name, value)
+            return [_pack(r) for r in rows]
+
+    @_translated
+    def mark_packs_missing(self, backend: str, pack_ids: Sequence[str]) -> None:
+        """Packs found gone from the backend: never offered to writers again (archives that use
+        them are reported by verify; garbage collection forgets those no archive uses)."""
+        with self.session() as s:
+            for chunk in _chunks(pack_ids):
+                s.execute(update(PackRow).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk))
+                          .values(state=PACK_MISSING))
+
+    @_translated
+    def drop_pack_rows(self, backend: str, pack_ids: Sequence[str]) -> None:
+        """Forget packs (their chunks too) whose objects were deleted or are gone; only
+        ``deleting`` and ``missing`` ones."""
+        with self.session() as s:
+            for chunk in _chunks(pack_ids):
+                ids = list(s.scalars(select(PackRow.id).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk),
+                                                              PackRow.state.in_((PACK_DELETING, PACK_MISSING)))))
+                if ids:
+                    s.execute(delete(ChunkRow).where(ChunkRow.pack.in_(ids)))
+                    s.execute(delete(PackRow).where(PackRow.id.in_(ids)))
 
     # -- runs ---------------------------------------------------------------------------
 

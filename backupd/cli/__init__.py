@@ -18,7 +18,7 @@ import structlog
 import backupd.cli.inspect  # noqa: F401
 import backupd.cli.report  # noqa: F401
 import backupd.cli.restore  # noqa: F401
-from backupd.cli import archives, daemon, db, doctor, policy, retention, verify  # noqa: F401
+from backupd.cli import archives, daemon, db, doctor, gc, policy, retention, verify  # noqa: F401
 from backupd.cli.base import Wiring, cli, human_bytes, print_json, print_table
 from backupd.errors import EXIT_INTERNAL, BackupdError
 

@@ -186,8 +186,28 @@ def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> 
                                    "reasons"])
             if r.error:
                 click.echo(f"error: {r.error}", err=True)
+    if not dry_run:
+        _collect_garbage(app, quiet=output != "table")
     if any(r.error for r in results):
         raise RunsFailed("pruning failed for some policies (see above); rerunning finishes the interrupted deletes")
+
+
+def _collect_garbage(app: Any, *, quiet: bool) -> None:
+    """After a prune, the packs of ``format = "dedup"`` backends that no archive uses any more
+    (``backupd gc``; its two phases are a grace period apart, so this run marks what the next
+    one deletes)."""
+    from backupd.errors import LeaseHeld
+
+    for backend in app.config.backends:
+        if backend.format != "dedup":
+            continue
+        try:
+            gc = app.collect_garbage(backend.name)
+        except LeaseHeld:
+            continue  # the daemon's maintenance is collecting it now
+        if not quiet:
+            click.echo(f"backend {backend.name}: packs marked unused {len(gc.marked)}, deleted {len(gc.deleted)} "
+                       f"({human_bytes(gc.bytes_freed)})")
 
 
 def _set_pin(ctx: Context, archive_id: str, pinned: bool) -> None:

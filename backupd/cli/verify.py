@@ -15,10 +15,12 @@ from backupd.errors import IntegrityError
               help="Also check each tar is a checkpoint archive (config.dump, spec.dump, checkpoint/).")
 @click.option("--identity-file", metavar="FILE", envvar="BACKUPD_AGE_IDENTITY_FILE",
               help="age identity for encrypted archives; without it only their stored bytes are checked.")
+@click.option("--read-data", is_flag=True,
+              help="format = \"dedup\" backends: read and check every pack, not a sample of them.")
 @OUTPUT
 @pass_ctx
 def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, structure: bool,
-               identity_file: str | None, output: str) -> None:
+               identity_file: str | None, read_data: bool, output: str) -> None:
     """Re-read archives and check sizes and SHA-256 against the catalog and manifests, and every
     tar member against the rules restore and inspect apply (no links, devices, absolute or `..`
     names).
@@ -32,12 +34,16 @@ def verify_cmd(ctx: Context, policy_name: str | None, sample: int | None, struct
 
     archives = choose_sample(app.catalog.list_archives(policy=policy_name), sample)
     identities = load_identities(identity_file, "--identity-file") if identity_file else []
-    report = verify(app.catalog, app.backends, archives, structure=structure, identities=identities)
+    dedup = [b.name for b in app.config.backends if b.format == "dedup"]
+    report = verify(app.catalog, app.backends, archives, structure=structure, identities=identities,
+                    read_data=read_data, dedup_backends=dedup)
     if output != "table":
         print_data(report.to_json(), output)
     else:
         rows = [(f.archive_id, f.backend, f.status.upper(), f.detail or f.key) for f in report.findings]
         rows += [("-", name, "ORPHAN", key) for name, keys in report.orphans.items() for key in keys]
+        rows += [("-", name, "PACK", f"{p['key']}: {p['detail']}") for name, c in report.packs.items()
+                 for p in c.problems]
         if rows:
             print_table(rows, ["archive", "backend", "status", "detail"])
         click.echo(f"checked {len(report.findings)} archive(s), read {human_bytes(report.bytes_read)}: "
@@ -53,9 +59,11 @@ def catalog_group() -> None:
 
 @catalog_group.command("rebuild")
 @click.option("--backend", "backend_name", help="Only this backend (default: every configured backend).")
+@click.option("--identity-file", metavar="FILE", envvar="BACKUPD_AGE_IDENTITY_FILE",
+              help="age identity: format = \"dedup\" backends with encryption need it to map their packs' chunks.")
 @OUTPUT
 @pass_ctx
-def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None:
+def catalog_rebuild(ctx: Context, backend_name: str | None, identity_file: str | None, output: str) -> None:
     """Add archives the catalog lacks from the manifests in the backends; report disagreements.
 
     Idempotent and safe on a live catalog: existing rows are never changed. A manifest that
@@ -66,8 +74,10 @@ def catalog_rebuild(ctx: Context, backend_name: str | None, output: str) -> None
     app.catalog.check_schema()
     names = [app.config.backend(backend_name).name] if backend_name else list(app.backends)
     from backupd.storage.rebuild import rebuild
+    from backupd.storage.transfer import load_identities
 
-    reports = [rebuild(app.catalog, app.backends[name]) for name in names]
+    identities = load_identities(identity_file, "--identity-file") if identity_file else []
+    reports = [rebuild(app.catalog, app.backends[name], identities=identities) for name in names]
     if output != "table":
         print_data([r.to_json() for r in reports], output)
         return

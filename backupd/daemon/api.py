@@ -131,6 +131,8 @@ class _EveryFieldWritten(GenerateJsonSchema):
     """Serialization schemas that require every field: ``to_json`` writes them all, defaults too."""
 
     def field_is_required(self, field: Any, total: bool) -> bool:
+        if field.get("type") == "typed-dict-field" and field.get("required") is False:
+            return False  # NotRequired: written only sometimes (the report's dedup fields)
         return self.mode == "serialization" or super().field_is_required(field, total)
 
 

@@ -68,7 +68,9 @@ Times are RFC 3339 UTC with ``Z``, sizes bytes, durations seconds::
            "prune": {"remove_archives", "remove_bytes",  # all of the workload's archives
                      "remove": [archive point]},        # those on the timeline
            "timeline": [archive point],        # the newest TIMELINE_POINTS archives
-           "timeline_complete"}]}]}            # false when older archives are not listed
+           "timeline_complete",                # false when older archives are not listed
+           "logical_bytes", "dedup_ratio"}]}]} # only when a backend has format = "dedup": tar
+                                               # bytes, and their ratio to stored_bytes
 
 The daemon's ``/api/v1/report`` answers from its last report (``generated_at`` says when it
 was computed; :mod:`.cache`) and, unless asked with ``?timeline=1``, without the archive points:

@@ -118,6 +118,7 @@ class GroupFacts:
     timeline: tuple[ArchivePoint, ...]  # oldest first
     remove_archives: int
     remove_bytes: int
+    logical_bytes: int | None = None  # only read when a backend deduplicates
 
     @property
     def target(self) -> Target:
@@ -408,6 +409,7 @@ def _archive_fields(group: GroupFacts | None) -> dict[str, Any]:
         return {"archives": 0, "stored_bytes": 0, "oldest": None, "newest": None, "timeline": (),
                 "remove_archives": 0, "remove_bytes": 0}
     return {"archives": group.stats.archives, "stored_bytes": group.stats.stored_bytes,
+            "logical_bytes": group.logical_bytes,
             "oldest": group.stats.oldest, "newest": group.stats.newest, "timeline": group.timeline,
             "remove_archives": group.remove_archives, "remove_bytes": group.remove_bytes}
 

@@ -38,6 +38,7 @@ def facts_from_catalog(catalog: Catalog, policies: Sequence[Policy | PolicyProbl
     usable = {p.name: p for p in policies if isinstance(p, Policy) and policy_problem(p, now) is None}
     groups: dict[str, list[GroupFacts]] = {}
     pending = {stats.group: (stats, first_read(usable.get(stats.policy), stats)) for stats in catalog.group_stats()}
+    logical = catalog.group_logical_bytes() if catalog.has_packs() else {}
     while pending:
         reads: dict[int, list[tuple[str, str, str, str, str]]] = {}
         for group, (_stats, unpinned) in pending.items():
@@ -52,7 +53,8 @@ def facts_from_catalog(catalog: Catalog, policies: Sequence[Policy | PolicyProbl
                     continue
                 del pending[group]
                 points, removed, removed_bytes = decided
-                groups.setdefault(stats.policy, []).append(GroupFacts(stats, points, removed, removed_bytes))
+                groups.setdefault(stats.policy, []).append(GroupFacts(stats, points, removed, removed_bytes,
+                                                                      logical.get(group)))
     for members in groups.values():
         members.sort(key=lambda g: g.target)
     series = catalog.storage_series([(name, sum(g.stats.archives for g in members))

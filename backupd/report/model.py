@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, overload
 
 from pydantic import WithJsonSchema
-from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
+from typing_extensions import NotRequired, TypedDict  # noqa: UP035  pydantic reads typing's TypedDict only from Python 3.12
 
 from backupd.model import Run, rfc3339
 
@@ -95,6 +95,10 @@ class WorkloadJson(TypedDict):
     prune: WorkloadPruneJson
     timeline: list[ArchivePointJson]
     timeline_complete: bool
+    #: only when a backend has ``format = "dedup"``: the archives' tar bytes, and their ratio
+    #: to ``stored_bytes`` (what the archives added to the backend)
+    logical_bytes: NotRequired[int]
+    dedup_ratio: NotRequired[float | None]
 
 
 class PolicyPruneJson(TypedDict):
@@ -252,6 +256,15 @@ class WorkloadStatus:
     next_run: datetime | None
     last_success: RunSummary | None
     last_failure: RunSummary | None
+    #: tar bytes of the archives, when any backend deduplicates (``stored_bytes``: what they added)
+    logical_bytes: int | None = None
+
+    @property
+    def dedup_ratio(self) -> float | None:
+        """Logical over stored bytes (compression and deduplication together)."""
+        if self.logical_bytes is None or not self.stored_bytes:
+            return None
+        return round(self.logical_bytes / self.stored_bytes, 2)
 
     @property
     def target(self) -> str:
@@ -273,7 +286,7 @@ class WorkloadStatus:
         empty, ``timeline_complete`` true only for a workload without archives)."""
         age = self.recovery_point_age
         timeline = self.timeline if timelines else ()
-        return {
+        out: WorkloadJson = {
             "policy": self.policy, "namespace": self.namespace, "workload": self.workload, "replica": self.replica,
             "container": self.container, "status": self.status, "reason": self.reason, "failing": self.failing,
             "archives": self.archives, "stored_bytes": self.stored_bytes,
@@ -289,6 +302,9 @@ class WorkloadStatus:
             "timeline": [p.to_json() for p in timeline],
             "timeline_complete": len(timeline) == self.archives,
         }
+        if self.logical_bytes is not None:
+            out["logical_bytes"], out["dedup_ratio"] = self.logical_bytes, self.dedup_ratio
+        return out
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -43,6 +44,8 @@ from backupd.node.checkpoints import CheckpointDir, node_tar_prefix
 from backupd.node.kubelet import KubeletClient, Target
 from backupd.policy.document import Policy
 from backupd.storage import layout
+from backupd.storage.dedup import commit as dedup_commit
+from backupd.storage.dedup.ids import ChunkIds
 from backupd.storage.prune import release_dead_leases
 from backupd.storage.runs import RunRecord, recorded_run
 from backupd.storage.transfer import DEFAULT_LEVEL, DEFAULT_THREADS, PackingReader, parse_recipients
@@ -73,8 +76,11 @@ class Pipeline:
         clock: Callable[[], datetime] = now_utc,
         sleep: Callable[[float], None] = time.sleep,
         metrics: Metrics | None = None,
+        dedup: dict[str, ChunkIds] | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        #: backends with ``format = "dedup"`` and their chunk ids (keyed when they encrypt)
+        self.dedup = dict(dedup or {})
         # parsed once: a bad recipient is a config error at start-up, not a failed run later
         self.recipients = {name: parse_recipients(r, f"backends[{name}].encryption_recipients")
                            for name, r in (recipients or {}).items() if r}
@@ -151,8 +157,9 @@ class Pipeline:
         recipients = self.recipients.get(backend.name, [])
         archive_id = layout.new_archive_id()
         replica = replica_of(pod, self.node, policy.spec.group_by)
+        ids = self.dedup.get(backend.name)
         key = layout.archive_key(pod.namespace, pod.workload.segment, container.name, when, archive_id,
-                                 encrypted=bool(recipients))
+                                 encrypted=bool(recipients), dedup=ids is not None)
         pending = Archive(
             id=archive_id, state=PENDING, policy=policy.name, backend=backend.name, key=key, node=self.node,
             namespace=pod.namespace, pod=pod.name, workload=str(pod.workload), container=container.name,
@@ -162,13 +169,21 @@ class Pipeline:
         self.catalog.add_archive(pending)
         upload_started = time.monotonic()
         try:
+            extra: dict[str, Any] = {}
             with self.checkpoint_dir.open(node_path.name) as raw:
-                reader = PackingReader(raw, level=self.level, threads=self.threads, recipients=recipients)
-                backend.put(key, reader)
-            committed = replace(pending, tar_size=reader.tar_size, stored_size=reader.stored_size,
-                                tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256,
-                                encryption=reader.encryption)
-            manifest = layout.Manifest.of(committed, labels=dict(pod.labels), backupd_version=__version__)
+                if ids is not None:
+                    shipped = dedup_commit.ship(backend, self.catalog, raw, key, ids=ids, recipients=recipients,
+                                                what=f"archive {archive_id}", level=self.level)
+                    committed = replace(pending, tar_size=shipped.tar_size, stored_size=shipped.new_bytes,
+                                        tar_sha256=shipped.tar_sha256, stored_sha256=shipped.recipe_sha256)
+                    extra = {"format": "dedup", "recipe_size": shipped.recipe_size, "packs": shipped.packs}
+                else:
+                    reader = PackingReader(raw, level=self.level, threads=self.threads, recipients=recipients)
+                    backend.put(key, reader)
+                    committed = replace(pending, tar_size=reader.tar_size, stored_size=reader.stored_size,
+                                        tar_sha256=reader.tar_sha256, stored_sha256=reader.stored_sha256,
+                                        encryption=reader.encryption)
+            manifest = layout.Manifest.of(committed, labels=dict(pod.labels), backupd_version=__version__, **extra)
             try:
                 backend.put_bytes(layout.manifest_key(key), manifest.to_json())
             except BackupdError:
@@ -184,11 +199,34 @@ class Pipeline:
         # With the manifest written the archive exists, so the node's copy can go now -- in the
         # same transaction as the commit when nothing is to stay on the node (the common case).
         removed = policy.spec.keep_on_node == 0 and self._remove_node_tar(node_path.name)
+        if manifest.format == "dedup":
+            try:
+                return self._commit_dedup_row(backend, manifest, archive_id, node_tar_deleted=removed)
+            except IntegrityError as exc:
+                self.catalog.update_archive(archive_id, state=FAILED, error=str(exc))
+                self._remove_node_tar(node_path.name)
+                raise
         return self.catalog.update_archive(
             archive_id, expect_state=PENDING, state=COMMITTED, committed_at=self.clock(),
             tar_size=manifest.tar_size, stored_size=manifest.stored_size, tar_sha256=manifest.tar_sha256,
             stored_sha256=manifest.stored_sha256, node_tar_deleted=removed,
         )
+
+    def _commit_dedup_row(self, backend: Backend, manifest: layout.Manifest, archive_id: str,
+                          **fields: object) -> Archive:
+        """Commit the row of a deduplicated archive, only if every pack it uses is still there
+        (garbage collection may have doomed one while the archive was being written: then its
+        recipe and manifest are removed again and :class:`IntegrityError` says why)."""
+        try:
+            return self.catalog.commit_dedup_archive(
+                archive_id, backend.name, manifest.packs, expect_state=PENDING, state=COMMITTED,
+                committed_at=self.clock(), tar_size=manifest.tar_size, stored_size=manifest.stored_size,
+                tar_sha256=manifest.tar_sha256, stored_sha256=manifest.stored_sha256, **fields,
+            )
+        except IntegrityError:
+            self._discard_object(backend, layout.manifest_key(manifest.key))
+            self._discard_object(backend, manifest.key)
+            raise
 
     def _discard_object(self, backend: Backend, key: str) -> None:
         try:
@@ -312,6 +350,13 @@ class Pipeline:
                 log.error("reconcile_bad_manifest", archive_id=a.id, backend=a.backend, key=mkey, error=bad)
                 self.catalog.update_archive(a.id, state=FAILED, error=bad)
                 counts["failed"] += 1
+            elif m is not None and m.format == "dedup":
+                try:
+                    self._commit_dedup_row(backend, m, a.id)
+                    counts["completed"] += 1
+                except IntegrityError as exc:
+                    self.catalog.update_archive(a.id, state=FAILED, error=str(exc))
+                    counts["failed"] += 1
             elif m is not None:
                 self.catalog.update_archive(
                     a.id, state=COMMITTED, committed_at=self.clock(), tar_size=m.tar_size, stored_size=m.stored_size,

@@ -41,13 +41,17 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 ARCHIVE_SUFFIXES = (".tar.zst", ".tar.zst.age")
+#: the object of a deduplicated archive (``format = "dedup"``) is its recipe; its chunks are in
+#: packs under ``dedup/`` (:mod:`backupd.storage.dedup`)
+RECIPE_SUFFIXES = (".recipe", ".recipe.age")
+OBJECT_SUFFIXES = ARCHIVE_SUFFIXES + RECIPE_SUFFIXES
 MANIFEST_SUFFIX = ".json"
 #: a manifest is a few KiB (its pod labels are most of it); anything larger is not read
 MAX_MANIFEST_BYTES = 1 << 20
 _STORED = "stored"  # validation context: a manifest read from a backend
 _KEY_RE = re.compile(
     r"^(?P<namespace>[a-z0-9][-a-z0-9]*)/(?P<workload>[a-z]+-[^/]+)/(?P<container>[a-z0-9][-a-z0-9]*)/"
-    r"(?P<stamp>\d{8}T\d{6}Z)-(?P<id>[0-9a-f]{16})(?P<suffix>\.tar\.zst(?:\.age)?|\.json)$"
+    r"(?P<stamp>\d{8}T\d{6}Z)-(?P<id>[0-9a-f]{16})(?P<suffix>\.tar\.zst(?:\.age)?|\.recipe(?:\.age)?|\.json)$"
 )
 # RFC 3339 (section 5.6) date-time, with the offset required; what to_json writes is its "Z" form
 _RFC3339 = re.compile(r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)$")
@@ -63,14 +67,19 @@ def _stamp(t: datetime) -> str:
 
 def archive_key(
     namespace: str, workload_segment: str, container: str, checkpoint_time: datetime, archive_id: str,
-    *, encrypted: bool = False,
+    *, encrypted: bool = False, dedup: bool = False,
 ) -> str:
-    suffix = ARCHIVE_SUFFIXES[1] if encrypted else ARCHIVE_SUFFIXES[0]
+    suffix = (RECIPE_SUFFIXES if dedup else ARCHIVE_SUFFIXES)[1 if encrypted else 0]
     return f"{namespace}/{workload_segment}/{container}/{_stamp(checkpoint_time)}-{archive_id}{suffix}"
 
 
+def is_recipe_key(key: str) -> bool:
+    """Whether ``key`` is the object of a deduplicated archive (its recipe)."""
+    return key.endswith(RECIPE_SUFFIXES)
+
+
 def manifest_key(key: str) -> str:
-    for suffix in ARCHIVE_SUFFIXES[::-1]:
+    for suffix in sorted(OBJECT_SUFFIXES, key=len, reverse=True):
         if key.endswith(suffix):
             return key[: -len(suffix)] + MANIFEST_SUFFIX
     raise ValueError(f"not an archive key: {key!r}")
@@ -84,7 +93,7 @@ class ParsedKey:
     stamp: str
     archive_id: str
     is_manifest: bool
-    suffix: str = ""  # .tar.zst, .tar.zst.age or .json
+    suffix: str = ""  # .tar.zst, .tar.zst.age, .recipe, .recipe.age or .json
 
 
 def parse_key(key: str) -> ParsedKey | None:
@@ -129,7 +138,7 @@ def _archive_key(value: str) -> str:
     parsed = parse_key(value)
     if parsed is None or parsed.is_manifest:
         raise ValueError("must be an archive key of the storage layout (<namespace>/<kind>-<name>/<container>/"
-                         "<yyyymmddThhmmssZ>-<id>.tar.zst[.age])")
+                         "<yyyymmddThhmmssZ>-<id>.tar.zst[.age] or .recipe[.age])")
     return value
 
 
@@ -185,6 +194,12 @@ class Manifest(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     #: the pod's replica identity (backupd.model.replica_of); derived when absent (old manifests)
     replica: Annotated[str, Field(max_length=253)] = ""
+    #: ``dedup``: ``key`` is a recipe (docs/dedup-format.md); ``stored_sha256`` is the stored
+    #: recipe's, ``recipe_size`` its size, ``stored_size`` what the archive added to the backend
+    #: (its new packs and its recipe), ``packs`` the ids of the packs its recipe used when written
+    format: Literal["full", "dedup"] = "full"
+    recipe_size: _Size | None = None
+    packs: Annotated[list[_Sha256], Field(max_length=100_000)] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -198,12 +213,13 @@ class Manifest(BaseModel):
         return data
 
     @classmethod
-    def of(cls, archive: Archive, *, labels: dict[str, str], backupd_version: str) -> Manifest:
+    def of(cls, archive: Archive, *, labels: dict[str, str], backupd_version: str, **stored: Any) -> Manifest:
         """The manifest of ``archive`` as it is committed: every one of its :data:`ARCHIVE_FACTS`
-        known (sizes and digests included), else :class:`pydantic.ValidationError`."""
+        known (sizes and digests included), else :class:`pydantic.ValidationError`. ``stored``:
+        the deduplicated format's ``format``, ``recipe_size`` and ``packs``."""
         facts = {name: getattr(archive, name) for name in ARCHIVE_FACTS}
         return cls(archive_id=archive.id, **facts, labels=labels, backupd_version=backupd_version,
-                   format_version=FORMAT_VERSION)
+                   format_version=FORMAT_VERSION, **stored)
 
     def archive_facts(self) -> dict[str, Any]:
         """What this manifest says of its archive, as :class:`~backupd.model.Archive` fields
@@ -213,6 +229,9 @@ class Manifest(BaseModel):
     def to_json(self) -> bytes:
         """Sorted keys, indent 2, times in UTC with ``Z``: byte for byte what backupd always wrote."""
         d = self.model_dump()
+        if self.format == "full":  # the fields of the deduplicated format stay out of full manifests
+            for name in ("format", "recipe_size", "packs"):
+                del d[name]
         d["checkpoint_time"] = rfc3339(self.checkpoint_time)
         return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
@@ -246,15 +265,16 @@ class Manifest(BaseModel):
         if parsed is None or not parsed.is_manifest:
             return [("key", manifest_key, self.key)]
         stem = manifest_key[: -len(MANIFEST_SUFFIX)]
-        object_suffix = next((s for s in ARCHIVE_SUFFIXES[::-1] if self.key.endswith(s)), "")
+        object_suffix = next((s for s in sorted(OBJECT_SUFFIXES, key=len, reverse=True) if self.key.endswith(s)), "")
         pairs = [
             ("key", stem + (object_suffix or ARCHIVE_SUFFIXES[0]), self.key),
+            ("format", "dedup" if object_suffix in RECIPE_SUFFIXES else "full", self.format),
             ("namespace", parsed.namespace, self.namespace),
             ("workload", parsed.workload_segment, Workload.parse(self.workload).segment),
             ("container", parsed.container, self.container),
             ("checkpoint_time", parsed.stamp, _stamp(self.checkpoint_time)),
             ("archive_id", parsed.archive_id, self.archive_id),
-            ("encryption", "age" if object_suffix == ARCHIVE_SUFFIXES[1] else "none", self.encryption),
+            ("encryption", "age" if object_suffix.endswith(".age") else "none", self.encryption),
         ]
         return [(f, k, m) for f, k, m in pairs if k != m]
 

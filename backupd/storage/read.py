@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from backupd.archive.inspect import Inspection, inspect_tar_stream
 from backupd.archive.tar import DEFAULT_LIMITS, Limits
@@ -59,6 +59,18 @@ def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limit
 CHUNK = 1 << 20
 
 
+class VerifiedTar(Protocol):
+    """What :func:`open_verified` yields for either format: the tar, verified as it is read
+    (the final ``read`` raises instead of ending when anything differs)."""
+
+    @property
+    def tar_size(self) -> int: ...
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def explain(self, exc: BackupdError) -> BackupdError: ...
+
+
 
 def verified_manifest(backend: Backend, archive: Archive) -> layout.Manifest:
     """The backend's manifest of ``archive``, checked against its key and the catalog row.
@@ -88,7 +100,7 @@ def verified_manifest(backend: Backend, archive: Archive) -> layout.Manifest:
 
 @contextlib.contextmanager
 def open_archive(backends: Mapping[str, Backend], archive: Archive,
-                 identities: Sequence[Any] = ()) -> Iterator[UnpackingReader]:
+                 identities: Sequence[Any] = ()) -> Iterator[VerifiedTar]:
     """The archive's tar as a verified stream (see :class:`~backupd.storage.transfer.UnpackingReader`).
 
     Digests and sizes come from the manifest after :func:`verified_manifest` checked it against
@@ -115,14 +127,28 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive,
 
 @contextlib.contextmanager
 def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
-                  identities: Sequence[Any] = (), *, stored_only: bool = False) -> Iterator[UnpackingReader]:
+                  identities: Sequence[Any] = (), *, stored_only: bool = False) -> Iterator[VerifiedTar]:
     """The object of ``archive`` as a stream checked against ``manifest``, which
     :func:`verified_manifest` returned; :class:`StorageNotFound` when the object is gone.
 
     This is the one way a committed archive is opened for reading (verify, restore to every
     destination, inspect). With ``stored_only`` (an encrypted archive verified without its
     identity) the stream is the stored bytes, of which only the size and SHA-256 are checked.
+    A deduplicated archive's tar is rebuilt from its recipe and packs, verified alike (its
+    ``stored_only`` check is :func:`backupd.storage.dedup.read.verify_stored`'s).
     """
+    if manifest.format == "dedup":
+        from backupd.storage.dedup.read import open_recipe
+
+        rebuilt = open_recipe(backend, archive.key, what=f"archive {archive.id} ({backend.name}:{archive.key})",
+                              tar_sha256=manifest.tar_sha256, tar_size=manifest.tar_size,
+                              recipe_sha256=manifest.stored_sha256, recipe_size=manifest.recipe_size,
+                              pack_ids=manifest.packs, identities=identities)
+        try:
+            yield rebuilt
+        finally:
+            rebuilt.close()
+        return
     stream = backend.open(archive.key)
     try:
         yield UnpackingReader(

@@ -19,6 +19,7 @@ holds it at exactly one of their keys.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +27,10 @@ import structlog
 
 from backupd.backends.base import Backend
 from backupd.catalog.store import Catalog
-from backupd.errors import ManifestInvalid, ManifestKeyMismatch, StorageNotFound
+from backupd.errors import IntegrityError, ManifestInvalid, ManifestKeyMismatch, StorageNotFound
 from backupd.model import COMMITTED, Archive, now_utc
 from backupd.storage import layout
+from backupd.storage.dedup.rebuild import rebuild_packs
 
 log = structlog.get_logger("backupd.rebuild")
 
@@ -47,17 +49,22 @@ class RebuildReport:
     duplicate_ids: list[dict[str, Any]] = field(default_factory=list)  # id, keys (manifest keys)
     orphans: list[str] = field(default_factory=list)  # object keys without a manifest
     missing: list[str] = field(default_factory=list)  # catalog archive ids whose manifest is gone
+    packs_added: int = 0  # deduplicated format: packs recorded from their own indexes
+    corrupt_packs: list[dict[str, str]] = field(default_factory=list)  # key, error
 
     @property
     def clean(self) -> bool:
         return not (self.disagreeing or self.bad_manifests or self.key_disagreements or self.duplicate_ids
-                    or self.orphans or self.missing)
+                    or self.orphans or self.missing or self.corrupt_packs)
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "added": self.added, "agreeing": self.agreeing,
                 "disagreeing": self.disagreeing, "bad_manifests": self.bad_manifests,
                 "key_disagreements": self.key_disagreements, "duplicate_ids": self.duplicate_ids,
-                "orphans": self.orphans, "missing": self.missing}
+                "orphans": self.orphans, "missing": self.missing,
+                # deduplicated backends only: packs recorded from their indexes, and bad ones
+                **({"packs_added": self.packs_added, "corrupt_packs": self.corrupt_packs}
+                   if self.packs_added or self.corrupt_packs else {})}
 
 
 def archive_from_manifest(m: layout.Manifest, backend: str) -> Archive:
@@ -79,8 +86,23 @@ def _read(backend: Backend, mkey: str, report: RebuildReport) -> layout.Manifest
     return None
 
 
-def rebuild(catalog: Catalog, backend: Backend) -> RebuildReport:
+def _record_packs_used(catalog: Catalog, backend: Backend, m: layout.Manifest, report: RebuildReport) -> bool:
+    """The packs a deduplicated archive uses, recorded for garbage collection; an archive
+    naming a pack the backend lacks is reported and not catalogued."""
+    try:
+        catalog.commit_dedup_archive(m.archive_id, backend.name, m.packs)
+        return True
+    except IntegrityError as exc:
+        catalog.delete_archive_row(m.archive_id)
+        report.bad_manifests.append({"key": layout.manifest_key(m.key), "error": str(exc)})
+        return False
+
+
+def rebuild(catalog: Catalog, backend: Backend, *, identities: Sequence[Any] = ()) -> RebuildReport:
+    """``identities``: to read the indexes of encrypted packs (deduplicated format)."""
     report = RebuildReport(backend.name)
+    packs = rebuild_packs(catalog, backend, identities=identities)
+    report.packs_added, report.corrupt_packs = len(packs.added), packs.corrupt
     objects: set[str] = set()
     manifests: list[str] = []
     for info in backend.list(""):
@@ -112,6 +134,8 @@ def rebuild(catalog: Catalog, backend: Backend) -> RebuildReport:
         (manifest,) = found
         if current is None:
             catalog.add_archive(archive_from_manifest(manifest, backend.name))
+            if manifest.format == "dedup" and not _record_packs_used(catalog, backend, manifest, report):
+                continue
             report.added.append(archive_id)
             continue
         stored = archive_from_manifest(manifest, backend.name)

@@ -27,9 +27,9 @@ from backupd.backends.base import Backend
 from backupd.catalog.store import Catalog
 from backupd.errors import IntegrityError, StorageNotFound
 from backupd.model import Archive, now_utc
+from backupd.storage.dedup.check import PackCheck, check_packs
 from backupd.storage.prune import find_orphans
-from backupd.storage.read import drain, open_verified, verified_manifest
-from backupd.storage.transfer import UnpackingReader
+from backupd.storage.read import VerifiedTar, drain, open_verified, verified_manifest
 
 log = structlog.get_logger("backupd.verify")
 
@@ -50,6 +50,7 @@ class VerifyReport:
     findings: list[Finding] = field(default_factory=list)
     orphans: dict[str, list[str]] = field(default_factory=dict)  # backend -> object keys
     bytes_read: int = 0
+    packs: dict[str, PackCheck] = field(default_factory=dict)  # deduplicated backends: their packs
 
     @property
     def problems(self) -> list[Finding]:
@@ -57,7 +58,8 @@ class VerifyReport:
 
     @property
     def clean(self) -> bool:
-        return not self.problems and not any(self.orphans.values())
+        return (not self.problems and not any(self.orphans.values())
+                and not any(c.problems for c in self.packs.values()))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class VerifyReport:
             "problems": [f.__dict__ for f in self.problems],
             "orphans": self.orphans,
             "bytes_read": self.bytes_read,
+            **({"packs": {name: c.to_json() for name, c in self.packs.items()}} if self.packs else {}),
         }
 
 
@@ -87,7 +90,7 @@ _REQUIRED = ("config.dump", "spec.dump", "checkpoint/inventory.img")
 _JSON_FILES = ("config.dump", "spec.dump")
 
 
-def scan_archive(reader: UnpackingReader, what: str, *, structure: bool) -> None:
+def scan_archive(reader: VerifiedTar, what: str, *, structure: bool) -> None:
     """Read a verified stream to its end through the member rules every reader applies
     (:mod:`backupd.archive.tar`); with ``structure``, also require what every runtime's restore
     needs: ``config.dump`` and ``spec.dump`` holding JSON, ``checkpoint/inventory.img``."""
@@ -122,6 +125,16 @@ def verify_archive(archive: Archive, backend: Backend, *, structure: bool = Fals
     except IntegrityError as exc:
         return Finding(archive.id, backend.name, archive.key, MANIFEST, str(exc)), 0
     try:
+        if archive.encryption == "age" and not identities and manifest.format == "dedup":
+            from backupd.storage.dedup.read import verify_stored
+
+            try:
+                verify_stored(backend, archive.key, what=what, recipe_sha256=manifest.stored_sha256,
+                              recipe_size=manifest.recipe_size, pack_ids=manifest.packs)
+            except IntegrityError as exc:
+                return Finding(archive.id, backend.name, archive.key, CORRUPT, str(exc)), 0
+            return Finding(archive.id, backend.name, archive.key, OK,
+                           "encrypted: recipe and packs verified by their digests; the tar needs --identity-file"), 0
         if archive.encryption == "age" and not identities:  # the stored bytes are all that can be checked
             with open_verified(backend, archive, manifest, stored_only=True) as stored:
                 try:
@@ -148,8 +161,12 @@ def verify(
     structure: bool = False,
     orphan_grace: timedelta | None = timedelta(hours=1),
     identities: Sequence[Any] = (),
+    read_data: bool = False,
+    dedup_backends: Sequence[str] = (),
 ) -> VerifyReport:
-    """Check ``archives``; with ``orphan_grace`` also report orphans in their backends."""
+    """Check ``archives``; with ``orphan_grace`` also report orphans in their backends.
+    The packs of ``dedup_backends`` are checked too: a sample, or all with ``read_data``
+    (:mod:`backupd.storage.dedup.check`)."""
     report = VerifyReport()
     for a in archives:
         backend = backends.get(a.backend)
@@ -161,6 +178,10 @@ def verify(
         report.bytes_read += read
         if finding.status != OK:
             log.error("archive_verify_failed", archive_id=a.id, status=finding.status, detail=finding.detail)
+    for name in dedup_backends:
+        if name in backends:
+            report.packs[name] = check_packs(catalog, backends[name], read_data=read_data, identities=identities)
+            report.bytes_read += report.packs[name].bytes_read
     if orphan_grace is not None:
         for name in sorted({a.backend for a in archives} & backends.keys()):
             found = find_orphans(catalog, backends[name], grace=orphan_grace, now=now_utc())

@@ -83,6 +83,9 @@ def assert_consistent(app: App, *, node_dir: Path | None = None, read_data: bool
       and its digests, and (``read_data``) the object's bytes still hash to ``stored_sha256``;
     * every archive object and every manifest in each backend is accounted for by a committed
       (or ``deleting``) row: nothing half-written is visible, no orphan;
+    * ``format = "dedup"``: every pack is recorded in the catalog, and every pack a committed
+      archive uses is there (a deduplicated archive's object is its recipe: its size is the
+      manifest's ``recipe_size``, its SHA-256 the row's ``stored_sha256``);
     * no temp file or unfinished multipart upload is left in any backend;
     * the node checkpoint directory (``node_dir``, default the configured one) holds no regular
       ``checkpoint-*.tar`` except those committed archives keep on purpose (``keepOnNode``).
@@ -101,8 +104,9 @@ def assert_consistent(app: App, *, node_dir: Path | None = None, read_data: bool
             assert a.key in objects, f"archive {a.id} is listed but its object {a.key} is gone"
             manifest_key = layout.manifest_key(a.key)
             assert manifest_key in objects, f"archive {a.id} is listed but its manifest is gone"
-            assert objects[a.key].size == a.stored_size, f"archive {a.id}: stored size differs from the catalog"
             manifest: dict[str, Any] = json.loads(backend.read_bytes(manifest_key))
+            object_size = manifest["recipe_size"] if manifest.get("format") == "dedup" else a.stored_size
+            assert objects[a.key].size == object_size, f"archive {a.id}: stored size differs from the catalog"
             assert manifest["archive_id"] == a.id and manifest["tar_sha256"] == a.tar_sha256, a.id
             assert manifest["stored_sha256"] == a.stored_sha256, a.id
             if read_data:
@@ -112,6 +116,10 @@ def assert_consistent(app: App, *, node_dir: Path | None = None, read_data: bool
                         digest.update(chunk)
                 assert digest.hexdigest() == a.stored_sha256, f"archive {a.id}: the stored bytes changed"
         accounted |= {layout.manifest_key(key) for key in accounted}
+        packs = catalog.list_packs(name)
+        for p in packs:
+            assert p.archives == 0 or p.key in objects, f"pack {p.key} of a committed archive is gone"
+        accounted |= {p.key for p in packs} | {k for k in objects if k.startswith("dedup/keys/")}
         for key in objects:
             assert key in accounted, f"backend {name!r} holds {key!r}, which no committed archive accounts for"
         assert leftovers(backend) == [], f"backend {name!r} has leftovers of interrupted puts"

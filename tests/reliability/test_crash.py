@@ -1,5 +1,8 @@
 """SIGKILL of a real backupd process at every step of the commit and delete protocols, then a
 restart: nothing committed is lost, nothing half-written is visible, nothing is duplicated.
+Each runs on both storage formats (``format = "full"`` and ``"dedup"``); the deduplicated one
+adds the steps of its packs and of garbage collection, after which every archive must still
+restore byte for byte.
 
 The kill comes from ``python -m tests.faults`` (backupd with the faults of BACKUPD_TEST_FAULTS):
 a fault-injecting wrapper around the real backend that sends SIGKILL to its own process just
@@ -8,6 +11,7 @@ before or just after a chosen backend call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -25,13 +29,23 @@ from backupd.simulator.server import NodeSimulator
 from backupd.storage import layout
 from tests.faults import FAULTS_ENV
 from tests.policies import web_policy
+from tests.s3_rig import FAKE_ACCESS_KEY, FAKE_SECRET, REGION
 
 POLICY = web_policy(retention="{keepLast: 1}")
 
 
+#: a grace period of about a second: garbage collection's two phases within one test
+DEDUP_GRACE_HOURS = 0.0003
+
+
 class Rig:
-    def __init__(self, tmp_path: Path, sim: NodeSimulator) -> None:
-        self.tmp, self.sim = tmp_path, sim
+    def __init__(self, tmp_path: Path, sim: NodeSimulator, fmt: str = "full",
+                 s3: tuple[str, str] | None = None) -> None:
+        """``s3``: (moto endpoint, bucket) for an S3 backend instead of a directory."""
+        self.tmp, self.sim, self.format = tmp_path, sim, fmt
+        #: the archive object's key pattern: the compressed tar, or the recipe
+        self.object = "*.tar.zst" if fmt == "full" else "*.recipe"
+        dedup = fmt == "dedup"
         # Two workers share the one kubelet slot: while one ships, the other waits on the
         # kubelet. A kubelet slower than shipping a small archive keeps the protocol steps of
         # the two containers in order (the first is committed before the second's tar exists),
@@ -45,8 +59,14 @@ class Rig:
             f'key_file = "{sim.client_key}"\ncheckpoint_dir = "{sim.checkpoint_dir}"\nnode_name = "sim-node"\n'
             f'[daemon]\nmin_free_space = 0\nmax_concurrent_checkpoints = 1\nhttp_listen = "127.0.0.1:0"\n'
             f'shutdown_grace_seconds = 10\n'
-            f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{self.backend}"\n'
+            + (f'orphan_grace_hours = {DEDUP_GRACE_HOURS}\n' if dedup else '')
+            + (f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{self.backend}"\n' if s3 is None else
+               f'[[backends]]\nname = "local"\ntype = "s3"\nbucket = "{s3[1]}"\nprefix = "prod"\n'
+               f'endpoint_url = "{s3[0]}"\nregion = "{REGION}"\naddressing_style = "path"\n'
+               f'access_key_id = "{FAKE_ACCESS_KEY}"\nsecret_access_key = "{FAKE_SECRET}"\n')
+            + ('format = "dedup"\n' if dedup else '')
         )
+        self.on_s3 = s3 is not None
         self.run("db", "upgrade")
         self.run("policy", "apply", "-f", "-", stdin=POLICY)
 
@@ -69,6 +89,13 @@ class Rig:
             assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr[-2000:])
         return proc
 
+    def keys(self) -> set[str]:
+        """Every object the backend lists, read with the config the killed processes used."""
+        from backupd.backends import open_backend
+        from backupd.config import load_config
+
+        return {o.key for o in open_backend(load_config(self.cfg).backends[0], retries=False).list("")}
+
     def catalog(self) -> Catalog:
         return Catalog.open(f"sqlite:///{self.tmp / 'catalog.db'}")
 
@@ -78,37 +105,86 @@ class Rig:
             assert c.list_archives(states=(PENDING,)) == [], "a pending row survived the restart"
             assert c.list_runs(outcome=RUNNING) == [], "a run is still 'running'"
             listed = c.list_archives()
-            files = {p.relative_to(self.backend).as_posix() for p in self.backend.rglob("*") if p.is_file()}
-            assert not [f for f in files if Path(f).name.startswith(TEMP_PREFIX)], "temp files left"
+            files = self.keys()
+            if not self.on_s3:
+                on_disk = {p.relative_to(self.backend).as_posix() for p in self.backend.rglob("*") if p.is_file()}
+                assert not [f for f in on_disk if Path(f).name.startswith(TEMP_PREFIX)], "temp files left"
             for a in listed:
                 assert a.key in files and layout.manifest_key(a.key) in files, f"{a.id} listed but missing"
-            archive_files = {f for f in files if not f.endswith(".json")}
+            archive_files = {f for f in files if not f.endswith(".json") and not f.startswith("dedup/")}
             assert archive_files == {a.key for a in listed}, "objects without a committed archive"
+            for p in c.list_packs("local"):
+                assert p.archives == 0 or p.key in files, f"pack {p.key} used by an archive is gone"
             keys = [a.key for a in listed]
             assert len(keys) == len(set(keys))
             assert len({a.node_path for a in listed}) == len(listed), "one node tar committed twice"
         finally:
             c.close()
         assert list(self.sim.checkpoint_dir.glob("checkpoint-*.tar")) == [], "node tars left behind"
+        if self.format == "dedup":
+            # every archive is rebuilt from its recipe and packs, each chunk and the whole tar
+            # checked against their digests: byte for byte what the kubelet wrote
+            self.run("verify", "--read-data")
+            c = self.catalog()
+            try:
+                newest = max(c.list_archives(), key=lambda a: a.checkpoint_time, default=None)
+            finally:
+                c.close()
+            if newest is not None:  # and restore writes that tar
+                out = self.tmp / f"restored-{newest.id}.tar"
+                self.run("restore", newest.id, "--to", str(out), "--force")
+                assert hashlib.sha256(out.read_bytes()).hexdigest() == newest.tar_sha256
 
 
-@pytest.fixture
-def rig(tmp_path: Path, sim: NodeSimulator) -> Rig:
-    return Rig(tmp_path, sim)
+def make_rig(tmp_path: Path, sim: NodeSimulator, request: pytest.FixtureRequest) -> Rig:
+    fmt, _, where = request.param.partition("-")
+    s3 = (request.getfixturevalue("moto_endpoint"), request.getfixturevalue("s3_bucket")) if where == "s3" else None
+    return Rig(tmp_path, sim, fmt, s3)
 
 
-COMMIT_STEPS = {
-    "before the object put": {"operation": "put", "key": "*.tar.zst"},
-    "after the object put": {"operation": "put", "key": "*.tar.zst", "after": True},
+@pytest.fixture(params=["full", "dedup", "dedup-s3"])
+def rig(tmp_path: Path, sim: NodeSimulator, request: pytest.FixtureRequest) -> Rig:
+    """Each storage format; the deduplicated one on a directory and on S3 (moto)."""
+    return make_rig(tmp_path, sim, request)
+
+
+@pytest.fixture(params=["dedup", "dedup-s3"])
+def dedup_rig(tmp_path: Path, sim: NodeSimulator, request: pytest.FixtureRequest) -> Rig:
+    return make_rig(tmp_path, sim, request)
+
+
+def steps(rig: Rig, table: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """A step table with ``{object}`` filled in for the rig's format."""
+    return {name: {k: v.format(object=rig.object) if isinstance(v, str) else v for k, v in step.items()}
+            for name, step in table.items()}
+
+
+COMMIT_STEPS: dict[str, dict[str, object]] = {
+    "before the object put": {"operation": "put", "key": "{object}"},
+    "after the object put": {"operation": "put", "key": "{object}", "after": True},
     "before the manifest put": {"operation": "put", "key": "*.json"},
     "after the manifest put (before the row is committed)": {"operation": "put", "key": "*.json", "after": True},
-    "after the row is committed (at the next container's put)": {"operation": "put", "key": "*.tar.zst", "skip": 1},
+    "after the row is committed (at the next container's put)": {"operation": "put", "key": "{object}", "skip": 1},
+}
+#: the deduplicated format's packs come first (and are recorded in the catalog as each put returns)
+PACK_STEPS: dict[str, dict[str, object]] = {
+    "before a pack put": {"operation": "put", "key": "dedup/packs/*"},
+    "after a pack put (before it is recorded)": {"operation": "put", "key": "dedup/packs/*", "after": True},
 }
 
 
 @pytest.mark.parametrize("step", list(COMMIT_STEPS))
 def test_sigkill_during_the_commit_protocol(rig: Rig, step: str) -> None:
-    crashed = rig.run("checkpoint", faults=[{**COMMIT_STEPS[step], "kill": True}], expect=None)
+    crash_a_commit(rig, steps(rig, COMMIT_STEPS)[step], step)
+
+
+@pytest.mark.parametrize("step", list(PACK_STEPS))
+def test_sigkill_before_and_after_a_pack_put(dedup_rig: Rig, step: str) -> None:
+    crash_a_commit(dedup_rig, PACK_STEPS[step], step)
+
+
+def crash_a_commit(rig: Rig, fault: dict[str, object], step: str) -> None:
+    crashed = rig.run("checkpoint", faults=[{**fault, "kill": True}], expect=None)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     # The kubelet names tars by the second: a restart within the same second would get the
     # killed run's file name again (the in-process one-second gate died with the process).
@@ -134,11 +210,11 @@ def test_sigkill_during_the_commit_protocol(rig: Rig, step: str) -> None:
         c.close()
 
 
-DELETE_STEPS = {
+DELETE_STEPS: dict[str, dict[str, object]] = {
     "before manifests are deleted (rows marked deleting)": {"operation": "delete_many", "key": "*.json"},
     "after manifests are deleted": {"operation": "delete_many", "key": "*.json", "after": True},
-    "before objects are deleted": {"operation": "delete_many", "key": "*.tar.zst"},
-    "after objects are deleted (before rows are removed)": {"operation": "delete_many", "key": "*.tar.zst",
+    "before objects are deleted": {"operation": "delete_many", "key": "{object}"},
+    "after objects are deleted (before rows are removed)": {"operation": "delete_many", "key": "{object}",
                                                             "after": True},
 }
 
@@ -147,14 +223,14 @@ DELETE_STEPS = {
 def test_sigkill_during_the_delete_protocol(rig: Rig, step: str) -> None:
     rig.run("checkpoint")
     rig.run("checkpoint")
-    crashed = rig.run("prune", faults=[{**DELETE_STEPS[step], "kill": True}], expect=None)
+    crashed = rig.run("prune", faults=[{**steps(rig, DELETE_STEPS)[step], "kill": True}], expect=None)
     assert crashed.returncode == -signal.SIGKILL
     # four archives of one workload (two pods of deployment/web, two cycles); keepLast 1
     c = rig.catalog()
     try:
         assert len(c.list_archives()) == 1, "doomed archives must stop being listed at once"
         for a in c.list_archives():
-            assert (rig.backend / a.key).exists()
+            assert a.key in rig.keys()
     finally:
         c.close()
     done = json.loads(rig.run("prune", "-o", "json").stdout)
@@ -179,7 +255,8 @@ def test_sigkill_during_backupd_delete_of_a_deleted_policy(rig: Rig, step: str, 
     again, or `backupd prune` (every policy), must finish them."""
     rig.run("checkpoint")
     rig.run("policy", "delete", "web")
-    crashed = rig.run("delete", "--policy", "web", "--yes", faults=[{**DELETE_STEPS[step], "kill": True}], expect=None)
+    crashed = rig.run("delete", "--policy", "web", "--yes", faults=[{**steps(rig, DELETE_STEPS)[step], "kill": True}],
+                      expect=None)
     assert crashed.returncode == -signal.SIGKILL
     c = rig.catalog()
     try:
@@ -192,7 +269,8 @@ def test_sigkill_during_backupd_delete_of_a_deleted_policy(rig: Rig, step: str, 
     c = rig.catalog()
     try:
         assert c.list_archives(states=("committed", "deleting", "failed")) == []
-        assert not [p for p in rig.backend.rglob("*") if p.is_file()], "objects or manifests left"
+        left = [k for k in rig.keys() if not k.startswith("dedup/")]
+        assert not left, "objects or manifests left"  # (packs stay for garbage collection)
         runs = c.list_runs(kind="delete")
         assert sorted((r.outcome, r.error_kind) for r in runs) == [("failed", "Interrupted"), ("succeeded", None)]
     finally:
@@ -200,7 +278,7 @@ def test_sigkill_during_backupd_delete_of_a_deleted_policy(rig: Rig, step: str, 
 
 
 def test_daemon_killed_mid_cycle_catches_up_exactly_once(rig: Rig) -> None:
-    faults = [{"operation": "put", "key": "*.tar.zst", "after": True, "kill": True}]
+    faults = [{"operation": "put", "key": rig.object, "after": True, "kill": True}]
     first = subprocess.Popen(rig.argv("run", faults=faults), env=rig.env(faults),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert first.wait(60) == -signal.SIGKILL
@@ -223,6 +301,45 @@ def test_daemon_killed_mid_cycle_catches_up_exactly_once(rig: Rig) -> None:
     c = rig.catalog()
     try:
         assert sum(r.outcome == "succeeded" for r in c.list_runs(policy="web", kind="checkpoint")) == 2
+    finally:
+        c.close()
+    rig.assert_consistent()
+
+
+GC_STEPS: dict[str, dict[str, object]] = {
+    "before packs are deleted (rows marked deleting)": {"operation": "delete_many", "key": "dedup/packs/*"},
+    "after packs are deleted (before their rows are dropped)": {"operation": "delete_many", "key": "dedup/packs/*",
+                                                                "after": True},
+}
+
+
+@pytest.mark.parametrize("step", list(GC_STEPS))
+def test_sigkill_during_garbage_collection(dedup_rig: Rig, step: str) -> None:
+    rig = dedup_rig
+    rig.run("checkpoint")
+    rig.run("delete", "--policy", "web", "--yes")
+    time.sleep(DEDUP_GRACE_HOURS * 3600 + 0.3)
+    marked = json.loads(rig.run("gc", "-o", "json").stdout)[0]
+    assert marked["marked"], "the deleted archives' packs are unused"
+    time.sleep(1.1)  # a new second for the kubelet's tar names
+    rig.run("checkpoint")  # unused packs are not offered: these archives have packs of their own
+    c = rig.catalog()
+    try:
+        kept = {a.id: a.tar_sha256 for a in c.list_archives()}
+    finally:
+        c.close()
+    assert len(kept) == 2
+    time.sleep(DEDUP_GRACE_HOURS * 3600 + 0.3)
+    crashed = rig.run("gc", faults=[{**GC_STEPS[step], "kill": True}], expect=None)
+    assert crashed.returncode == -signal.SIGKILL
+    rig.assert_consistent()  # every kept archive still restores byte for byte
+    done = json.loads(rig.run("gc", "-o", "json").stdout)[0]
+    assert set(done["deleted"]) == set(marked["marked"])
+    files = {k for k in rig.keys() if k.endswith(".pack")}
+    c = rig.catalog()
+    try:
+        assert {p.key for p in c.list_packs("local")} == files
+        assert {a.id: a.tar_sha256 for a in c.list_archives()} == kept
     finally:
         c.close()
     rig.assert_consistent()

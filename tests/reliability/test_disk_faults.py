@@ -72,10 +72,12 @@ def run_kinds(result) -> set[str | None]:  # type: ignore[no-untyped-def]
     return {o.run.error_kind for o in result.outcomes}
 
 
-def test_filesystem_backend_full(app_factory, tmpfs, sim: NodeSimulator) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fmt", ["full", "dedup"])
+def test_filesystem_backend_full(app_factory, tmpfs, sim: NodeSimulator, fmt: str) -> None:  # type: ignore[no-untyped-def]
     app = app_factory()
     store = tmpfs("store", "8m")
     app.config.backends[0].path = store / "backend"  # before the backend is built; the filler goes beside it
+    app.config.backends[0].format = fmt
     policy = apply_policy(app, POLICY)
     assert not daemon_cycle(app, policy).failed
     before = assert_consistent(app).ids

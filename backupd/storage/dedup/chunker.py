@@ -84,7 +84,7 @@ def _page_groups(tar: TarSplitter, n: int) -> Iterator[Chunk]:
 
 
 def _cdc(tar: TarSplitter) -> Iterator[Chunk]:
-    from fastcdc.fastcdc_cy import chunk_generator  # type: ignore[import-untyped]
+    from fastcdc.fastcdc_cy import chunk_generator
 
     buf = b""
     while True:

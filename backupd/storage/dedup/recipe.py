@@ -46,12 +46,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
 from backupd.backends.base import Backend, Readable
-from backupd.errors import IntegrityError, InvalidInput, ObjectExists
+from backupd.errors import IntegrityError, InvalidInput, ObjectExists, StorageNotFound
 from backupd.storage.dedup import pack as packs
 from backupd.storage.dedup.chunker import DEFAULT_PAGES_PER_CHUNK, PAGE, Chunk, is_page_image, member_chunks
 from backupd.storage.dedup.ids import ChunkIds
@@ -96,6 +96,11 @@ def read_uvarint(stream: Readable, what: str) -> int:
         shift += 7
         if shift > 63:
             raise IntegrityError(f"{what}: corrupt recipe (varint too long)")
+
+
+def spool_file(directory: str | None) -> BinaryIO:
+    """A private temporary file that stays in memory up to :data:`SPOOL_MEMORY` bytes."""
+    return cast(BinaryIO, tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=directory))  # noqa: SIM115
 
 
 def encode_list(chunk_ids: Sequence[bytes], lengths: Sequence[int]) -> bytes:
@@ -235,9 +240,13 @@ class ArchiveWriter:
                  pages_per_chunk: int = DEFAULT_PAGES_PER_CHUNK, grouping: str = "content",
                  frame_size: int = packs.DEFAULT_FRAME_SIZE, pack_size: int = packs.DEFAULT_PACK_SIZE,
                  level: int = packs.DEFAULT_LEVEL, list_fanout: int = LIST_FANOUT, workers: int = 2,
-                 uploads: int = 2, spool_dir: str | None = None) -> None:
+                 uploads: int = 2, spool_dir: str | None = None,
+                 on_stored: Callable[[PackInfo, list[bytes]], None] | None = None) -> None:
         self.backend = backend
         self.known = known
+        #: called (on an upload thread) with each pack and its chunk ids once its put returned:
+        #: the commit protocol records it there, so that other writers may count on its chunks
+        self.on_stored = on_stored
         self.ids = ids or ChunkIds()
         if recipients and self.ids.key is None:
             raise InvalidInput("an encrypted backend needs keyed chunk ids (hmac-sha256): plain SHA-256 ids "
@@ -272,7 +281,7 @@ class _WriteRun:
         self.what = what
         self.pool = ThreadPoolExecutor(w.workers, thread_name_prefix="dedup")
         self.upload_pool = ThreadPoolExecutor(w.uploads, thread_name_prefix="dedup-put")
-        self.spool: BinaryIO = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=w.spool_dir)  # noqa: SIM115
+        self.spool: BinaryIO = spool_file(w.spool_dir)
         self.encoder = RecipeEncoder(self.spool, w.ids)
         self.batches: deque[tuple[str, Any, Any]] = deque()
         self.frames: deque[tuple[Future[bytes], list[tuple[bytes, int]]]] = deque()
@@ -353,7 +362,7 @@ class _WriteRun:
 
             plain = self.spool
             plain.seek(0)
-            self.spool = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=self.w.spool_dir)  # noqa: SIM115
+            self.spool = spool_file(self.w.spool_dir)
             try:
                 pyrage.encrypt_io(plain, self.spool, self.w.recipients)
             finally:
@@ -496,8 +505,11 @@ class _WriteRun:
             self.w.backend.put(key, io.BytesIO(stored))
         except ObjectExists:
             pass  # the name is the content's SHA-256: the same bytes are already there
-        return PackInfo(key=key, pack_id=pack_id, stored_size=len(stored), chunks=len(builder),
+        info = PackInfo(key=key, pack_id=pack_id, stored_size=len(stored), chunks=len(builder),
                         raw_size=builder.raw_size, index_size=index_size)
+        if self.w.on_stored is not None:
+            self.w.on_stored(info, builder.chunk_ids)
+        return info
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -515,12 +527,14 @@ class PackStore:
 
     def __init__(self, backend: Backend, *, identities: Sequence[Any] = (), root: str = "dedup/",
                  locate: Callable[[bytes], str | None] | None = None, spool_dir: str | None = None,
-                 frame_cache: int = 64 << 20) -> None:
+                 frame_cache: int = 64 << 20, pack_keys: Sequence[str] | None = None) -> None:
         self.backend = backend
         self.identities = list(identities)
         self.root = root
         self._dir = tempfile.mkdtemp(prefix="backupd-restore-", dir=spool_dir)  # 0700
         self._locate = locate
+        #: packs to look in before every pack under ``root`` (a manifest names its archive's)
+        self._hint = list(pack_keys) if pack_keys is not None else None
         self._where: dict[bytes, str] | None = None
         self._open: dict[str, packs.PackFile] = {}
         self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -534,10 +548,16 @@ class PackStore:
                                                     identities=self.identities)
         return pack
 
-    def _scan(self) -> dict[bytes, str]:
+    def _scan(self, keys: Sequence[str] | None = None) -> dict[bytes, str]:
         where: dict[bytes, str] = {}
-        for key in packs.list_packs(self.backend, self.root):
-            for chunk_id in self._pack(key).index.order:
+        for key in packs.list_packs(self.backend, self.root) if keys is None else keys:
+            try:
+                pack = self._pack(key)
+            except StorageNotFound:
+                if keys is None:
+                    raise
+                continue  # a hinted pack gone (repacked): the scan of every pack finds its chunks
+            for chunk_id in pack.index.order:
                 where.setdefault(chunk_id, key)
         return where
 
@@ -559,8 +579,12 @@ class PackStore:
         key = self._locate(chunk_id) if self._locate is not None else None
         if key is None:
             if self._where is None:
-                self._where = self._scan()
+                self._where = self._scan(self._hint)
             key = self._where.get(chunk_id)
+            if key is None and self._hint is not None:
+                self._hint = None
+                self._where.update(self._scan())
+                key = self._where.get(chunk_id)
         if key is None:
             raise IntegrityError(f"chunk {chunk_id.hex()} is in no pack of backend {self.backend.name!r}")
         pack = self._pack(key)
@@ -610,7 +634,7 @@ class ArchiveReader:
         self._done = False
 
     def _decrypted(self, recipe: Readable, identities: Sequence[Any], spool_dir: str | None) -> BinaryIO:
-        stored = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=spool_dir)  # noqa: SIM115
+        stored = spool_file(spool_dir)
         self._spools.append(stored)
         size = 0
         while block := recipe.read(1 << 20):
@@ -628,7 +652,7 @@ class ArchiveReader:
         import pyrage
 
         stored.seek(0)
-        plain = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=spool_dir)  # noqa: SIM115
+        plain = spool_file(spool_dir)
         self._spools.append(plain)
         try:
             pyrage.decrypt_io(stored, plain, list(identities))
@@ -647,7 +671,7 @@ class ArchiveReader:
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise IntegrityError(f"{what}: unsupported recipe format {header.get('format')!r} "
                                  f"version {header.get('version')!r}")
-        self.ids.check_matches(header.get("id_scheme"), header.get("id_key_check"), what)
+        self.ids.check_matches(str(header.get("id_scheme")), header.get("id_key_check"), what)
         pieces: list[bytes] = []
         expected: list[tuple[bytes, int]] = []
         while True:
