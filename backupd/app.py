@@ -16,7 +16,8 @@ from backupd.backends import Backends, BackendWrapper, open_backends
 from backupd.catalog.store import Catalog
 from backupd.config import Config
 from backupd.daemon.alerts import Notifier, check_and_alert, notifier_from_config
-from backupd.daemon.api import Api, HttpServer
+from backupd.daemon.api import Api
+from backupd.daemon.http import HttpServer
 from backupd.daemon.scheduler import CycleResult, Daemon, Runner
 from backupd.errors import BackupdError, ConfigError, IntegrityError, LeaseHeld, NotFound
 from backupd.metrics import Metrics

@@ -306,7 +306,7 @@ class AlertsConfig(BaseModel):
     send_recovery: bool = True
 
     @model_validator(mode="after")
-    def _one_source(self) -> AlertsConfig:
+    def _one_webhook_source(self) -> AlertsConfig:
         if self.webhook_url is not None and self.webhook_url_file is not None:
             raise ValueError("set alerts.webhook_url or alerts.webhook_url_file, not both")
         if self.webhook_url is not None:

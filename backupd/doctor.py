@@ -20,6 +20,9 @@ real container (and removes the node tar it produced).
 checks that could not be tested do not count); otherwise the exit code of the first blocking
 failure, in check order: 2 config, 4 catalog, 5 kubelet or runtime, 6 checkpoint directory or
 backend (the README's codes, by the class of the error found).
+
+One module over 500 lines on purpose: the checks are one sequence in which each reads the outcome
+of the one before, and that order is the contract; split, it would be spread over files.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class Runner:
     def policies(self) -> list[Policy]:
         return [Policy.from_spec_json(p.name, p.spec_json) for p in self.catalog.list_policies()]
 
-    def _one(self, policy: Policy, pod: Pod, container: Container) -> Outcome | None:
+    def _checkpoint_container(self, policy: Policy, pod: Pod, container: Container) -> Outcome | None:
         key = (pod.namespace, pod.name, container.name)
         if not self.gate.try_enter(key):
             return None
@@ -167,7 +167,7 @@ class Runner:
         bound.info("cycle_started", targets=len(targets))
         futures = []
         for pod, container in targets:
-            fut = self.workers.submit(self._one, policy, pod, container)
+            fut = self.workers.submit(self._checkpoint_container, policy, pod, container)
             with self._inflight_lock:
                 self._inflight.add(fut)
             fut.add_done_callback(self._forget)

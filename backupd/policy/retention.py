@@ -30,6 +30,10 @@ backupd adds three things on top, in this order:
 3. ``max_total_bytes``: when the kept archives (pinned ones included) add up to more than the
    cap, kept unpinned archives are removed oldest first until the total fits. Pinned archives
    and the newest archive are never removed, so the total can stay above the cap.
+
+Over 500 lines on purpose: this docstring is the rule set, and the port keeps restic's
+structure (bucket keys, ``ApplyPolicy``, the ``within`` variants) in one file so that it can
+be read side by side with ``snapshot_policy.go``.
 """
 
 from __future__ import annotations

@@ -192,12 +192,14 @@ def restore(
             written = restore_to_file(layer, destination.path, overwrite=destination.overwrite)
             return FileRestored(archive, Path(destination.path).absolute(), written)
 
-        info_box: list[CheckpointInfo] = []
+        # finish() runs inside write_layout/push, once the layer has streamed; the pod manifest
+        # below needs the same CheckpointInfo, so finish() leaves it here
+        read_info: list[CheckpointInfo] = []
 
         def finish() -> oci.CheckpointImage:
             """The image parts, once the layer has passed (and with it the metadata files)."""
-            info_box.append(checkpoint_info(scanner.files, archive))
-            return oci.build_image(archive, info_box[0])
+            read_info.append(checkpoint_info(scanner.files, archive))
+            return oci.build_image(archive, read_info[0])
 
         if isinstance(destination, ToOciLayout):
             built = oci.write_layout(destination.path, archive, layer, finish, ref_name=archive.id)
@@ -206,7 +208,7 @@ def restore(
         pushed = _push(archive, destination, layer, finish)
         if destination.pod_manifest is None:
             return pushed
-        path = _write_pod_manifest(backends[archive.backend], archive, info_box[0], pushed.pinned,
+        path = _write_pod_manifest(backends[archive.backend], archive, read_info[0], pushed.pinned,
                                    destination.pod_manifest)
         return ImagePushed(archive, pushed.image, pushed.manifest_digest, pushed.pinned, pushed.layer, path)
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from backupd.config import load_config
-from backupd.daemon.api import parse_listen
+from backupd.daemon.http import parse_listen
 from backupd.policy.document import parse_policies
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from backupd.daemon.api import HTTP_WORKERS, KEEPALIVE_REQUESTS, MAX_REQUEST_HEAD, HttpServer
+from backupd.daemon.http import HTTP_WORKERS, KEEPALIVE_REQUESTS, MAX_REQUEST_HEAD, HttpServer
 from backupd.simulator.server import NodeSimulator
 
 TIMEOUT = 1.5  # daemon.http_timeout_seconds in these tests

@@ -32,6 +32,10 @@ about half a byte per page instead of 32 (measured: 2.8 MB -> 50 KiB for a 340 M
 :class:`ArchiveWriter` streams a tar into new chunks (packed and uploaded as it goes) and a
 recipe; :class:`ArchiveReader` streams the tar back, checking every chunk against its id and
 the whole against the recipe's size and SHA-256 (and the manifest's, given by the caller).
+
+One module over 500 lines on purpose: the recipe format, its writer and its reader are one
+format, versioned together (``docs/dedup-format.md``); the reader must undo exactly what the
+writer does, which is easiest to check when both are in view.
 """
 
 from __future__ import annotations
