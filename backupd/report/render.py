@@ -53,19 +53,22 @@ def render_table(report: RetentionReport) -> str:
             out.append("  no workload has been checkpointed yet")
             continue
         replicas = any(w.replica for w in p.workloads)  # a column only where some workload has them
+        dedup = any(w.logical_bytes is not None for w in p.workloads)  # only where a backend deduplicates
         rows = []
         for w in p.workloads:
             rows.append([
                 w.status + ("!" if w.failing else ""), w.namespace, w.workload,
                 *([w.replica or "-"] if replicas else []), w.container, str(w.archives),
-                human_bytes(w.stored_bytes), format_moment(w.oldest), format_moment(w.newest),
+                *([human_bytes(w.logical_bytes)] if dedup else []), human_bytes(w.stored_bytes),
+                *([f"{w.dedup_ratio:.2f}x" if w.dedup_ratio else "-"] if dedup else []),
+                format_moment(w.oldest), format_moment(w.newest),
                 format_age(w.recovery_point_age) if w.recovery_point_age is not None else "-",
                 format_moment(w.last_success.started_at if w.last_success else None),
                 format_moment(w.last_failure.started_at if w.last_failure else None),
                 f"{w.remove_archives} ({human_bytes(w.remove_bytes)})" if w.remove_archives else "0",
             ])
         headers = ["status", "namespace", "workload", *(["replica"] if replicas else []), "container", "archives",
-                   "stored", "oldest", "newest", "age",
+                   *(["logical"] if dedup else []), "stored", *(["dedup"] if dedup else []), "oldest", "newest", "age",
                    "last success", "last failure", "prune removes"]
         out += ["  " + line for line in _aligned_table(rows, headers)]
         notes = [w for w in p.workloads if w.status != OK or w.failing]

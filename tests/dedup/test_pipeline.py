@@ -11,6 +11,7 @@ import pytest
 
 from backupd.app import App
 from backupd.model import COMMITTED
+from backupd.report.render import render_table
 from backupd.simulator.server import NodeSimulator
 from backupd.storage import layout
 from backupd.storage.verify import verify
@@ -140,6 +141,10 @@ def test_report_shows_logical_and_stored_bytes_and_the_ratio(app: App) -> None:
     assert row["logical_bytes"] == sum(a.tar_size or 0 for a in archives)
     assert row["stored_bytes"] == sum(a.stored_size or 0 for a in archives)
     assert row["dedup_ratio"] == round(row["logical_bytes"] / row["stored_bytes"], 2) > 1
+    table = render_table(app.report())
+    header = next(line for line in table.splitlines() if "STATUS" in line).split()
+    assert header[header.index("LOGICAL") + 1:header.index("LOGICAL") + 3] == ["STORED", "DEDUP"]
+    assert f"{row['dedup_ratio']:.2f}x" in table
 
 
 def test_rebuild_never_offers_the_chunks_of_a_planted_pack(fs_app: App, sim: NodeSimulator, tmp_path: Path) -> None:
