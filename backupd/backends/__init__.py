@@ -33,7 +33,7 @@ def open_backend(cfg: BackendConfig, *, retries: bool = True, wrap: BackendWrapp
             access_key_id=key_id, secret_access_key=secret, addressing_style=cfg.addressing_style,
             storage_class=cfg.storage_class, sse=cfg.sse, sse_kms_key_id=cfg.sse_kms_key_id,
             part_size=cfg.part_size, max_concurrency=cfg.max_concurrency,
-            verify_tls=str(cfg.ca_bundle) if cfg.ca_bundle else True,
+            ca_bundle=cfg.ca_bundle,
         )
     else:  # pragma: no cover - the config model admits no other type
         raise TypeError(type(cfg))

@@ -243,7 +243,8 @@ def translate_s3_error(exc: BaseException, *, what: str, bucket: str, redact: It
         err = ConfigError(f"{what}: {exc} -- fix [[backends]] profile or AWS_CONFIG_FILE")
     elif isinstance(exc, bex.SSLError):
         err = StorageError(
-            f"{what}: TLS verification with the S3 endpoint failed -- check verify_tls / the CA bundle"
+            f"{what}: TLS verification with the S3 endpoint failed -- check the endpoint's certificate "
+            "and backends.ca_bundle"
         )
     elif isinstance(exc, (bex.FlexibleChecksumError, bex.ChecksumError)):
         err = IntegrityError(f"{what}: the data read does not match the checksum S3 stored for it")
@@ -337,10 +338,11 @@ class S3Backend(Backend):
     ``prefix`` is prepended (as ``prefix/``) to every key in the bucket; keys given to and
     returned by the backend stay relative. Credentials: ``access_key_id`` + ``secret_access_key``
     (+ ``session_token``) when given, else ``profile``, else boto3's standard chain (environment,
-    shared files, IRSA web identity, instance metadata). ``verify_tls`` is ``True`` or the path
-    of a CA bundle (``False`` only for tests). ``storage_class``, ``sse`` (``"AES256"`` or
-    ``"aws:kms"``) and ``sse_kms_key_id`` apply to every write. ``part_size`` (5 MiB-5 GiB) is
-    the size of the first 1,000 parts; ``max_concurrency`` parts are uploaded at once.
+    shared files, IRSA web identity, instance metadata). TLS is always verified: ``ca_bundle``
+    names a CA bundle to trust instead of the system's; there is no way to turn verification off.
+    ``storage_class``, ``sse`` (``"AES256"`` or ``"aws:kms"``) and ``sse_kms_key_id`` apply to
+    every write. ``part_size`` (5 MiB-5 GiB) is the size of the first 1,000 parts;
+    ``max_concurrency`` parts are uploaded at once.
     ``request_attempts`` (botocore, per HTTP request) and ``part_attempts`` (per part, with
     backoff from ``retry_base_delay``) bound the retries. A ``client`` passed in is used as it
     is, and the connection and credential arguments are then ignored.
@@ -364,7 +366,7 @@ class S3Backend(Backend):
         sse_kms_key_id: str | None = None,
         part_size: int = 8 * MiB,
         max_concurrency: int = 4,
-        verify_tls: bool | str | os.PathLike[str] = True,
+        ca_bundle: str | os.PathLike[str] | None = None,
         client: Any = None,
         request_attempts: int = 3,
         part_attempts: int = 4,
@@ -438,7 +440,7 @@ class S3Backend(Backend):
                     aws_access_key_id=access_key_id,
                     aws_secret_access_key=secret_access_key,
                     aws_session_token=session_token,
-                    verify=os.fspath(verify_tls) if isinstance(verify_tls, os.PathLike) else verify_tls,
+                    verify=os.fspath(ca_bundle) if ca_bundle is not None else True,
                     config=config,
                 )
         self._client = client

@@ -749,8 +749,8 @@ def test_tls_verification_failure_is_permanent_and_names_the_fix(tmp_path: Path)
     threading.Thread(target=serve, daemon=True).start()
     try:
         backend = S3Backend("s3", "b", endpoint_url=f"https://127.0.0.1:{port}", region=REGION,
-                            access_key_id="k", secret_access_key="s", verify_tls=other_ca, part_attempts=1)
-        with pytest.raises(StorageError, match="verify_tls") as err:
+                            access_key_id="k", secret_access_key="s", ca_bundle=other_ca, part_attempts=1)
+        with pytest.raises(StorageError, match="ca_bundle") as err:
             backend.stat("k")
         assert not err.value.retryable and not isinstance(err.value, StorageUnavailable)
     finally:
