@@ -217,19 +217,10 @@ class PackFile:
             raise
 
     def _fetch(self, backend: Backend, pack_id: str, identities: Sequence[Any], stored_path: str) -> None:
-        digest = hashlib.sha256()
-        size = 0
-        first = b""
-        with backend.open(self.key) as src, _private(stored_path) as stored:
-            while block := src.read(1 << 20):
-                if not first:
-                    first = block[: len(AGE_MAGIC)]
-                size += len(block)
-                if size > MAX_PACK_SIZE:
-                    raise IntegrityError(f"{self.what}: larger than {MAX_PACK_SIZE} bytes; not a pack")
-                digest.update(block)
-                stored.write(block)
-        if digest.hexdigest() != pack_id:
+        with _private(stored_path) as stored:
+            sha256, _, first = read_hashed(backend, self.key, stored, limit=MAX_PACK_SIZE,
+                                           too_long=f"{self.what}: larger than {MAX_PACK_SIZE} bytes; not a pack")
+        if sha256 != pack_id:
             os.unlink(stored_path)
             raise IntegrityError(f"{self.what}: content does not match its name (SHA-256 differs)")
         if not first.startswith(AGE_MAGIC):
@@ -280,6 +271,25 @@ class PackFile:
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def read_hashed(backend: Backend, key: str, sink: BinaryIO | None, *, limit: int,
+                too_long: str) -> tuple[str, int, bytes]:
+    """Stream the object at ``key`` into ``sink`` (``None``: nowhere), hashing it as it passes;
+    past ``limit`` bytes it stops with ``IntegrityError(too_long)``. Returns the SHA-256 (hex)
+    of the stored bytes, their size and their first bytes (enough to tell age from plain)."""
+    digest, size, first = hashlib.sha256(), 0, b""
+    with backend.open(key) as src:
+        while block := src.read(1 << 20):
+            if not first:
+                first = block[: len(AGE_MAGIC)]
+            size += len(block)
+            if size > limit:
+                raise IntegrityError(too_long)
+            digest.update(block)
+            if sink is not None:
+                sink.write(block)
+    return digest.hexdigest(), size, first
 
 
 def _private(path: str) -> BinaryIO:

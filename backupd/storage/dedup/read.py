@@ -8,7 +8,6 @@ restore, OCI images, registry pushes, inspect and verify read both formats alike
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -35,16 +34,11 @@ from backupd.storage.dedup.recipe import (
 def fetch_recipe(backend: Backend, key: str, *, sha256: str, size: int | None, what: str) -> BinaryIO:
     """The stored recipe at ``key``, spooled, checked against the manifest's SHA-256 and size."""
     spool = spool_file(None)
-    digest, got = hashlib.sha256(), 0
     try:
-        with backend.open(key) as stream:
-            while block := stream.read(1 << 20):
-                got += len(block)
-                if got > (size if size is not None else MAX_RECIPE_STORED):
-                    raise IntegrityError(f"{what}: the recipe is longer than the manifest's {size} bytes")
-                digest.update(block)
-                spool.write(block)
-        if (size is not None and got != size) or digest.hexdigest() != sha256:
+        digest, got, _ = packs.read_hashed(
+            backend, key, spool, limit=size if size is not None else MAX_RECIPE_STORED,
+            too_long=f"{what}: the recipe is longer than the manifest's {size} bytes")
+        if (size is not None and got != size) or digest != sha256:
             raise IntegrityError(f"{what}: the recipe does not match its manifest (size {got} vs {size}, or its "
                                  "SHA-256 differs)")
     except BaseException:
@@ -187,14 +181,11 @@ def verify_stored(backend: Backend, key: str, *, what: str, recipe_sha256: str, 
 
 def check_pack_name(backend: Backend, key: str, pack_id: str, what: str) -> int:
     """Read a stored pack whole and check it against its name; returns its size."""
-    digest, size = hashlib.sha256(), 0
     try:
-        with backend.open(key) as stream:
-            while block := stream.read(1 << 20):
-                size += len(block)
-                digest.update(block)
+        digest, size, _ = packs.read_hashed(backend, key, None, limit=packs.MAX_PACK_SIZE,
+                                            too_long=f"{what}: pack {key} is larger than any pack")
     except StorageNotFound:
         raise IntegrityError(f"{what}: pack {key} is missing") from None
-    if digest.hexdigest() != pack_id:
+    if digest != pack_id:
         raise IntegrityError(f"{what}: pack {key} does not match its name (SHA-256 differs)")
     return size
