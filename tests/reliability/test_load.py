@@ -247,7 +247,12 @@ def check(result: LoadResult, *, rss_growth_limit: int, workers: int = 4) -> Non
     # threads: main, APScheduler's pool (16), the checkpoint workers (two per kubelet slot),
     # the HTTP server and its per-request threads -- a fixed ceiling, whatever the run length
     assert max(s.threads for s in result.samples) <= 24 + 3 * workers
-    assert max(s.fds for s in second) <= max(s.fds for s in first) + 8
+    # descriptors: a sample taken mid-cycle counts each worker's kubelet socket, archive and
+    # backend files, so peaks depend on when the sampler fired. A leak raises the floor
+    # between cycles; the peak only has a fixed ceiling per worker.
+    floor = min(s.fds for s in first)
+    assert min(s.fds for s in second) <= floor + 2, [s.fds for s in warm]
+    assert max(s.fds for s in warm) <= floor + 6 * workers, [s.fds for s in warm]
 
 
 def test_load_quick(tmp_path: Path) -> None:
