@@ -11,6 +11,7 @@ import pytest
 
 from backupd.app import App
 from backupd.model import COMMITTED
+from backupd.report.html import render_html
 from backupd.report.render import render_table
 from backupd.simulator.server import NodeSimulator
 from backupd.storage import layout
@@ -145,6 +146,9 @@ def test_report_shows_logical_and_stored_bytes_and_the_ratio(app: App) -> None:
     header = next(line for line in table.splitlines() if "STATUS" in line).split()
     assert header[header.index("LOGICAL") + 1:header.index("LOGICAL") + 3] == ["STORED", "DEDUP"]
     assert f"{row['dedup_ratio']:.2f}x" in table
+    page = render_html(app.report())
+    assert '<th scope="col" class="num">Logical</th>' in page and ">Dedup ratio</th>" in page
+    assert f'<td class="num">{row["dedup_ratio"]:.2f}x</td>' in page
 
 
 def test_rebuild_never_offers_the_chunks_of_a_planted_pack(fs_app: App, sim: NodeSimulator, tmp_path: Path) -> None:

@@ -244,6 +244,7 @@ def test_html_escapes_everything_from_the_cluster_and_loads_nothing() -> None:
     assert not re.search(r"<[a-z][^<>]*\s(src|href)\s*=", page, re.IGNORECASE)  # no tag loads or links anything
     assert "default-src 'none'" in page  # and the page itself forbids loading any
     assert page.count('class="timeline"') == 1 and 'role="img"' in page and "<desc" in page
+    assert ">Logical</th>" not in page  # the dedup columns only where a backend deduplicates
 
 
 def test_table_names_statuses_failures_and_removals() -> None:
