@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from backupd import retry
 from backupd.backends import open_backend
 from backupd.catalog.store import Catalog
 from backupd.config import DEFAULT_CONFIG_PATH, BackendConfig, Config, S3BackendConfig, load_config
@@ -219,9 +220,14 @@ def check_config(config_path: str | os.PathLike[str] | None) -> tuple[Check, Con
     return passed("config", f"{source} is valid (node {config.kubelet.node()})"), config
 
 
+#: the daemon rides out a database restart (``Catalog.DEFAULT_RETRY``: up to a minute); a
+#: diagnosis answers within a couple of seconds instead, and says the server is down
+DOCTOR_CATALOG_RETRY = retry.Backoff(attempts=2, base_delay=0.5)
+
+
 def check_catalog(config: Config) -> tuple[Check, Catalog | None]:
     try:
-        catalog = Catalog.open(config.database.resolved_url())
+        catalog = Catalog.open(config.database.resolved_url(), retry_backoff=DOCTOR_CATALOG_RETRY)
     except BackupdError as exc:
         return failed("catalog", exc, "fix database.url / database.password_file"), None
     try:

@@ -106,15 +106,16 @@ def test_run_logs_json_and_stops_cleanly_on_sigterm(cfg: Path) -> None:
     backupd(cfg, "db", "upgrade")
     backupd(cfg, "policy", "apply", "-f", "-", stdin=POLICY)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
-    proc = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(cfg), "run"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = cfg.parent / "daemon.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "backupd", "--config", str(cfg), "run"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=sink, text=True)
     deadline = time.monotonic() + 30
-    archives: list = []
-    while time.monotonic() < deadline and len(archives) < 4:
-        time.sleep(0.5)
-        archives = json.loads(backupd(cfg, "list", "-o", "json").stdout)
+    while time.monotonic() < deadline and log.read_text().count('"run_finished"') < 4:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    err = log.read_text()
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     finished = [e for e in lines if e["event"] == "run_finished"]
