@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from backupd.simulator.server import NodeSimulator
 from tests.policies import web_policy
 
@@ -37,7 +39,9 @@ def wrong(found: dict[str, str]) -> dict[str, str]:
             if m != ("0o700" if os.path.isdir(p) else "0o600")}
 
 
-def test_files_0600_and_directories_0700_everywhere_backupd_writes(tmp_path: Path, sim: NodeSimulator) -> None:
+@pytest.mark.parametrize("fmt", ["full", "dedup"])
+def test_files_0600_and_directories_0700_everywhere_backupd_writes(tmp_path: Path, sim: NodeSimulator,
+                                                                    fmt: str) -> None:
     state, backend, out = tmp_path / "state", tmp_path / "backend", tmp_path / "out"
     out.mkdir(mode=0o700)
     config = tmp_path / "config.toml"
@@ -47,6 +51,7 @@ def test_files_0600_and_directories_0700_everywhere_backupd_writes(tmp_path: Pat
         f'key_file = "{sim.client_key}"\ncheckpoint_dir = "{sim.checkpoint_dir}"\nnode_name = "sim-node"\n'
         f'[daemon]\nmin_free_space = 0\nhttp_listen = "127.0.0.1:0"\nshutdown_grace_seconds = 10\n'
         f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{backend / "deep" / "root"}"\n'
+        f'format = "{fmt}"\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
 
@@ -87,6 +92,8 @@ def test_files_0600_and_directories_0700_everywhere_backupd_writes(tmp_path: Pat
     created = {**during, **after}
     names = {Path(p).name for p in created}
     assert {"catalog.db", "catalog.db-wal", "catalog.db-shm", "restored.tar", "report.html", "index.json"} <= names
-    assert any(name.endswith(".tar.zst") for name in names) and any(name.endswith(".json") for name in names)
+    stored = (".tar.zst",) if fmt == "full" else (".pack", ".recipe")
+    assert all(any(name.endswith(suffix) for name in names) for suffix in stored), sorted(names)
+    assert any(name.endswith(".json") for name in names)
     assert str(state) in created and str(backend / "deep") in created, "backupd did not create its own directories"
     assert wrong(created) == {}
