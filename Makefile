@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys;print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest()[:12])')
 PYTEST_ARGS ?=
+# Two pytest workers, each taking whole files (module fixtures run once): the suite mostly waits
+# on subprocesses and sockets, so two halve it even on two cores. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench lint lint-style lint-layers lint-types clean
 
@@ -18,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/backupd demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # ruff, the import-layer contract (.importlinter) and mypy. One target each, so that
 # `make -k lint` (what .ci/run runs before the tests) reports all three even when one fails.
