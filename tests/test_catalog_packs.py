@@ -147,6 +147,9 @@ def test_the_repack_swap_moves_archives_to_the_new_packs(catalog: Catalog) -> No
     assert catalog.known_chunks("local", [chunk(1)]) == {chunk(1): "n" * 64}  # a is no longer offered
     # the swap is done once: the old pack is unused now
     assert "unused" in (catalog.move_repacked("local", "a" * 64, moves, now=T0) or "")
+    # a pack repacked into the same bytes (its chunks and nothing else) is not moved into itself
+    assert "same pack" in (catalog.move_repacked("local", "n" * 64, {1: ("n" * 64, 1)}, now=T0) or "")
+    assert {p.pack_id[0]: (p.state, p.archives) for p in catalog.list_packs("local")}["n"] == (PACK_STORED, 2)
     # the sweep finds it used by no archive a grace later
     assert [p.pack_id[0] for p in catalog.doom_unused_packs("local", marked_before=T0 + timedelta(hours=7))] == ["a"]
     assert liveness.full(3) == 0b111

@@ -846,6 +846,8 @@ class Catalog:
         committed it) or its use is unknown. Locks the pack rows in pack id order, as
         :meth:`commit_dedup_archive` does, so one of the two waits for the other."""
         new_ids = sorted({pack_id for pack_id, _seq in moves.values()})
+        if old_pack_id in new_ids:  # repacked into the same bytes: a repack output repacked with nothing new
+            return "its live chunks make the same pack again"
         with self.session() as s:
             rows = {r.pack_id: r for r in s.scalars(
                 select(PackRow).where(PackRow.backend == backend, PackRow.pack_id.in_([old_pack_id, *new_ids]))
