@@ -190,14 +190,23 @@ def test_encrypted_backends_repack_only_with_the_identity(tmp_path: Path, sim: N
         app.close()
 
 
-def test_no_repack_when_disabled_or_when_packs_are_live_enough(fs_app: App) -> None:
+def test_no_repack_when_disabled_or_live_enough_and_a_damaged_pack_is_kept(fs_app: App, tmp_path: Path) -> None:
     app = fs_app
     two_cycles_then_the_first_deleted(app)
     later = now_utc() + GRACE + timedelta(minutes=1)
-    emptiest = min(live.bit_count() / p.chunk_count for p, live in app.catalog.repack_candidates(
-        "local", created_before=later - GRACE, below=1))
+    found = app.catalog.repack_candidates("local", created_before=later - GRACE, below=1)
+    emptiest = min(live.bit_count() / p.chunk_count for p, live in found)
     for below in (0.0, emptiest):  # off; at the emptiest pack's live share (only those below it go)
         done = collect(app.catalog, app.backends["local"], grace=GRACE, now=later, holder="test",
                        repack_below=below)
         assert done.repack.candidates == 0 and done.repack.written == []
     assert all_notes(app.backends["local"]) == {}
+    # a candidate damaged in the backend is not copied (nor its damage): it stays, for verify
+    damaged = tmp_path / "backend" / found[0][0].key
+    damaged.chmod(0o600)
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"\0")
+    done = gc(app, later)
+    assert [k["pack"] for k in done.repack.kept] == [found[0][0].pack_id]
+    assert "does not match its name" in done.repack.kept[0]["reason"]
+    assert done.repack.repacked == [p.pack_id for p, _live in found[1:]]
+    assert {p.pack_id: p.state for p in app.catalog.list_packs("local")}[found[0][0].pack_id] == PACK_STORED

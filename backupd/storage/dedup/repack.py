@@ -137,11 +137,16 @@ class _Repacker:
         for record, live in chosen:
             old = _Old(record, live)
             self.olds.append(old)
-            try:
-                for seq, chunk_id, data in self._live_chunks(old):
-                    self._add(old, seq, chunk_id, data)
-            except (IntegrityError, InvalidInput, StorageNotFound) as exc:
-                self._keep(old, f"it cannot be read: {exc}")
+            chunks = self._live_chunks(old)
+            while True:
+                try:
+                    seq, chunk_id, data = next(chunks)
+                except StopIteration:
+                    break
+                except (IntegrityError, InvalidInput, StorageNotFound) as exc:  # reading it, not writing
+                    self._keep(old, f"it cannot be read: {exc}")
+                    break
+                self._add(old, seq, chunk_id, data)
             old.reading = False
             self._finish_ready()
         self._flush_frame()
