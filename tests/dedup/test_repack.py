@@ -210,3 +210,19 @@ def test_no_repack_when_disabled_or_live_enough_and_a_damaged_pack_is_kept(fs_ap
     assert "does not match its name" in done.repack.kept[0]["reason"]
     assert done.repack.repacked == [p.pack_id for p, _live in found[1:]]
     assert {p.pack_id: p.state for p in app.catalog.list_packs("local")}[found[0][0].pack_id] == PACK_STORED
+
+
+def test_notes_are_followed_through_later_repacks_and_loops_end() -> None:
+    from backupd.storage.dedup.moved import MAX_HOPS, follow
+
+    a, b, c, d, e, f = (ch * 64 for ch in "abcdef")
+    notes = {a: [b], b: [c, d, f], e: [e]}  # a -> b -> (c, d, f gone); a planted note of e to itself
+    present = {c, d}.__contains__
+    assert follow([a], present=present, notes=lambda p: notes.get(p, [])) == [c, d]
+    assert follow([c, a], present=present, notes=lambda p: notes.get(p, [])) == [c, d]
+    # gone, and no note leads anywhere: its reader reports it missing
+    assert follow([e, f], present=present, notes=lambda p: notes.get(p, [])) == [e, f]
+    chain = {f"{n:064x}": [f"{n + 1:064x}"] for n in range(100)}
+    for end, found in ((MAX_HOPS, f"{MAX_HOPS:064x}"), (MAX_HOPS + 1, f"{0:064x}")):
+        assert follow([f"{0:064x}"], present=lambda p, end=end: p == f"{end:064x}",
+                      notes=lambda p: chain.get(p, [])) == [found]

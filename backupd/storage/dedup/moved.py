@@ -76,24 +76,29 @@ def all_notes(backend: Backend, root: str = "dedup/") -> dict[str, list[str]]:
 def follow(pack_ids: Iterable[str], *, present: Callable[[str], bool],
            notes: Callable[[str], list[str]]) -> list[str]:
     """The packs that hold now what ``pack_ids`` held: each present one itself, each missing
-    one replaced by the packs its notes name, followed through at most :data:`MAX_HOPS`
-    repacks. A missing pack without notes stays in the answer (its reader reports it)."""
+    one replaced by the present packs its notes lead to, through at most :data:`MAX_HOPS`
+    repacks. A missing pack whose notes lead to no present pack (none, gone, a loop) stays in
+    the answer: its reader reports it missing."""
+    is_present: dict[str, bool] = {}
+    moved_to: dict[str, list[str]] = {}
     out: dict[str, None] = {}
-    frontier = list(dict.fromkeys(pack_ids))
-    seen = set(frontier)
-    for _hop in range(MAX_HOPS):
-        later: list[str] = []
-        for pack_id in frontier:
-            if present(pack_id):
-                out[pack_id] = None
-                continue
-            moved_to = notes(pack_id)
-            if not moved_to:
-                out[pack_id] = None
-            later.extend(n for n in moved_to if n not in seen)
-            seen.update(moved_to)
-        frontier = later
-        if not frontier:
-            break
-    out.update(dict.fromkeys(frontier))  # past the last hop: for the reader to try
+    for start in dict.fromkeys(pack_ids):
+        reached: list[str] = []
+        frontier, seen = [start], {start}
+        for _hop in range(MAX_HOPS + 1):
+            later: list[str] = []
+            for pack_id in frontier:
+                if pack_id not in is_present:
+                    is_present[pack_id] = present(pack_id)
+                if is_present[pack_id]:
+                    reached.append(pack_id)
+                    continue
+                if pack_id not in moved_to:
+                    moved_to[pack_id] = notes(pack_id)
+                later.extend(n for n in moved_to[pack_id] if n not in seen)
+                seen.update(moved_to[pack_id])
+            frontier = later
+            if not frontier:
+                break
+        out.update(dict.fromkeys(reached or [start]))
     return list(out)

@@ -576,8 +576,8 @@ class PackStore:
         gone, self._gone = self._gone, []
         if not gone:
             return []
-        found = moved.follow(gone, present=lambda pack_id: False,
-                             notes=lambda pack_id: moved.notes_of(self.backend, pack_id, self.root))
+        found = moved.follow(gone, present=lambda p: self.backend.stat(packs.pack_key(p, self.root)) is not None,
+                             notes=lambda p: moved.notes_of(self.backend, p, self.root))
         return [packs.pack_key(p, self.root) for p in found if p not in gone]
 
     def _frame(self, pack: packs.PackFile, n: int) -> bytes:
