@@ -8,7 +8,9 @@ housekeeping -- what runs after each policy's cycle and once an hour -- is wired
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import structlog
 
@@ -34,6 +36,7 @@ from backupd.storage.dedup.ids import ChunkIds
 from backupd.storage.delete import Deleter
 from backupd.storage.prune import Pruner, lease_holder, remove_orphans
 from backupd.storage.runs import recorded_run
+from backupd.storage.transfer import parse_recipients
 from backupd.storage.verify import VerifyReport, choose_sample, verify
 
 log = structlog.get_logger("backupd.app")
@@ -149,15 +152,28 @@ class App:
                 except BackupdError as exc:
                     log.error("gc_failed", backend=name, error=str(exc), error_kind=exc.kind)
 
-    def collect_garbage(self, name: str, *, dry_run: bool = False) -> GcReport:
+    def collect_garbage(self, name: str, *, dry_run: bool = False, repack_below: float | None = None,
+                        identities: Sequence[Any] = ()) -> GcReport:
         """Remove the packs no archive of a ``format = "dedup"`` backend uses (two phases, each
-        ``daemon.orphan_grace_hours`` apart: :mod:`backupd.storage.dedup.gc`)."""
-        if self.config.backend(name).format != "dedup":
-            raise ConfigError(f"backend {name!r} has format {self.config.backend(name).format!r}: only "
+        ``daemon.orphan_grace_hours`` apart) and repack those whose live share is below
+        ``repack_below`` (default ``daemon.repack_below_live_share``; an encrypted backend's
+        only with ``identities``): :mod:`backupd.storage.dedup.gc`."""
+        config = self.config.backend(name)
+        if config.format != "dedup":
+            raise ConfigError(f"backend {name!r} has format {config.format!r}: only "
                               "format = \"dedup\" backends have packs to collect")
+        backend = self.backends[name]
         grace = timedelta(hours=self.config.daemon.orphan_grace_hours)
-        return collect(self.catalog, self.backends[name], grace=grace, now=now_utc(), holder=self.holder,
-                       dry_run=dry_run)
+        below = self.config.daemon.repack_below_live_share if repack_below is None else repack_below
+        ids = []
+        try:
+            if below > 0 and (key := config.id_key()) is not None:
+                ids.append(ChunkIds.keyed(key))
+        except ConfigError as exc:  # unless the identities decrypt its copy, such chunks cannot be checked:
+            log.warning("repack_without_id_key", backend=name, error=str(exc))  # their packs stay as they are
+        recipients = parse_recipients(config.encryption_recipients, f"backends[{name}].encryption_recipients")
+        return collect(self.catalog, backend, grace=grace, now=now_utc(), holder=self.holder, dry_run=dry_run,
+                       repack_below=below, identities=identities, recipients=recipients, ids=ids)
 
     def drill(self, policy: Policy) -> VerifyReport:
         """A restore drill: re-read a sample of the policy's archives (always its newest),

@@ -184,6 +184,9 @@ class DaemonConfig(_Section):
     run_history_days: int = Field(default=90, ge=1)
     #: objects without a manifest older than this many hours are removed by prune
     orphan_grace_hours: float = Field(default=6, gt=0)
+    #: ``format = "dedup"``: garbage collection repacks a pack whose live chunks (those some
+    #: archive still uses) are fewer than this share of its chunks; 0 never repacks
+    repack_below_live_share: float = Field(default=0.5, ge=0, le=1)
 
     _parse_size = field_validator("min_free_space", mode="before")(lambda cls, v: parse_size(v))
 

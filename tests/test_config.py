@@ -217,6 +217,16 @@ def test_format_defaults_to_full_and_dedup_is_opt_in(tmp_path: Path, monkeypatch
         load_config(_dedup_config(tmp_path, 'format = "zip"\n'))
 
 
+def test_the_repack_threshold_is_a_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKUPD_DATABASE__URL", "sqlite:///x.db")
+    assert load_config(_dedup_config(tmp_path, "")).daemon.repack_below_live_share == 0.5
+    monkeypatch.setenv("BACKUPD_DAEMON__REPACK_BELOW_LIVE_SHARE", "0")  # never repack
+    assert load_config(_dedup_config(tmp_path, "")).daemon.repack_below_live_share == 0
+    monkeypatch.setenv("BACKUPD_DAEMON__REPACK_BELOW_LIVE_SHARE", "50")  # a percentage, not a share
+    with pytest.raises(ConfigError, match=r"daemon\.repack_below_live_share: Input should be less than or equal to 1"):
+        load_config(_dedup_config(tmp_path, ""))
+
+
 def test_encrypted_dedup_needs_an_id_key_file_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BACKUPD_DATABASE__URL", "sqlite:///x.db")
     with pytest.raises(ConfigError, match="needs id_key_file"):

@@ -191,6 +191,9 @@ class ChunkRow(Base):
 
     chunk_id: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     pack: Mapped[int] = mapped_column(ForeignKey("packs.id", ondelete="CASCADE"), primary_key=True)
+    #: the chunk's position in its pack's index (its first, should the pack hold it twice);
+    #: NULL for rows recorded before revision 0005
+    seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (Index(None, "pack"),)
 
@@ -202,5 +205,8 @@ class ArchivePackRow(Base):
 
     archive_id: Mapped[str] = mapped_column(ForeignKey("archives.id", ondelete="CASCADE"), primary_key=True)
     pack: Mapped[int] = mapped_column(ForeignKey("packs.id", ondelete="RESTRICT"), primary_key=True)
+    #: which of the pack's chunks (by ``chunks.seq``) the archive uses, encoded by
+    #: :func:`backupd.catalog.liveness.encode`; NULL: unknown, every chunk counts as used
+    used: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     __table_args__ = (Index(None, "pack"),)

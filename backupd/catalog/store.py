@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Callable, Hashable, Iterator, Sequence
+import operator
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,9 +46,10 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Engine, Result, make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from backupd import retry
+from backupd.catalog import liveness
 from backupd.catalog.cursor import Cursor
 from backupd.catalog.schema import (
     MIGRATIONS_DIR,
@@ -682,17 +684,17 @@ class Catalog:
     @_translated
     def record_pack(self, backend: str, pack_id: str, key: str, *, stored_size: int, raw_size: int,
                     chunk_ids: Sequence[bytes], created_at: datetime | None = None) -> str:
-        """Record a pack whose put returned, with its chunks, so that :meth:`known_chunks`
-        offers them; returns its state. Idempotent: a pack already recorded (the same name is
-        the same bytes) keeps its row, and one found unused is offered again."""
+        """Record a pack whose put returned, with its chunks (``chunk_ids`` in the pack's index
+        order: a chunk's position there is its ``seq``), so that :meth:`known_chunks` offers
+        them; returns its state. Idempotent: a pack already recorded (the same name is the same
+        bytes) keeps its row, and one found unused is offered again."""
         with self.session() as s:
             existing = s.scalar(select(PackRow).where(PackRow.backend == backend, PackRow.pack_id == pack_id))
             if existing is not None:
                 if existing.state == PACK_UNUSED:
                     existing.state, existing.marked_at = PACK_STORED, None
                 if not existing.chunk_count and chunk_ids:  # recorded by a rebuild that could not read it
-                    s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": existing.id}
-                                                 for c in dict.fromkeys(chunk_ids)])
+                    s.execute(insert(ChunkRow), _chunk_rows(existing.id, chunk_ids))
                     existing.chunk_count, existing.raw_size = len(chunk_ids), raw_size
                 return existing.state
             row = PackRow(backend=backend, pack_id=pack_id, key=key, stored_size=stored_size, raw_size=raw_size,
@@ -700,22 +702,30 @@ class Catalog:
             s.add(row)
             s.flush()
             if chunk_ids:  # none: a pack whose index could not be read (encrypted, no identity)
-                s.execute(insert(ChunkRow), [{"chunk_id": c, "pack": row.id} for c in dict.fromkeys(chunk_ids)])
+                s.execute(insert(ChunkRow), _chunk_rows(row.id, chunk_ids))
             return PACK_STORED
 
-    @_translated
     def known_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
         """chunk id -> pack id of those of ``chunk_ids`` that a ``stored`` pack of ``backend``
-        holds: what a writer need not store again. Packs still being uploaded are not recorded
-        yet and unused or deleting ones are not offered, so an answer never names a pack that a
-        writer cannot count on (a commit re-checks: :meth:`commit_dedup_archive`)."""
-        found: dict[bytes, str] = {}
+        holds (:meth:`known_places` without the positions)."""
+        return {chunk_id: pack_id for chunk_id, (pack_id, _seq) in self.known_places(backend, chunk_ids).items()}
+
+    @_translated
+    def known_places(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, tuple[str, int | None]]:
+        """chunk id -> (pack id, position in that pack) of those of ``chunk_ids`` that a
+        ``stored`` pack of ``backend`` holds: what a writer need not store again, and where
+        what it reuses is (the commit records that, chunk by chunk: :mod:`backupd.catalog.liveness`;
+        the position is None for chunks recorded before revision 0005). Packs still being
+        uploaded are not recorded yet and unused or deleting ones are not offered, so an answer
+        never names a pack that a writer cannot count on (a commit re-checks:
+        :meth:`commit_dedup_archive`)."""
+        found: dict[bytes, tuple[str, int | None]] = {}
         with self.session() as s:
             for chunk in _chunks(chunk_ids):
-                q = (select(ChunkRow.chunk_id, PackRow.pack_id).join(PackRow, PackRow.id == ChunkRow.pack)
+                q = (select(ChunkRow.chunk_id, PackRow.pack_id, ChunkRow.seq).join(PackRow, PackRow.id == ChunkRow.pack)
                      .where(ChunkRow.chunk_id.in_(chunk), PackRow.backend == backend, PackRow.state == PACK_STORED))
-                for chunk_id, pack_id in s.execute(q):
-                    found.setdefault(bytes(chunk_id), pack_id)
+                for chunk_id, pack_id, seq in s.execute(q):
+                    found.setdefault(bytes(chunk_id), (pack_id, seq))
         return found
 
     @_translated
@@ -734,39 +744,163 @@ class Catalog:
 
     @_translated
     def commit_dedup_archive(self, archive_id: str, backend: str, pack_ids: Sequence[str], *,
-                             expect_state: str | None = None, **fields: Any) -> Archive:
+                             used: Mapping[str, int] | None = None, expect_state: str | None = None,
+                             **fields: Any) -> Archive:
         """Commit a deduplicated archive: in one transaction, check that every pack its recipe
         uses is still recorded and not ``deleting`` (one garbage collection found unused is
-        taken back: this archive uses it), record which packs it uses, then update the row as
+        taken back: this archive uses it), record which packs it uses -- and, from ``used``
+        (pack id -> mask of positions, :mod:`backupd.catalog.liveness`), which of their chunks;
+        a pack not in ``used`` is recorded as "unknown: every chunk" -- then update the row as
         :meth:`update_archive` does. Raises :class:`IntegrityError` naming a pack that is gone
-        or going, and changes nothing."""
+        or going, and changes nothing. Pack rows are locked in pack id order, as
+        :meth:`move_repacked` locks them."""
+        used = used or {}
         with self.session() as s:
             rows: dict[str, PackRow] = {}
-            for chunk in _chunks(pack_ids):
+            for chunk in _chunks(sorted(set(pack_ids))):
                 for row in s.scalars(select(PackRow).where(PackRow.backend == backend, PackRow.pack_id.in_(chunk))
-                                     .with_for_update()):
+                                     .order_by(PackRow.pack_id).with_for_update()):
                     rows[row.pack_id] = row
             for pack_id in dict.fromkeys(pack_ids):
-                used = rows.get(pack_id)
-                if used is None or used.state in (PACK_DELETING, PACK_MISSING):
+                pack = rows.get(pack_id)
+                if pack is None or pack.state in (PACK_DELETING, PACK_MISSING):
                     why = {None: "not in the catalog", PACK_DELETING: "being deleted", PACK_MISSING: "gone from the "
-                           "backend"}[None if used is None else used.state]
+                           "backend"}[None if pack is None else pack.state]
                     raise IntegrityError(f"archive {archive_id}: pack {pack_id} of backend {backend!r} it uses is "
                                          f"{why}; the archive is not committed")
-                if used.state == PACK_UNUSED:
-                    used.state, used.marked_at = PACK_STORED, None
+                if pack.state == PACK_UNUSED:
+                    pack.state, pack.marked_at = PACK_STORED, None
             archive = s.get(ArchiveRow, archive_id, with_for_update=True)
             if archive is None:
                 raise NotFound(f"no archive {archive_id!r} in the catalog")
             if expect_state is not None and archive.state != expect_state:
                 raise CatalogError(f"archive {archive_id} is {archive.state}, expected {expect_state}")
-            have = set(s.scalars(select(ArchivePackRow.pack).where(ArchivePackRow.archive_id == archive_id)))
-            new = [{"archive_id": archive_id, "pack": r.id} for r in rows.values() if r.id not in have]
+            have = {r.pack: r for r in s.scalars(select(ArchivePackRow).where(ArchivePackRow.archive_id == archive_id))}
+            new = []
+            for r in rows.values():
+                mask = used.get(r.pack_id)
+                if r.id not in have:
+                    new.append({"archive_id": archive_id, "pack": r.id,
+                                "used": None if mask is None else liveness.encode(mask)})
+                elif have[r.id].used is not None:  # committed again: what it used then, and now
+                    have[r.id].used = None if mask is None else liveness.encode(
+                        mask | liveness.decode(have[r.id].used, r.chunk_count))
             if new:
                 s.execute(insert(ArchivePackRow), new)
             for k, v in fields.items():
                 setattr(archive, k, v)
             return _archive(archive)
+
+    @_translated
+    def archive_pack_ids(self, archive_id: str) -> list[str]:
+        """The packs a deduplicated archive's chunks are in now (its manifest names those of
+        when it was written; a repack moves chunks to new packs: :meth:`move_repacked`)."""
+        with self.session() as s:
+            q = (select(PackRow.pack_id).join(ArchivePackRow, ArchivePackRow.pack == PackRow.id)
+                 .where(ArchivePackRow.archive_id == archive_id).order_by(PackRow.pack_id))
+            return list(s.scalars(q))
+
+    @_translated
+    def repack_candidates(self, backend: str, *, created_before: datetime,
+                          below: float) -> list[tuple[PackRecord, int]]:
+        """``stored`` packs of ``backend`` created before ``created_before`` whose live chunks
+        -- those any archive uses: the union of their ``archive_packs`` bitmaps -- are fewer
+        than ``below`` of their chunks, with that union (a mask over positions), emptiest
+        first. Packs some archive uses "unknown" chunks of (rows from before revision 0005,
+        rebuilt or reconciled ones) count as wholly live; packs no archive uses are left to
+        the mark phase. One pass over the candidates' rows, streamed a pack at a time."""
+        whole = aliased(ArchivePackRow)
+        unknown = select(whole.pack).where(whole.pack == PackRow.id, whole.used.is_(None)).exists()
+        q = (select(PackRow.id, PackRow.chunk_count, ArchivePackRow.used)
+             .join(ArchivePackRow, ArchivePackRow.pack == PackRow.id)
+             .where(PackRow.backend == backend, PackRow.state == PACK_STORED, PackRow.created_at < created_before,
+                    PackRow.chunk_count > 0, ~unknown)
+             .order_by(PackRow.id).execution_options(yield_per=1000))
+        live: dict[int, int] = {}
+        users: dict[int, int] = {}
+        sizes: dict[int, int] = {}
+        with self.session() as s:
+            for row_id, count, blob in s.execute(q):
+                users[row_id] = users.get(row_id, 0) + 1
+                sizes[row_id] = count
+                mask = live.get(row_id, 0)
+                if mask != liveness.full(count):  # the rest of its rows cannot add anything
+                    live[row_id] = mask | liveness.decode(blob, count)
+            chosen: list[tuple[PackRecord, int]] = []
+            for chunk in _chunks([i for i, mask in live.items() if mask.bit_count() < below * sizes[i]]):
+                for row in s.scalars(select(PackRow).where(PackRow.id.in_(chunk))):
+                    chosen.append((_pack(row, users[row.id]), live[row.id]))
+        chosen.sort(key=lambda c: (c[1].bit_count() / c[0].chunk_count, c[0].pack_id))
+        return chosen
+
+    @_translated
+    def move_repacked(self, backend: str, old_pack_id: str, moves: Mapping[int, tuple[str, int]], *,
+                      now: datetime) -> str | None:
+        """The swap of a repack, in one transaction: every archive that uses chunks of pack
+        ``old_pack_id`` is moved to the packs its chunks were copied into -- ``moves``: old
+        position -> (new pack id, new position) -- with its bitmaps remapped, and the old pack
+        becomes ``unused`` (marked ``now``: the sweep deletes it a grace period later, and a
+        commit that counted on it meanwhile takes it back). Returns None when done, or why
+        nothing was changed: the old pack is no longer ``stored``, a new one is not, or a
+        chunk that was dead when the pack was read is used now (a concurrent checkpoint
+        committed it) or its use is unknown. Locks the pack rows in pack id order, as
+        :meth:`commit_dedup_archive` does, so one of the two waits for the other."""
+        new_ids = sorted({pack_id for pack_id, _seq in moves.values()})
+        if old_pack_id in new_ids:  # repacked into the same bytes: a repack output repacked with nothing new
+            return "its live chunks make the same pack again"
+        with self.session() as s:
+            rows = {r.pack_id: r for r in s.scalars(
+                select(PackRow).where(PackRow.backend == backend, PackRow.pack_id.in_([old_pack_id, *new_ids]))
+                .order_by(PackRow.pack_id).with_for_update())}
+            old = rows.get(old_pack_id)
+            if old is None or old.state != PACK_STORED:
+                return f"it is {old.state if old else 'gone from the catalog'}"
+            for pack_id in new_ids:
+                if pack_id not in rows or rows[pack_id].state != PACK_STORED:
+                    return f"its new pack {pack_id} is {rows[pack_id].state if pack_id in rows else 'not recorded'}"
+            users = list(s.scalars(select(ArchivePackRow.archive_id).where(ArchivePackRow.pack == old.id)))
+            # an archive deleted meanwhile waits for this transaction (or is gone before it)
+            locked: set[str] = set()
+            for chunk in _chunks(users):
+                locked.update(s.scalars(select(ArchiveRow.id).where(ArchiveRow.id.in_(chunk))
+                                        .with_for_update(key_share=True)))
+            uses = [r for r in s.scalars(select(ArchivePackRow).where(ArchivePackRow.pack == old.id)
+                                         .with_for_update()) if r.archive_id in locked]
+            if not uses:
+                return "no archive uses it any more (the mark phase takes it)"
+            if any(r.used is None for r in uses):
+                return "an archive uses it whole (its chunks' use is unknown)"
+            masks = {r.archive_id: liveness.decode(r.used, old.chunk_count) for r in uses}
+            revived = sum(1 for n in liveness.positions(functools.reduce(operator.or_, masks.values()))
+                          if n not in moves)
+            if revived:
+                return f"{revived} chunk(s) of it not copied are used now (a checkpoint committed meanwhile)"
+            by_row = {rows[pack_id].id: pack_id for pack_id in new_ids}
+            have: dict[tuple[str, int], ArchivePackRow] = {}
+            for chunk in _chunks(list(masks)):
+                for r in s.scalars(select(ArchivePackRow).where(ArchivePackRow.archive_id.in_(chunk),
+                                                                ArchivePackRow.pack.in_(list(by_row)))
+                                   .with_for_update()):
+                    have[(r.archive_id, r.pack)] = r
+            new: list[dict[str, Any]] = []
+            for archive_id, mask in masks.items():
+                bits: dict[int, bytearray] = {}
+                for n in liveness.positions(mask):
+                    pack_id, seq = moves[n]
+                    liveness.add(bits.setdefault(rows[pack_id].id, bytearray()), seq)
+                for row_id, b in bits.items():
+                    moved = int.from_bytes(b, "little")
+                    existing = have.get((archive_id, row_id))
+                    if existing is None:
+                        new.append({"archive_id": archive_id, "pack": row_id, "used": liveness.encode(moved)})
+                    elif existing.used is not None:
+                        existing.used = liveness.encode(
+                            moved | liveness.decode(existing.used, rows[by_row[row_id]].chunk_count))
+            s.execute(delete(ArchivePackRow).where(ArchivePackRow.pack == old.id))
+            if new:
+                s.execute(insert(ArchivePackRow), new)
+            old.state, old.marked_at = PACK_UNUSED, now
+            return None
 
     @_translated
     def list_packs(self, backend: str, *, states: Sequence[str] = ()) -> list[PackRecord]:
@@ -969,6 +1103,14 @@ class Catalog:
     def release_lease(self, name: str, holder: str) -> None:
         with self.session() as s:
             s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
+
+
+def _chunk_rows(pack: int, chunk_ids: Sequence[bytes]) -> list[dict[str, Any]]:
+    """Rows of the chunk -> pack map for one pack: each chunk once, at its first position."""
+    seqs: dict[bytes, int] = {}
+    for n, chunk_id in enumerate(chunk_ids):
+        seqs.setdefault(chunk_id, n)
+    return [{"chunk_id": c, "pack": pack, "seq": n} for c, n in seqs.items()]
 
 
 def _chunks(values: Sequence[H], size: int = 500) -> Iterator[list[H]]:

@@ -163,7 +163,7 @@ def inspect_command(ctx: Context, target: str, identity_file: str | None, output
             raise ConfigError(f"archive {archive.id} is stored in backend {archive.backend!r}, which is not in "
                               "the config ([[backends]])")  # fmt: skip
         identities = load_identities(identity_file, "--identity-file") if identity_file else []
-        result = inspect_catalog_archive(archive, backend, identities=identities)
+        result = inspect_catalog_archive(archive, backend, identities=identities, catalog=app.catalog)
     if output != "table":
         print_data(result.to_json(), output)
         return

@@ -193,9 +193,9 @@ def prune(ctx: Context, policy_name: str | None, dry_run: bool, output: str) -> 
 
 
 def _collect_garbage(app: Any, *, quiet: bool) -> None:
-    """After a prune, the packs of ``format = "dedup"`` backends that no archive uses any more
-    (``backupd gc``; its two phases are a grace period apart, so this run marks what the next
-    one deletes)."""
+    """After a prune, the packs of ``format = "dedup"`` backends that no archive uses any more,
+    and those it uses little of (``backupd gc``; its two phases are a grace period apart, so
+    this run marks what the next one deletes, and a pack repacked now goes with the next)."""
     from backupd.errors import LeaseHeld
 
     for backend in app.config.backends:
@@ -207,7 +207,8 @@ def _collect_garbage(app: Any, *, quiet: bool) -> None:
             continue  # the daemon's maintenance is collecting it now
         if not quiet:
             click.echo(f"backend {backend.name}: packs marked unused {len(gc.marked)}, deleted {len(gc.deleted)} "
-                       f"({human_bytes(gc.bytes_freed)})")
+                       f"({human_bytes(gc.bytes_freed)}), repacked {len(gc.repack.repacked)}"
+                       + (f" (repack skipped: {gc.repack.skipped})" if gc.repack.skipped else ""))
 
 
 def _set_pin(ctx: Context, archive_id: str, pinned: bool) -> None:

@@ -183,7 +183,8 @@ def restore(
     catalog.check_schema()
     archive = query.select(catalog)
     tracker = progress(archive) if progress is not None else None
-    with open_archive(backends, archive, identities) as verified, tracker or contextlib.nullcontext():
+    with open_archive(backends, archive, identities, catalog=catalog) as verified, \
+            tracker or contextlib.nullcontext():
         scanner = metadata_scanner(archive)
         layer: Readable = ScanningReader(verified, scanner, explain=verified.explain)
         if tracker is not None:

@@ -168,12 +168,14 @@ class Pipeline:
         )
         self.catalog.add_archive(pending)
         upload_started = time.monotonic()
+        used: dict[str, int] = {}  # deduplicated: which chunks of each pack the recipe uses
         try:
             extra: dict[str, Any] = {}
             with self.checkpoint_dir.open(node_path.name) as raw:
                 if ids is not None:
                     shipped = dedup_commit.ship(backend, self.catalog, raw, key, ids=ids, recipients=recipients,
                                                 what=f"archive {archive_id}", level=self.level)
+                    used = shipped.used
                     committed = replace(pending, tar_size=shipped.tar_size, stored_size=shipped.new_bytes,
                                         tar_sha256=shipped.tar_sha256, stored_sha256=shipped.recipe_sha256)
                     extra = {"format": "dedup", "recipe_size": shipped.recipe_size, "packs": shipped.packs}
@@ -201,7 +203,7 @@ class Pipeline:
         removed = policy.spec.keep_on_node == 0 and self._remove_node_tar(node_path.name)
         if manifest.format == "dedup":
             try:
-                return self._commit_dedup_row(backend, manifest, archive_id, node_tar_deleted=removed)
+                return self._commit_dedup_row(backend, manifest, archive_id, used=used, node_tar_deleted=removed)
             except IntegrityError as exc:
                 self.catalog.update_archive(archive_id, state=FAILED, error=str(exc))
                 self._remove_node_tar(node_path.name)
@@ -213,13 +215,15 @@ class Pipeline:
         )
 
     def _commit_dedup_row(self, backend: Backend, manifest: layout.Manifest, archive_id: str,
-                          **fields: object) -> Archive:
+                          used: dict[str, int] | None = None, **fields: object) -> Archive:
         """Commit the row of a deduplicated archive, only if every pack it uses is still there
         (garbage collection may have doomed one while the archive was being written: then its
-        recipe and manifest are removed again and :class:`IntegrityError` says why)."""
+        recipe and manifest are removed again and :class:`IntegrityError` says why). ``used``:
+        which chunks of each pack the recipe uses, as the writer learnt them; reconcile, which
+        commits from the manifest alone, has none: those packs count as wholly used."""
         try:
             return self.catalog.commit_dedup_archive(
-                archive_id, backend.name, manifest.packs, expect_state=PENDING, state=COMMITTED,
+                archive_id, backend.name, manifest.packs, used=used, expect_state=PENDING, state=COMMITTED,
                 committed_at=self.clock(), tar_size=manifest.tar_size, stored_size=manifest.stored_size,
                 tar_sha256=manifest.tar_sha256, stored_sha256=manifest.stored_sha256, **fields,
             )

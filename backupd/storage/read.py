@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from backupd.archive.inspect import Inspection, inspect_tar_stream
 from backupd.archive.tar import DEFAULT_LIMITS, Limits
 from backupd.backends.base import Backend, Readable
+from backupd.catalog.store import Catalog
 from backupd.errors import (
     BackupdError,
     ConfigError,
@@ -25,7 +26,7 @@ from backupd.storage.transfer import UnpackingReader
 
 
 def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limits = DEFAULT_LIMITS,
-                            identities: Sequence[Any] = ()) -> Inspection:
+                            identities: Sequence[Any] = (), catalog: Catalog | None = None) -> Inspection:
     """Inspect a committed archive from ``backend``, checking it against its manifest (which
     must agree with its key and the catalog: :func:`backupd.storage.read.verified_manifest`).
 
@@ -49,7 +50,8 @@ def inspect_catalog_archive(archive: Archive, backend: Backend, *, limits: Limit
                                   f"({type(exc).__name__}: {exc})")  # fmt: skip
 
     manifest = verified_manifest(backend, archive)
-    with open_verified(backend, archive, manifest, identities) as unpacking:
+    with open_verified(backend, archive, manifest, identities,
+                       pack_ids=current_packs(catalog, archive, manifest)) as unpacking:
         try:
             return inspect_tar_stream(unpacking, unreadable, source=what, archive=archive.to_json(), limits=limits)
         except IntegrityError as exc:
@@ -98,9 +100,17 @@ def verified_manifest(backend: Backend, archive: Archive) -> layout.Manifest:
 
 
 
+def current_packs(catalog: Catalog | None, archive: Archive, manifest: layout.Manifest) -> list[str] | None:
+    """The packs a deduplicated archive's chunks are in now, as the catalog knows them (a
+    repack moves chunks out of the packs its manifest names); None: the manifest's."""
+    if catalog is None or manifest.format != "dedup":
+        return None
+    return catalog.archive_pack_ids(archive.id) or None
+
+
 @contextlib.contextmanager
-def open_archive(backends: Mapping[str, Backend], archive: Archive,
-                 identities: Sequence[Any] = ()) -> Iterator[VerifiedTar]:
+def open_archive(backends: Mapping[str, Backend], archive: Archive, identities: Sequence[Any] = (), *,
+                 catalog: Catalog | None = None) -> Iterator[VerifiedTar]:
     """The archive's tar as a verified stream (see :class:`~backupd.storage.transfer.UnpackingReader`).
 
     Digests and sizes come from the manifest after :func:`verified_manifest` checked it against
@@ -108,6 +118,8 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive,
     :class:`~backupd.errors.IntegrityError` naming the archive from the final ``read`` -- or
     from the ``read`` that passes a size.
     An age-encrypted archive needs ``identities`` (:func:`backupd.storage.transfer.load_identities`).
+    With ``catalog``, a deduplicated archive's chunks are looked for in the packs the catalog
+    says it uses now (:func:`current_packs`).
     """
     if archive.encryption == "age" and not identities:
         raise InvalidInput(
@@ -120,14 +132,16 @@ def open_archive(backends: Mapping[str, Backend], archive: Archive,
         raise ConfigError(f"archive {archive.id} is in backend {archive.backend!r}, which is not in the config "
                           f"(configured: {known})")
     manifest = verified_manifest(backend, archive)
-    with open_verified(backend, archive, manifest, identities) as reader:
+    with open_verified(backend, archive, manifest, identities,
+                       pack_ids=current_packs(catalog, archive, manifest)) as reader:
         yield reader
 
 
 
 @contextlib.contextmanager
 def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
-                  identities: Sequence[Any] = (), *, stored_only: bool = False) -> Iterator[VerifiedTar]:
+                  identities: Sequence[Any] = (), *, stored_only: bool = False,
+                  pack_ids: Sequence[str] | None = None) -> Iterator[VerifiedTar]:
     """The object of ``archive`` as a stream checked against ``manifest``, which
     :func:`verified_manifest` returned; :class:`StorageNotFound` when the object is gone.
 
@@ -135,7 +149,8 @@ def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
     destination, inspect). With ``stored_only`` (an encrypted archive verified without its
     identity) the stream is the stored bytes, of which only the size and SHA-256 are checked.
     A deduplicated archive's tar is rebuilt from its recipe and packs, verified alike (its
-    ``stored_only`` check is :func:`backupd.storage.dedup.read.verify_stored`'s).
+    ``stored_only`` check is :func:`backupd.storage.dedup.read.verify_stored`'s); ``pack_ids``:
+    where its chunks are now (:func:`current_packs`), by default the packs its manifest names.
     """
     if manifest.format == "dedup":
         from backupd.storage.dedup.read import open_recipe
@@ -143,7 +158,7 @@ def open_verified(backend: Backend, archive: Archive, manifest: layout.Manifest,
         rebuilt = open_recipe(backend, archive.key, what=f"archive {archive.id} ({backend.name}:{archive.key})",
                               tar_sha256=manifest.tar_sha256, tar_size=manifest.tar_size,
                               recipe_sha256=manifest.stored_sha256, recipe_size=manifest.recipe_size,
-                              pack_ids=manifest.packs, identities=identities)
+                              pack_ids=manifest.packs if pack_ids is None else pack_ids, identities=identities)
         try:
             yield rebuilt
         finally:

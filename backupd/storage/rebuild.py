@@ -19,7 +19,7 @@ holds it at exactly one of their keys.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from backupd.catalog.store import Catalog
 from backupd.errors import IntegrityError, ManifestInvalid, ManifestKeyMismatch, StorageNotFound
 from backupd.model import COMMITTED, Archive, now_utc
 from backupd.storage import layout
+from backupd.storage.dedup import moved
 from backupd.storage.dedup.rebuild import rebuild_packs
 
 log = structlog.get_logger("backupd.rebuild")
@@ -86,11 +87,14 @@ def _read(backend: Backend, mkey: str, report: RebuildReport) -> layout.Manifest
     return None
 
 
-def _record_packs_used(catalog: Catalog, backend: Backend, m: layout.Manifest, report: RebuildReport) -> bool:
-    """The packs a deduplicated archive uses, recorded for garbage collection; an archive
-    naming a pack the backend lacks is reported and not catalogued."""
+def _record_packs_used(catalog: Catalog, backend: Backend, m: layout.Manifest, report: RebuildReport,
+                       current: Callable[[list[str]], list[str]]) -> bool:
+    """The packs a deduplicated archive uses, recorded for garbage collection: those its
+    manifest names, or -- for one a repack emptied and deleted -- the packs its chunks were
+    moved to (``current``); an archive naming a pack the backend lacks is reported and not
+    catalogued. Which chunks of them it uses is not known here: every one counts as used."""
     try:
-        catalog.commit_dedup_archive(m.archive_id, backend.name, m.packs)
+        catalog.commit_dedup_archive(m.archive_id, backend.name, current(m.packs))
         return True
     except IntegrityError as exc:
         catalog.delete_archive_row(m.archive_id)
@@ -103,6 +107,18 @@ def rebuild(catalog: Catalog, backend: Backend, *, identities: Sequence[Any] = (
     report = RebuildReport(backend.name)
     packs = rebuild_packs(catalog, backend, identities=identities)
     report.packs_added, report.corrupt_packs = len(packs.added), packs.corrupt
+    recorded = {p.pack_id for p in catalog.list_packs(backend.name)}
+    notes: dict[str, list[str]] | None = None
+
+    def packs_now(pack_ids: list[str]) -> list[str]:
+        nonlocal notes
+        if all(p in recorded for p in pack_ids):
+            return pack_ids
+        if notes is None:  # one listing of the notes, when a manifest names a pack that is gone
+            notes = moved.all_notes(backend)
+        found = notes
+        return moved.follow(pack_ids, present=recorded.__contains__, notes=lambda p: found.get(p, []))
+
     objects: set[str] = set()
     manifests: list[str] = []
     for info in backend.list(""):
@@ -134,7 +150,7 @@ def rebuild(catalog: Catalog, backend: Backend, *, identities: Sequence[Any] = (
         (manifest,) = found
         if current is None:
             catalog.add_archive(archive_from_manifest(manifest, backend.name))
-            if manifest.format == "dedup" and not _record_packs_used(catalog, backend, manifest, report):
+            if manifest.format == "dedup" and not _record_packs_used(catalog, backend, manifest, report, packs_now):
                 continue
             report.added.append(archive_id)
             continue

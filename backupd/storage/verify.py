@@ -29,7 +29,7 @@ from backupd.errors import IntegrityError, StorageNotFound
 from backupd.model import Archive, now_utc
 from backupd.storage.dedup.check import PackCheck, check_packs
 from backupd.storage.prune import find_orphans
-from backupd.storage.read import VerifiedTar, drain, open_verified, verified_manifest
+from backupd.storage.read import VerifiedTar, current_packs, drain, open_verified, verified_manifest
 
 log = structlog.get_logger("backupd.verify")
 
@@ -116,21 +116,23 @@ def scan_archive(reader: VerifiedTar, what: str, *, structure: bool) -> None:
 
 
 def verify_archive(archive: Archive, backend: Backend, *, structure: bool = False,
-                   identities: Sequence[Any] = ()) -> tuple[Finding, int]:
+                   identities: Sequence[Any] = (), catalog: Catalog | None = None) -> tuple[Finding, int]:
     """Read one archive back: its manifest (schema, key, catalog), then every stored byte and,
-    with an identity for encrypted ones, every tar member (:func:`scan_archive`)."""
+    with an identity for encrypted ones, every tar member (:func:`scan_archive`). With
+    ``catalog``, a deduplicated archive's chunks are read from the packs it uses now."""
     what = f"archive {archive.id} ({backend.name}:{archive.key})"
     try:
         manifest = verified_manifest(backend, archive)
     except IntegrityError as exc:
         return Finding(archive.id, backend.name, archive.key, MANIFEST, str(exc)), 0
+    pack_ids = current_packs(catalog, archive, manifest)
     try:
         if archive.encryption == "age" and not identities and manifest.format == "dedup":
             from backupd.storage.dedup.read import verify_stored
 
             try:
                 verify_stored(backend, archive.key, what=what, recipe_sha256=manifest.stored_sha256,
-                              recipe_size=manifest.recipe_size, pack_ids=manifest.packs)
+                              recipe_size=manifest.recipe_size, pack_ids=pack_ids or manifest.packs)
             except IntegrityError as exc:
                 return Finding(archive.id, backend.name, archive.key, CORRUPT, str(exc)), 0
             return Finding(archive.id, backend.name, archive.key, OK,
@@ -143,7 +145,7 @@ def verify_archive(archive: Archive, backend: Backend, *, structure: bool = Fals
                     return Finding(archive.id, backend.name, archive.key, CORRUPT, str(exc)), 0
             return Finding(archive.id, backend.name, archive.key, OK,
                            "encrypted: stored bytes verified; the tar needs --identity-file"), 0
-        with open_verified(backend, archive, manifest, identities) as reader:
+        with open_verified(backend, archive, manifest, identities, pack_ids=pack_ids) as reader:
             try:
                 scan_archive(reader, what, structure=structure)
             except IntegrityError as exc:
@@ -173,7 +175,7 @@ def verify(
         if backend is None:
             report.findings.append(Finding(a.id, a.backend, a.key, MISSING, f"backend {a.backend!r} is not configured"))
             continue
-        finding, read = verify_archive(a, backend, structure=structure, identities=identities)
+        finding, read = verify_archive(a, backend, structure=structure, identities=identities, catalog=catalog)
         report.findings.append(finding)
         report.bytes_read += read
         if finding.status != OK:

@@ -115,12 +115,13 @@ def dedup_app(tmp_path: Path, sim: Any, db_url: str, *, s3: tuple[str, str] | No
     return app
 
 
-def read_all(app: Any, archive: Any, identities: Sequence[Any] = ()) -> bytes:
-    """An archive's tar as restore reads it (verified as it streams)."""
+def read_all(app: Any, archive: Any, identities: Sequence[Any] = (), *, catalog: Any = None) -> bytes:
+    """An archive's tar as restore reads it (verified as it streams); without ``catalog``
+    (restore passes its own), from the packs its manifest names."""
     from backupd.storage.read import open_archive
 
     out = []
-    with open_archive(app.backends, archive, identities) as stream:
+    with open_archive(app.backends, archive, identities, catalog=catalog) as stream:
         while block := stream.read(1 << 20):
             out.append(block)
     return b"".join(out)

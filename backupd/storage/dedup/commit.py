@@ -7,7 +7,11 @@ chunks the catalog says a ``stored`` pack holds are referenced, the others are p
 its put returns, so concurrent writers may count on it. Then the recipe is put under the
 archive's key. The caller writes the manifest (which names the recipe's SHA-256 and the packs
 it uses) and commits the row with :meth:`~backupd.catalog.store.Catalog.commit_dedup_archive`,
-which refuses a pack that garbage collection is deleting.
+which refuses a pack that garbage collection is deleting, and records which chunks of each
+pack the recipe uses (:attr:`Shipped.used`: what lets garbage collection repack mostly-dead
+packs). Every chunk id a recipe names -- pages, lists, other chunks -- is either asked of
+``known()`` (which answers its pack and its position there) or new in this archive (in one
+of its new packs, all of whose chunks it uses).
 
 A crash before the manifest leaves packs no archive uses: garbage collection removes them
 once they are older than its grace period (:mod:`backupd.storage.dedup.gc`), like the objects
@@ -25,6 +29,7 @@ from typing import Any
 import structlog
 
 from backupd.backends.base import Backend, Readable
+from backupd.catalog import liveness
 from backupd.catalog.store import Catalog
 from backupd.errors import IntegrityError, ObjectExists
 from backupd.storage.dedup import pack as packs
@@ -53,6 +58,9 @@ class Shipped:
     new_bytes: int  # the new packs and the recipe: what this archive added to the backend
     packs: list[str]  # ids of every pack the recipe uses
     new_packs: int
+    #: pack id -> which of its chunks the recipe uses (a mask of positions:
+    #: :mod:`backupd.catalog.liveness`); packs whose positions the catalog did not know are absent
+    used: dict[str, int]
 
 
 def store_id_key(backend: Backend, ids: ChunkIds, recipients: Sequence[Any]) -> None:
@@ -95,10 +103,17 @@ def ship(backend: Backend, catalog: Catalog, raw: Readable, key: str, *, ids: Ch
     BackupdError with nothing under ``key`` (packs already put stay, for garbage collection)."""
     store_id_key(backend, ids, recipients)
     used: set[str] = set()
+    bits: dict[str, bytearray] = {}  # pack id -> a bit per chunk of it the recipe reuses
+    unplaced: set[str] = set()  # packs with a chunk whose position the catalog does not know
 
     def known(chunk_ids: list[bytes]) -> set[bytes]:
-        found = catalog.known_chunks(backend.name, chunk_ids)
-        used.update(found.values())
+        found = catalog.known_places(backend.name, chunk_ids)
+        for pack_id, seq in found.values():
+            used.add(pack_id)
+            if seq is None:
+                unplaced.add(pack_id)
+            else:
+                liveness.add(bits.setdefault(pack_id, bytearray()), seq)
         return set(found)
 
     def stored(info: PackInfo, chunk_ids: list[bytes]) -> None:
@@ -119,8 +134,11 @@ def ship(backend: Backend, catalog: Catalog, raw: Readable, key: str, *, ids: Ch
     finally:
         result.recipe.close()
     used.update(p.pack_id for p in result.packs)
+    masks = {pack_id: int.from_bytes(b, "little") for pack_id, b in bits.items() if pack_id not in unplaced}
+    # every chunk of a new pack is one this recipe uses (it was new in this archive)
+    masks.update({p.pack_id: liveness.full(p.chunks) for p in result.packs})
     log.info("dedup_archive_stored", key=key, tar_size=result.tar_size, new_packs=len(result.packs),
              new_chunks=result.new_chunks, chunk_refs=result.chunk_refs, uploaded=result.uploaded_bytes)
     return Shipped(tar_size=result.tar_size, tar_sha256=result.tar_sha256, recipe_sha256=digest.hexdigest(),
                    recipe_size=result.recipe_size, new_bytes=result.uploaded_bytes, packs=sorted(used),
-                   new_packs=len(result.packs))
+                   new_packs=len(result.packs), used=masks)

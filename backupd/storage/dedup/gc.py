@@ -1,4 +1,5 @@
-"""Garbage collection of the deduplicated format: packs no archive uses, removed in two phases.
+"""Garbage collection of the deduplicated format: packs no archive uses, removed in two phases;
+mostly-dead packs repacked.
 
 Pruning and deleting remove archives (their recipes and manifests); the packs they used stay,
 since later archives share their chunks. A pack is removed only through these states (the
@@ -21,11 +22,20 @@ A crash anywhere leaves ``deleting`` rows that the next collection finishes firs
 objects the catalog never recorded (a crash between a pack's put and its row) are removed once
 older than ``grace`` -- unless a manifest in the backend names them (a catalog being rebuilt).
 
-Repacking mostly-dead packs is not done yet: a pack goes only when no archive uses it.
+Then, third, packs that archives still use but whose live chunks are fewer than
+``repack_below`` of them are repacked (:mod:`backupd.storage.dedup.repack`): their live chunks
+are copied into new packs, the archives moved to those, and the old packs become ``unused``
+-- the two phases above delete them a grace period later::
+
+    stored --(repack: live chunks copied, archives moved to the new packs)--> unused
+
+An encrypted backend's packs can be read only with ``identities`` (``backupd gc
+--identity-file``); without them the repack is skipped and reported, not failed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,7 +47,10 @@ from backupd.catalog.store import PACK_DELETING, PACK_MISSING, PACK_STORED, PACK
 from backupd.errors import BackupdError, LeaseHeld
 from backupd.storage import layout
 from backupd.storage.dedup import pack as packs
+from backupd.storage.dedup.check import id_schemes
 from backupd.storage.dedup.commit import ROOT
+from backupd.storage.dedup.ids import ChunkIds
+from backupd.storage.dedup.repack import DEFAULT_BUDGET, RepackResult, candidates, repack
 from backupd.storage.prune import release_dead_leases
 
 log = structlog.get_logger("backupd.gc")
@@ -54,23 +67,47 @@ class GcReport:
     bytes_freed: int = 0
     orphans_deleted: list[str] = field(default_factory=list)  # pack keys the catalog never recorded
     packs: int = 0  # packs of the backend in the catalog before this collection
+    repack: RepackResult = field(default_factory=RepackResult)
     error: BackupdError | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "dry_run": self.dry_run, "packs": self.packs, "marked": self.marked,
                 "deleted": self.deleted, "bytes_freed": self.bytes_freed, "orphans_deleted": self.orphans_deleted,
-                "error": str(self.error) if self.error else None}
+                "repack": self.repack.to_json(), "error": str(self.error) if self.error else None}
 
 
 def collect(catalog: Catalog, backend: Backend, *, grace: timedelta, now: datetime, holder: str,
-            dry_run: bool = False) -> GcReport:
+            dry_run: bool = False, repack_below: float = 0.0, identities: Sequence[Any] = (),
+            recipients: Sequence[Any] = (), ids: Sequence[ChunkIds] = (),
+            repack_budget: int = DEFAULT_BUDGET) -> GcReport:
     """One collection of ``backend``'s packs (see the module docstring). Raises
-    :class:`LeaseHeld` when another process is collecting this backend."""
+    :class:`LeaseHeld` when another process is collecting this backend.
+
+    ``repack_below``: packs whose live share is below it are repacked (0: none); their new
+    packs are sealed for ``recipients`` (the backend's), the old ones read with
+    ``identities``, their chunks checked against their ids (SHA-256, keyed with each id key
+    the identities decrypt from the backend, or with one of ``ids``: the backend's configured
+    id key) -- :mod:`backupd.storage.dedup.repack`."""
     report = GcReport(backend.name, dry_run)
     current = catalog.list_packs(backend.name)
     report.packs = len(current)
+
+    def to_repack() -> list[tuple[PackRecord, int]]:
+        if repack_below <= 0:
+            return []
+        report.repack.candidates, chosen = candidates(catalog, backend, created_before=now - grace,
+                                                      below=repack_below, budget=repack_budget)
+        if chosen and recipients and not identities:
+            report.repack.skipped = (f"{report.repack.candidates} pack(s) to repack, but backend {backend.name!r} "
+                                     "is encrypted: run `backupd gc --identity-file FILE` to repack them")
+            return []
+        return chosen
+
     if dry_run:
         _plan(report, current, grace=grace, now=now)
+        chosen = to_repack()
+        report.repack.repacked = [p.pack_id for p, _live in chosen]
+        report.repack.bytes_read = sum(p.stored_size for p, _live in chosen)
         return report
     lease = f"gc/{backend.name}"
     if not catalog.acquire_lease(lease, holder, LEASE_TTL) and not (
@@ -85,10 +122,26 @@ def collect(catalog: Catalog, backend: Backend, *, grace: timedelta, now: dateti
         report.marked = [p.pack_id for p in catalog.mark_unused_packs(backend.name, created_before=now - grace,
                                                                         now=now)]
         report.orphans_deleted = _remove_unrecorded(catalog, backend, grace=grace, now=now)
+        chosen = to_repack()
+        if chosen:
+            def renew() -> None:
+                if not catalog.acquire_lease(lease, holder, LEASE_TTL):
+                    raise LeaseHeld(f"the lease of the collection of backend {backend.name!r} was lost while "
+                                    "repacking; the next collection goes on")
+
+            # the id schemes chunks are checked against: SHA-256, the keys the identities
+            # decrypt from their copies in the backend, and the key the caller holds
+            schemes = [*id_schemes(backend, identities), *ids]
+            repack(catalog, backend, chosen, now=now, result=report.repack, identities=identities,
+                   recipients=recipients, ids=schemes, renew=renew)
     finally:
         catalog.release_lease(lease, holder)
+    if report.repack.skipped:
+        log.info("repack_skipped", backend=backend.name, reason=report.repack.skipped)
     log.info("gc_finished", backend=backend.name, packs=report.packs, marked=len(report.marked),
-             deleted=len(report.deleted), bytes_freed=report.bytes_freed, orphans=len(report.orphans_deleted))
+             deleted=len(report.deleted), bytes_freed=report.bytes_freed, orphans=len(report.orphans_deleted),
+             repacked=len(report.repack.repacked), repack_kept=len(report.repack.kept),
+             repack_read=report.repack.bytes_read, repack_written=report.repack.bytes_written)
     return report
 
 

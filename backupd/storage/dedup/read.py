@@ -17,6 +17,7 @@ import zstandard
 
 from backupd.backends.base import Backend
 from backupd.errors import BackupdError, IntegrityError, InvalidInput, StorageNotFound
+from backupd.storage.dedup import moved
 from backupd.storage.dedup import pack as packs
 from backupd.storage.dedup.commit import ROOT, id_key_copy_key
 from backupd.storage.dedup.ids import KEY_SIZE, ChunkIds
@@ -151,7 +152,9 @@ class VerifiedRecipeReader:
 def open_recipe(backend: Backend, key: str, *, what: str, tar_sha256: str, tar_size: int, recipe_sha256: str,
                 recipe_size: int | None, pack_ids: Sequence[str], identities: Sequence[Any] = ()) \
         -> VerifiedRecipeReader:
-    """The verified tar stream of the recipe at ``key`` (close it when done)."""
+    """The verified tar stream of the recipe at ``key`` (close it when done); its chunks are
+    looked up in ``pack_ids`` first (the catalog's packs of the archive, or its manifest's:
+    :class:`~backupd.storage.dedup.recipe.PackStore` says where else)."""
     stored = fetch_recipe(backend, key, sha256=recipe_sha256, size=recipe_size, what=what)
     try:
         ids = chunk_ids_for(backend, _plain_header(stored, identities, what), identities, what)
@@ -170,11 +173,15 @@ def open_recipe(backend: Backend, key: str, *, what: str, tar_sha256: str, tar_s
 
 def verify_stored(backend: Backend, key: str, *, what: str, recipe_sha256: str, recipe_size: int | None,
                   pack_ids: Sequence[str]) -> int:
-    """Without an identity: the stored recipe against the manifest, and every pack it names
-    against its name (the SHA-256 of its stored bytes). Returns the bytes read."""
+    """Without an identity: the stored recipe against the manifest, and every pack the archive
+    uses (``pack_ids``: the catalog's, or those its manifest names -- a missing one replaced
+    by the packs its repack notes name: :mod:`backupd.storage.dedup.moved`) against its name
+    (the SHA-256 of its stored bytes). Returns the bytes read."""
     fetch_recipe(backend, key, sha256=recipe_sha256, size=recipe_size, what=what).close()
     total = recipe_size or 0
-    for pack_id in pack_ids:
+    current = moved.follow(pack_ids, present=lambda p: backend.stat(packs.pack_key(p, ROOT)) is not None,
+                           notes=lambda p: moved.notes_of(backend, p, ROOT))
+    for pack_id in current:
         total += check_pack_name(backend, packs.pack_key(pack_id, ROOT), pack_id, what)
     return total
 

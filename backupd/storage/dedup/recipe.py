@@ -56,6 +56,7 @@ import zstandard
 
 from backupd.backends.base import Backend, Readable
 from backupd.errors import IntegrityError, InvalidInput, ObjectExists, StorageNotFound
+from backupd.storage.dedup import moved
 from backupd.storage.dedup import pack as packs
 from backupd.storage.dedup.chunker import DEFAULT_PAGES_PER_CHUNK, PAGE, Chunk, is_page_image, member_chunks
 from backupd.storage.dedup.ids import ChunkIds
@@ -524,9 +525,11 @@ class PackStore:
     directory and kept there for the rest of the restore (disk: the packs the archive uses;
     memory: their indexes and up to ``frame_cache`` bytes of decompressed frames).
 
-    ``locate(chunk_id) -> pack key`` is the catalog's answer in phase 2; without it the
-    store reads every pack's index under ``root`` on the first lookup (a rebuild, a test,
-    the benchmark).
+    Where a chunk is: ``locate(chunk_id) -> pack key`` when given; else in the ``pack_keys``
+    given (the catalog's packs of the archive, or those its manifest names), read on the
+    first lookup; for a chunk not there, in the packs the notes of the missing ones among
+    them name (a repack moved their chunks: :mod:`backupd.storage.dedup.moved`); and as a
+    last resort in every pack under ``root`` (a test, the benchmark, a note lost).
     """
 
     def __init__(self, backend: Backend, *, identities: Sequence[Any] = (), root: str = "dedup/",
@@ -539,6 +542,8 @@ class PackStore:
         self._locate = locate
         #: packs to look in before every pack under ``root`` (a manifest names its archive's)
         self._hint = list(pack_keys) if pack_keys is not None else None
+        self._gone: list[str] = []  # ids of hinted packs found missing
+        self._scanned = False  # every pack's index read
         self._where: dict[bytes, str] | None = None
         self._open: dict[str, packs.PackFile] = {}
         self._frames: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -560,10 +565,20 @@ class PackStore:
             except StorageNotFound:
                 if keys is None:
                     raise
-                continue  # a hinted pack gone (repacked): the scan of every pack finds its chunks
+                self._gone.append(key.rsplit("/", 1)[-1].removesuffix(".pack"))
+                continue  # a hinted pack gone (repacked): its notes, or the scan of every pack
             for chunk_id in pack.index.order:
                 where.setdefault(chunk_id, key)
         return where
+
+    def _follow_notes(self) -> list[str]:
+        """Keys of the packs the notes of the missing hinted packs lead to."""
+        gone, self._gone = self._gone, []
+        if not gone:
+            return []
+        found = moved.follow(gone, present=lambda p: self.backend.stat(packs.pack_key(p, self.root)) is not None,
+                             notes=lambda p: moved.notes_of(self.backend, p, self.root))
+        return [packs.pack_key(p, self.root) for p in found if p not in gone]
 
     def _frame(self, pack: packs.PackFile, n: int) -> bytes:
         # Recently used frames of every pack: an archive's chunks come from the packs of many
@@ -583,11 +598,18 @@ class PackStore:
         key = self._locate(chunk_id) if self._locate is not None else None
         if key is None:
             if self._where is None:
+                self._scanned = self._hint is None
                 self._where = self._scan(self._hint)
             key = self._where.get(chunk_id)
             if key is None and self._hint is not None:
                 self._hint = None
-                self._where.update(self._scan())
+                for chunk, where in self._scan(self._follow_notes()).items():
+                    self._where.setdefault(chunk, where)
+                key = self._where.get(chunk_id)
+            if key is None and not self._scanned:
+                self._scanned = True
+                for chunk, where in self._scan().items():
+                    self._where.setdefault(chunk, where)
                 key = self._where.get(chunk_id)
         if key is None:
             raise IntegrityError(f"chunk {chunk_id.hex()} is in no pack of backend {self.backend.name!r}")
