@@ -6,7 +6,8 @@ due), every checkpoint of every cycle succeeds, APScheduler never reports a miss
 job (its queue does not grow), retention keeps the catalog bounded, and the daemon's memory,
 threads and open files stop growing. Timings are recorded, never asserted.
 
-* ``test_load_quick``: 20 containers, ``@every 5s``, 30 s -- in every CI run.
+* ``test_load_quick``: 20 containers, ``@every 5s``, 30 s, on each storage format -- in every
+  CI run.
 * ``test_load_ten_minutes``: 200 containers, ``* * * * *``, 10 minutes -- opt-in
   (``pytest tests/reliability/test_load.py --run-slow -s``); its last figures are in
   RELIABILITY.md ("Load test").
@@ -102,7 +103,7 @@ def retained(port: int) -> int | None:
 
 
 def run_load(tmp_path: Path, *, containers: int, schedule: str, period: timedelta, seconds: float,
-             workers: int = 4, scrape_every: float | None = 15.0) -> LoadResult:
+             workers: int = 4, scrape_every: float | None = 15.0, fmt: str = "full") -> LoadResult:
     """Run the daemon under load for ``seconds``, reading /metrics every ``scrape_every``
     seconds as Prometheus would (None: never) and /proc every second."""
     topology = parse_topology({"node": "load-node", "pods": [{
@@ -118,7 +119,8 @@ def run_load(tmp_path: Path, *, containers: int, schedule: str, period: timedelt
             f'key_file = "{sim.client_key}"\ncheckpoint_dir = "{sim.checkpoint_dir}"\nnode_name = "load-node"\n'
             f'[daemon]\nmax_concurrent_checkpoints = {workers}\nmin_free_space = 0\n'
             f'http_listen = "127.0.0.1:{port}"\nshutdown_grace_seconds = 30\n'
-            f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{tmp_path / "backend"}"\n')
+            f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{tmp_path / "backend"}"\n'
+            f'format = "{fmt}"\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("BACKUPD_")}
 
         def backupd(*args: str, stdin: str | None = None) -> None:
@@ -255,9 +257,10 @@ def check(result: LoadResult, *, rss_growth_limit: int, workers: int = 4) -> Non
     assert max(s.fds for s in warm) <= floor + 6 * workers, [s.fds for s in warm]
 
 
-def test_load_quick(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["full", "dedup"])
+def test_load_quick(tmp_path: Path, fmt: str) -> None:
     result = run_load(tmp_path, containers=20, schedule="@every 5s", period=timedelta(seconds=5), seconds=30,
-                      scrape_every=2)
+                      scrape_every=2, fmt=fmt)
     print("\n" + result.table())
     check(result, rss_growth_limit=24 * MiB)
 
