@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,20 @@ def dedup_app(tmp_path: Path, sim: Any, db_url: str, *, s3: tuple[str, str] | No
     app = App(config)
     app.catalog.upgrade()
     return app
+
+
+def encrypted_dedup_app(tmp_path: Path, sim: Any) -> tuple[Any, Any]:
+    """:func:`dedup_app` with age recipients and a keyed-id key file (SQLite), and the age
+    identity that reads it."""
+    import pyrage
+
+    ident = pyrage.x25519.Identity.generate()
+    key_file = tmp_path / "id-key"
+    key_file.write_text(secrets.token_hex(32))
+    key_file.chmod(0o600)
+    app = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'catalog.db'}",
+                    encryption_recipients=[str(ident.to_public())], id_key_file=key_file)
+    return app, ident
 
 
 def read_all(app: Any, archive: Any, identities: Sequence[Any] = (), *, catalog: Any = None) -> bytes:

@@ -17,7 +17,7 @@ from backupd.simulator.server import NodeSimulator
 from backupd.storage import layout
 from backupd.storage.verify import verify
 from tests import policies
-from tests.dedup.conftest import dedup_app, read_all
+from tests.dedup.conftest import dedup_app, encrypted_dedup_app, read_all
 
 
 def test_dedup_archives_restore_the_byte_identical_tar(app: App, sim: NodeSimulator) -> None:
@@ -51,14 +51,7 @@ def test_dedup_archives_restore_the_byte_identical_tar(app: App, sim: NodeSimula
 def test_encrypted_dedup_backend(tmp_path: Path, sim: NodeSimulator) -> None:
     """age-encrypted packs and recipes, keyed chunk ids; the id key travels in the backend,
     encrypted to the recipients, so a restore needs only the age identity."""
-    import pyrage
-
-    ident = pyrage.x25519.Identity.generate()
-    key_file = tmp_path / "id-key"
-    key_file.write_text("5a" * 32)
-    key_file.chmod(0o600)
-    app = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'catalog.db'}",
-                    encryption_recipients=[str(ident.to_public())], id_key_file=key_file)
+    app, ident = encrypted_dedup_app(tmp_path, sim)
     try:
         policy = policies.apply(app, policies.web_policy(keep_on_node=5))
         assert not app.runner.cycle(policy).failed

@@ -25,7 +25,7 @@ from backupd.storage.dedup.pack import list_packs
 from backupd.storage.prune import delete_archives
 from backupd.storage.verify import verify
 from tests import policies
-from tests.dedup.conftest import dedup_app, read_all
+from tests.dedup.conftest import dedup_app, encrypted_dedup_app, read_all
 
 GRACE = timedelta(hours=6)
 #: every pack with a dead chunk (how much of the first cycle's packs the second uses depends on
@@ -158,14 +158,7 @@ def test_a_checkpoint_reviving_a_dead_chunk_keeps_the_old_pack(fs_app: App, sim:
 
 
 def test_encrypted_backends_repack_only_with_the_identity(tmp_path: Path, sim: NodeSimulator) -> None:
-    import pyrage
-
-    ident = pyrage.x25519.Identity.generate()
-    key_file = tmp_path / "id-key"
-    key_file.write_text("7e" * 32)
-    key_file.chmod(0o600)
-    app = dedup_app(tmp_path, sim, f"sqlite:///{tmp_path / 'catalog.db'}",
-                    encryption_recipients=[str(ident.to_public())], id_key_file=key_file)
+    app, ident = encrypted_dedup_app(tmp_path, sim)
     try:
         two_cycles_then_the_first_deleted(app)
         recipients = [ident.to_public()]
