@@ -34,7 +34,7 @@ needs_registry = pytest.mark.skipif(
 
 
 def write_config(path: Path, tmp_path: Path, sim: NodeSimulator, *, s3: dict[str, str] | None = None,
-                 db_url: str | None = None) -> Path:
+                 db_url: str | None = None, fmt: str = "full") -> Path:
     db_url = db_url or f"sqlite:///{tmp_path / 'catalog.db'}"
     text = (
         f'[database]\nurl = "{db_url}"\n'
@@ -42,6 +42,7 @@ def write_config(path: Path, tmp_path: Path, sim: NodeSimulator, *, s3: dict[str
         f'key_file = "{sim.client_key}"\ncheckpoint_dir = "{sim.checkpoint_dir}"\nnode_name = "sim-node"\n'
         f'[daemon]\nmin_free_space = 0\n'
         f'[[backends]]\nname = "local"\ntype = "filesystem"\npath = "{tmp_path / "backend"}"\n'
+        f'format = "{fmt}"\n'
     )
     if s3:
         text += "[[backends]]\n" + "".join(f'{k} = "{v}"\n' for k, v in s3.items())
@@ -104,8 +105,8 @@ def rig_factory(tmp_path: Path, sim: NodeSimulator) -> Iterator[Callable[..., Ri
 
     apps: list[Any] = []
 
-    def make(s3: dict[str, str] | None = None) -> Rig:
-        config = write_config(tmp_path / "config.toml", tmp_path, sim, s3=s3)
+    def make(s3: dict[str, str] | None = None, fmt: str = "full") -> Rig:
+        config = write_config(tmp_path / "config.toml", tmp_path, sim, s3=s3, fmt=fmt)
         app = App(load_config(config))
         app.catalog.upgrade()
         apps.append(app)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ import yaml
 
 from backupd.restore import oci
 
-from .conftest import SKOPEO_BIN, Registry, Rig, skopeo
+from .conftest import REGISTRY_BIN, SKOPEO_BIN, Registry, Rig, skopeo
 
 ANNOTATION = "io.kubernetes.cri-o.annotations.checkpoint.name"
 
@@ -202,3 +203,33 @@ def test_tls_registry_with_basic_auth(rig: Rig, auth_registry: Registry, tmp_pat
     out, _ = rig.run("restore", archive.id, "--image", f"{repo}:env", *ca, *creds, "-o", "json",
                      env={"BACKUPD_REGISTRY_PASSWORD": auth_registry.password}, capsys=capsys)
     assert json.loads(out)["layer"] == "exists"
+
+
+@pytest.mark.skipif(SKOPEO_BIN is None or REGISTRY_BIN is None,
+                    reason="needs Debian's docker-registry and skopeo (apt-get install docker-registry skopeo)")
+def test_a_deduplicated_archive_restores_to_a_file_an_oci_layout_and_a_registry_alike(
+        rig_factory: Callable[..., Rig], registry: Registry, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``format = "dedup"``: the tar is rebuilt from its recipe and packs underneath, and every
+    destination gets the kubelet's tar byte for byte, as from the full format."""
+    rig = rig_factory(fmt="dedup")
+    rig.take()
+    archive = rig.take()[0]  # a second checkpoint: most of its chunks are in the first one's packs
+    assert archive.key.endswith(".recipe")
+    node_tar = rig.node_tar(archive).read_bytes()
+
+    rig.run("restore", archive.id, "--to", str(tmp_path / "restored.tar"), capsys=capsys)
+    assert (tmp_path / "restored.tar").read_bytes() == node_tar
+
+    layout_dir = tmp_path / "image"
+    rig.run("restore", archive.id, "--oci-layout", str(layout_dir), capsys=capsys)
+    assert json.loads(skopeo("inspect", f"oci:{layout_dir}:{archive.id}"))["Layers"] == [
+        f"sha256:{archive.tar_sha256}"]
+    skopeo("copy", "-q", f"oci:{layout_dir}:{archive.id}", f"dir:{tmp_path / 'from-layout'}")
+    assert (tmp_path / "from-layout" / archive.tar_sha256).read_bytes() == node_tar
+
+    repo = f"{registry.host}/checkpoints/dedup"
+    out, _ = rig.run("restore", archive.id, "--image", repo, "--insecure-registry", "-o", "json", capsys=capsys)
+    assert json.loads(out)["layer"] == "uploaded"
+    skopeo("copy", "-q", *[f.replace("--", "--src-", 1) for f in registry.skopeo_auth()],
+           f"docker://{repo}:{archive.id}", f"dir:{tmp_path / 'from-registry'}")
+    assert (tmp_path / "from-registry" / archive.tar_sha256).read_bytes() == node_tar
