@@ -21,6 +21,7 @@ of interrupted full-format commits.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,14 +107,17 @@ def ship(backend: Backend, catalog: Catalog, raw: Readable, key: str, *, ids: Ch
     bits: dict[str, bytearray] = {}  # pack id -> a bit per chunk of it the recipe reuses
     unplaced: set[str] = set()  # packs with a chunk whose position the catalog does not know
 
+    lock = threading.Lock()  # the writer asks from its worker threads
+
     def known(chunk_ids: list[bytes]) -> set[bytes]:
         found = catalog.known_places(backend.name, chunk_ids)
-        for pack_id, seq in found.values():
-            used.add(pack_id)
-            if seq is None:
-                unplaced.add(pack_id)
-            else:
-                liveness.add(bits.setdefault(pack_id, bytearray()), seq)
+        with lock:
+            for pack_id, seq in found.values():
+                used.add(pack_id)
+                if seq is None:
+                    unplaced.add(pack_id)
+                else:
+                    liveness.add(bits.setdefault(pack_id, bytearray()), seq)
         return set(found)
 
     def stored(info: PackInfo, chunk_ids: list[bytes]) -> None:

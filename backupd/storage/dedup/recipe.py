@@ -323,7 +323,7 @@ class _WriteRun:
                     # pipeline instead of 256 page objects each (measured: 9 % less CPU per dump)
                     while tar.remaining:
                         block = tar.read_data(BATCH_BYTES)
-                        self._push("page_block", block, self.pool.submit(self.w.ids.split, block, PAGE))
+                        self._push("page_block", block, self.pool.submit(self._split_and_ask, block))
                     self._push("member_end", None)
                     continue
                 batch: list[Chunk] = []
@@ -394,11 +394,12 @@ class _WriteRun:
             if kind == "literal":
                 self.encoder.literal(payload)
             return
-        chunk_ids: list[bytes] = future.result()
         if kind == "page_block":
+            chunk_ids, stored = future.result()
             lengths = [PAGE] * (len(payload) // PAGE) + ([len(payload) % PAGE] if len(payload) % PAGE else [])
-            self._store_new_pages(payload, chunk_ids, lengths)
+            self._store_new_pages(payload, chunk_ids, lengths, stored)
         else:
+            chunk_ids = future.result()
             lengths = [len(c) for c in payload]
             self._store_new(payload, chunk_ids)
         if kind == "chunks" or not self.w.list_fanout:
@@ -448,14 +449,22 @@ class _WriteRun:
                 self._flush_frame()
                 frame, frame_ids = self.frame, self.frame_ids
 
-    def _store_new_pages(self, block: memoryview, chunk_ids: list[bytes], lengths: list[int]) -> None:
-        """:meth:`_store_new` for a block of whole pages: runs of new pages are copied into
-        frames as one slice each."""
+    def _split_and_ask(self, block: memoryview) -> tuple[list[bytes], set[bytes]]:
+        """On a worker thread: the page ids of ``block`` and which of them the backend holds.
+        Asked here rather than in order on the pipeline's thread, so that the catalog's answers
+        overlap the reading and hashing of the next blocks (measured: the lookups took a third
+        of a first checkpoint's time when asked in order). A page this archive stores first
+        in an earlier block is still skipped in order (:attr:`session`)."""
+        chunk_ids = self.w.ids.split(block, PAGE)
         session = self.session
         ask = list(dict.fromkeys(i for i in chunk_ids if i not in session))
-        if not ask:
-            return
-        stored = self.w.known(ask)
+        return chunk_ids, self.w.known(ask) if ask else set()
+
+    def _store_new_pages(self, block: memoryview, chunk_ids: list[bytes], lengths: list[int],
+                         stored: set[bytes]) -> None:
+        """:meth:`_store_new` for a block of whole pages (``stored``: those the backend holds):
+        runs of new pages are copied into frames as one slice each."""
+        session = self.session
         start: int | None = None  # first page of the run of new pages being collected
         for n, chunk_id in enumerate(chunk_ids):
             if chunk_id in session or chunk_id in stored:
