@@ -32,6 +32,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
+    Table,
     bindparam,
     case,
     create_engine,
@@ -695,7 +696,7 @@ class Catalog:
                 if existing.state == PACK_UNUSED:
                     existing.state, existing.marked_at = PACK_STORED, None
                 if not existing.chunk_count and chunk_ids:  # recorded by a rebuild that could not read it
-                    s.connection().execute(insert(ChunkRow.__table__), _chunk_rows(existing.id, chunk_ids))
+                    s.connection().execute(insert(_CHUNK_TABLE), _chunk_rows(existing.id, chunk_ids))
                     existing.chunk_count, existing.raw_size = len(chunk_ids), raw_size
                 return existing.state
             row = PackRow(backend=backend, pack_id=pack_id, key=key, stored_size=stored_size, raw_size=raw_size,
@@ -703,7 +704,7 @@ class Catalog:
             s.add(row)
             s.flush()
             if chunk_ids:  # none: a pack whose index could not be read (encrypted, no identity)
-                s.connection().execute(insert(ChunkRow.__table__), _chunk_rows(row.id, chunk_ids))
+                s.connection().execute(insert(_CHUNK_TABLE), _chunk_rows(row.id, chunk_ids))
             return PACK_STORED
 
     def known_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
@@ -1121,6 +1122,8 @@ class Catalog:
             s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
 
 
+# Core, not the ORM's bulk insert, for a pack's thousands of chunk rows (a quarter less time).
+_CHUNK_TABLE = cast(Table, ChunkRow.__table__)
 # Built once, the ids bound as one expanding parameter: a writer asks ~700 times per GiB, and
 # coercing each id into the statement cost more than the lookup.
 _IDS = bindparam("ids", expanding=True, type_=ChunkRow.chunk_id.type)
