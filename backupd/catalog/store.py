@@ -32,7 +32,6 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
-    Table,
     bindparam,
     case,
     create_engine,
@@ -696,7 +695,7 @@ class Catalog:
                 if existing.state == PACK_UNUSED:
                     existing.state, existing.marked_at = PACK_STORED, None
                 if not existing.chunk_count and chunk_ids:  # recorded by a rebuild that could not read it
-                    s.connection().execute(insert(_CHUNK_TABLE), _chunk_rows(existing.id, chunk_ids))
+                    _insert_chunk_rows(s.connection(), existing.id, chunk_ids)
                     existing.chunk_count, existing.raw_size = len(chunk_ids), raw_size
                 return existing.state
             row = PackRow(backend=backend, pack_id=pack_id, key=key, stored_size=stored_size, raw_size=raw_size,
@@ -704,7 +703,7 @@ class Catalog:
             s.add(row)
             s.flush()
             if chunk_ids:  # none: a pack whose index could not be read (encrypted, no identity)
-                s.connection().execute(insert(_CHUNK_TABLE), _chunk_rows(row.id, chunk_ids))
+                _insert_chunk_rows(s.connection(), row.id, chunk_ids)
             return PACK_STORED
 
     def known_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
@@ -1122,8 +1121,6 @@ class Catalog:
             s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
 
 
-# Core, not the ORM's bulk insert, for a pack's thousands of chunk rows (a quarter less time).
-_CHUNK_TABLE = cast(Table, ChunkRow.__table__)
 # Built once, the ids bound as one expanding parameter: a writer asks ~700 times per GiB, and
 # coercing each id into the statement cost more than the lookup.
 _IDS = bindparam("ids", expanding=True, type_=ChunkRow.chunk_id.type)
@@ -1150,12 +1147,27 @@ def _places_of(conn: Any, chunk_ids: Sequence[bytes]) -> list[tuple[bytes, int, 
     return places
 
 
-def _chunk_rows(pack: int, chunk_ids: Sequence[bytes]) -> list[dict[str, Any]]:
-    """Rows of the chunk -> pack map for one pack: each chunk once, at its first position."""
+def _insert_chunk_rows(conn: Any, pack: int, chunk_ids: Sequence[bytes]) -> None:
+    """The chunk -> pack map of one pack (each chunk once, at its first position), in the
+    transaction of ``conn``.
+
+    A writer records about 5,000 rows per pack as its put returns, beside its hashing and
+    compression: through SQLAlchemy's per-row parameter handling that cost more than the
+    database's own work (measured on a 348 MiB first checkpoint through the daemon's path:
+    PostgreSQL 5.6 s, of which 3.3 s recording). So the rows go straight to the driver: one
+    prepared INSERT run for every row on SQLite, COPY on PostgreSQL."""
     seqs: dict[bytes, int] = {}
     for n, chunk_id in enumerate(chunk_ids):
         seqs.setdefault(chunk_id, n)
-    return [{"chunk_id": c, "pack": pack, "seq": n} for c, n in seqs.items()]
+    table = ChunkRow.__tablename__
+    if conn.dialect.name == "postgresql":
+        with conn.connection.driver_connection.cursor() as cursor, \
+                cursor.copy(f"COPY {table} (chunk_id, pack, seq) FROM STDIN") as copy:
+            for chunk_id, n in seqs.items():
+                copy.write_row((chunk_id, pack, n))
+        return
+    conn.exec_driver_sql(f"INSERT INTO {table} (chunk_id, pack, seq) VALUES (?, ?, ?)",
+                         [(chunk_id, pack, n) for chunk_id, n in seqs.items()])
 
 
 def _chunks(values: Sequence[H], size: int = 500) -> Iterator[list[H]]:
