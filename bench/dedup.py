@@ -1,7 +1,7 @@
 """The deduplicated format on real CRIU dumps: bytes stored per checkpoint and ship time,
 each against a baseline measured in the same run.
 
-    python -m bench.dedup [--size MiB] [--dumps N] [--workdir DIR] [--quick]
+    python -m bench.dedup [--size MiB] [--dumps N] [--workdir DIR] [--quick] [--catalog-url URL]
 
 Needs real CRIU (root, criu >= 4 on PATH or in /opt/checkpoint-tools/bin). Two workloads of
 :mod:`bench.criu_workload` (a Python process holding ``--size`` MiB of records that rewrites
@@ -174,19 +174,29 @@ def ship_times(tar: Path, work: Path, rounds: int = 5) -> dict[str, float]:
     return out
 
 
-def daemon_path(tars: list[Path], work: Path) -> list[dict[str, float]]:
+def daemon_path(tars: list[Path], work: Path, catalog_url: str | None = None) -> list[dict[str, float]]:
     """Every dump in turn through what the daemon runs: the full format (``PackingReader`` with
     the daemon's compression settings, put to a filesystem backend) and the dedup commit path
     (:func:`backupd.storage.dedup.commit.ship`: ``known()`` answered by a SQLite catalog, each
     pack recorded as its put returns, reused packs checked, then the recipe), alternating which
-    goes first. Per dump: seconds and bytes stored by each."""
+    goes first. Per dump: seconds and bytes stored by each. ``catalog_url``: a PostgreSQL
+    database to use instead (in a schema of its own, dropped afterwards)."""
     from backupd.catalog.store import Catalog
     from backupd.storage.dedup.commit import ship
 
     shutil.rmtree(work / "daemon", ignore_errors=True)
     (work / "daemon").mkdir(parents=True)
     backend = FilesystemBackend("bench", work / "daemon" / "backend")
-    catalog = Catalog.open(f"sqlite:///{work / 'daemon' / 'catalog.db'}")
+    schema = f"bench_dedup_{os.getpid()}"
+    if catalog_url:
+        import sqlalchemy
+
+        admin = sqlalchemy.create_engine(catalog_url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        catalog = Catalog.open(f"{catalog_url}{'&' if '?' in catalog_url else '?'}options=-csearch_path%3D{schema}")
+    else:
+        catalog = Catalog.open(f"sqlite:///{work / 'daemon' / 'catalog.db'}")
     rows = []
     try:
         catalog.upgrade()
@@ -219,6 +229,10 @@ def daemon_path(tars: list[Path], work: Path) -> list[dict[str, float]]:
     finally:
         catalog.close()
         shutil.rmtree(work / "daemon", ignore_errors=True)
+        if catalog_url:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+            admin.dispose()
     return rows
 
 
@@ -238,7 +252,7 @@ CONFIGS: list[tuple[str, dict[str, object]]] = [
 ]
 
 
-def run(work: Path, size: int, dumps: int, quick: bool) -> list[Row]:
+def run(work: Path, size: int, dumps: int, quick: bool, catalog_url: str | None = None) -> list[Row]:
     rows: list[Row] = []
     configs = CONFIGS[:1] if quick else CONFIGS
     for mode in ("scattered", "contiguous"):
@@ -296,8 +310,10 @@ def run(work: Path, size: int, dumps: int, quick: bool) -> list[Row]:
                          "full s": round(t["full restore"], 2), "dedup s": round(t["dedup restore"], 2),
                          "dedup x full": round(t["dedup restore"] / t["full restore"], 2)})
         print(f"  {mode}: the daemon's commit path ...", file=sys.stderr, flush=True)
-        for i, (d, b) in enumerate(zip(daemon_path(tars, work), base, strict=True)):
-            rows.append({"workload": mode, "case": f"daemon path, dump {i} ({'first' if not i else 'increment'})",
+        db = "PostgreSQL" if catalog_url else "SQLite"
+        for i, (d, b) in enumerate(zip(daemon_path(tars, work, catalog_url), base, strict=True)):
+            rows.append({"workload": mode,
+                         "case": f"daemon path ({db}), dump {i} ({'first' if not i else 'increment'})",
                          "full s": round(d["full s"], 2), "dedup s": round(d["dedup s"], 2),
                          "dedup x full": round(d["dedup s"] / d["full s"], 2),
                          "per increment MiB": round(d["dedup bytes"] / MiB, 2),
@@ -314,14 +330,15 @@ def main() -> None:
     ap.add_argument("--dumps", type=int, default=6)
     ap.add_argument("--workdir", type=Path, help="where dumps are cached (default: a temp dir, removed)")
     ap.add_argument("--quick", action="store_true", help="the default parameters only (no comparisons)")
+    ap.add_argument("--catalog-url", help="the daemon path's catalog on this PostgreSQL database (default: SQLite)")
     args = ap.parse_args()
     os.environ["PATH"] = f"{os.environ.get('PATH', '')}:/opt/checkpoint-tools/bin"
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        rows = run(args.workdir, args.size * MiB, args.dumps, args.quick)
+        rows = run(args.workdir, args.size * MiB, args.dumps, args.quick, args.catalog_url)
     else:
         with tempfile.TemporaryDirectory(prefix="backupd-bench-dedup-") as tmp:
-            rows = run(Path(tmp), args.size * MiB, args.dumps, args.quick)
+            rows = run(Path(tmp), args.size * MiB, args.dumps, args.quick, args.catalog_url)
     report(rows, "dedup", size_mib=args.size, dumps=args.dumps)
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ class Catalog:
         self.safe_url = safe_url
         self.retry = retry_backoff or self.DEFAULT_RETRY
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._chunk_stats_checked = False
 
     @classmethod
     def open(cls, url: str, *, retry_backoff: retry.Backoff | None = None) -> Catalog:
@@ -704,6 +705,9 @@ class Catalog:
             s.flush()
             if chunk_ids:  # none: a pack whose index could not be read (encrypted, no identity)
                 _insert_chunk_rows(s.connection(), row.id, chunk_ids)
+                if not self._chunk_stats_checked:
+                    self._chunk_stats_checked = True
+                    _analyze_chunks_once(s.connection())
             return PACK_STORED
 
     def known_chunks(self, backend: str, chunk_ids: Sequence[bytes]) -> dict[bytes, str]:
@@ -1145,6 +1149,23 @@ def _places_of(conn: Any, chunk_ids: Sequence[bytes]) -> list[tuple[bytes, int, 
         chunk_hex, pack, seq = item.split(":")
         places.append((bytes.fromhex(chunk_hex), int(pack), None if seq == "-1" else int(seq)))
     return places
+
+
+def _analyze_chunks_once(conn: Any) -> None:
+    """Give PostgreSQL statistics of the chunk map the first time it has rows.
+
+    Until autovacuum first analyzes the table (a minute or more after it grows), the planner
+    guesses that each chunk id matches hundreds of rows and answers a writer's lookups of 64 or
+    more ids with a sequential scan of the whole map: every lookup then costs more with every
+    pack stored (measured: a 348 MiB increment 4.1 s, then 4.9, 5.6, 6.1, 6.7 s). Once analyzed,
+    ids are known to be distinct and each lookup is an index scan however the map grows."""
+    if conn.dialect.name != "postgresql":
+        return
+    never = conn.exec_driver_sql(
+        "SELECT reltuples < 0 FROM pg_class WHERE oid = to_regclass(%(table)s)",
+        {"table": ChunkRow.__tablename__}).scalar()
+    if never:
+        conn.exec_driver_sql(f"ANALYZE {ChunkRow.__tablename__}")
 
 
 def _insert_chunk_rows(conn: Any, pack: int, chunk_ids: Sequence[bytes]) -> None:
