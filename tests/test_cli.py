@@ -143,7 +143,8 @@ def test_policy_apply_refuses_a_schedule_that_never_fires_and_list_survives_a_st
     assert "INVALID" in rows["feb30"] and "keepLast=3" in rows["web"]
     listed = {p["metadata"]["name"]: p for p in json.loads(backupd(cfg, "policy", "list", "-o", "json").stdout)}
     assert listed["feb30"]["spec"]["schedule"] == "0 0 30 2 *" and "never fires" in listed["feb30"]["error"]
-    assert listed["web"]["error"] is None and listed["web"]["generation"] == 1 and "updated_at" in listed["web"]
+    assert listed["web"]["error"] is None and listed["web"]["generation"] == 1
+    assert listed["web"]["updated_at"].endswith("Z")  # RFC 3339 UTC, as every JSON time of backupd
 
 
 @pytest.mark.parametrize(("change", "env", "expected"), [

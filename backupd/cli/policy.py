@@ -11,6 +11,7 @@ import click
 from backupd.cli.archives import finish_deletion
 from backupd.cli.base import OUTPUT, Context, cli, pass_ctx, print_data, print_table
 from backupd.errors import InvalidInput, NotFound, PolicyError
+from backupd.model import rfc3339
 
 
 @cli.group()
@@ -60,7 +61,7 @@ def policy_list(ctx: Context, output: str) -> None:
         if doc.get("error"):
             click.echo(f"warning: {doc['error']}\n  (not scheduled: apply a corrected policy)", err=True)
     if output != "table":
-        print_data([{**doc, "generation": s.generation, "updated_at": s.updated_at.isoformat(),
+        print_data([{**doc, "generation": s.generation, "updated_at": rfc3339(s.updated_at),
                      "error": doc.get("error")} for s, doc in listed], output)
         return
     rows = []
