@@ -255,8 +255,12 @@ def check(result: LoadResult, *, rss_growth_limit: int, workers: int = 4, fmt: s
     half = len(warm) // 2
     assert half >= 2, "too few samples after warm-up"
     first, second = warm[:half], warm[half:]
-    assert max(s.rss for s in second) - max(s.rss for s in first) <= rss_growth_limit, \
-        [round(s.rss / MiB, 1) for s in warm]
+    # memory: as with descriptors, a leak raises the floor between cycles; what the writes in
+    # flight hold (more of them at once on a loaded machine) only comes and goes, under the
+    # deployment's limit (deploy/kubernetes: 512Mi)
+    rss = [round(s.rss / MiB, 1) for s in warm]
+    assert min(s.rss for s in second) - min(s.rss for s in first) <= rss_growth_limit, rss
+    assert max(s.rss for s in result.samples) <= 512 * MiB, rss
     # threads: main, APScheduler's pool (16), the checkpoint workers (two per kubelet slot),
     # the HTTP server and its per-request threads -- a fixed ceiling, whatever the run length.
     # A deduplicated write adds its own while it runs: two hashing, two uploading and up to
